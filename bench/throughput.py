@@ -1,0 +1,188 @@
+"""End-to-end throughput and loop latency of the service on the real two-topic path.
+
+Inference logs and feedback go to the embedded broker (2 partitions each); the
+service consumes both, joins, and learns test-then-train. Next to it, in the same
+run, the bare River loop does the same work on the same examples already in
+memory (predict_proba_one + learn_one, same model). Then a fixed offered rate,
+below capacity, gives the feedback-to-learned latency.
+
+    .venv/bin/python bench/throughput.py [--examples 100000] [--rate 5000] [--seconds 10]
+
+Prints a table, then one JSON line with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import statistics
+import time
+import uuid
+
+import orjson
+
+from streamlearn.config import parse_config
+from streamlearn.learners.models import build_model
+from streamlearn.service import Service
+from streamlearn.stream.broker import EmbeddedBroker
+
+MODEL = "scaled_logreg"  # StandardScaler | LogisticRegression
+TOPICS = ("inference-logs", "feedback", "examples")
+START_TS = 1_763_800_000.0
+STEADY_SHARE = 0.95
+
+
+def make_examples(n: int, seed: int) -> list[tuple[str, dict, int]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        x = {f"f{k}": round(rng.uniform(0, 10), 4) for k in range(6)}
+        drift = i > n // 2
+        y = int(x["f0"] + x["f1"] <= (7.0 if drift else 8.0))
+        out.append((f"r-{i:08d}", x, y))
+    return out
+
+
+def encode_pair(rid: str, x: dict, y: int, ts: float) -> tuple[bytes, bytes]:
+    log = orjson.dumps({"request_id": rid, "ts": ts, "model": "default", "model_version": "1",
+                        "features": x, "prediction": 0, "proba": {"0": 0.8, "1": 0.2}})
+    feedback = orjson.dumps({"request_id": rid, "ts": ts + 0.5, "label": y, "source": "explicit", "weight": 1.0})
+    return log, feedback
+
+
+def produce_backlog(bootstrap: str, examples) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    for i, (rid, x, y) in enumerate(examples):
+        log, feedback = encode_pair(rid, x, y, START_TS + i * 0.001)
+        _produce(producer, "inference-logs", rid, log)
+        _produce(producer, "feedback", rid, feedback)
+    producer.flush()
+
+
+def _produce(producer, topic: str, key: str, value: bytes) -> None:
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key.encode())
+            return
+        except BufferError:
+            producer.poll(0.01)
+
+
+def bare_loop(examples) -> float:
+    """The bare River loop: the same model, test-then-train, examples already in memory."""
+    model = build_model(MODEL, "classification", {}, seed=42)
+    started = time.perf_counter()
+    for _, x, y in examples:
+        model.predict_proba_one(x)
+        model.learn_one(x, y)
+    return len(examples) / (time.perf_counter() - started)
+
+
+def service_config(bootstrap: str, client: str, mode: str):
+    return parse_config({
+        "kafka": {"bootstrap_servers": bootstrap, "client": client, "group_id": f"bench-{uuid.uuid4().hex[:8]}",
+                  "session_timeout_ms": 6000, "examples_topic": ""},
+        "intake": {"mode": mode},
+        "models": {"default": {"model": MODEL}},
+        "metrics": {"enabled": False},
+    }, env={})
+
+
+def service_throughput(bootstrap: str, client: str, mode: str, total: int) -> float:
+    """Steady-state examples/s: from the first learned batch until 95% of the backlog is learned.
+
+    The group join before and the tail after are left out: at the end of a finite backlog
+    the partition that finishes first holds the watermark for `join.idle_timeout`.
+    """
+    marks: list[tuple[float, int]] = []
+
+    def on_batch(service: Service, batch) -> None:
+        if batch.examples and (not marks or marks[-1][1] < STEADY_SHARE * total):
+            marks.append((time.perf_counter(), service.learned))
+
+    Service(service_config(bootstrap, client, mode)).run(until=lambda s: s.learned >= total, on_batch=on_batch)
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return (n1 - n0) / (t1 - t0)
+
+
+def offered_load(bootstrap: str, rate: float, seconds: float, seed: int) -> None:
+    """Runs in its own process: produces pairs in real time at `rate` examples/s."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    examples = make_examples(int(rate * seconds), seed)
+    started = time.time()
+    for i, (rid, x, y) in enumerate(examples):
+        due = started + i / rate
+        while (now := time.time()) < due:
+            time.sleep(min(0.001, due - now))
+        log, feedback = encode_pair(rid, x, y, now - 0.5)  # feedback ts = now: the loop starts here
+        _produce(producer, "inference-logs", rid, log)
+        _produce(producer, "feedback", rid, feedback)
+        producer.poll(0)
+    producer.flush()
+
+
+def loop_latency(bootstrap: str, rate: float, seconds: float) -> list[float]:
+    """Feedback event time -> model updated, for every example, at a fixed offered rate."""
+    latencies: list[float] = []
+    total = int(rate * seconds)
+    service = Service(service_config(bootstrap, "confluent-kafka", "process"))
+    producer = mp.get_context("spawn").Process(target=offered_load, args=(bootstrap, rate, seconds, 7))
+
+    def on_batch(svc: Service, batch) -> None:
+        now = time.time()
+        latencies.extend(now - ex.label_ts for ex in batch.examples)
+        if svc.stats is not None and svc.stats.assigned and not producer.is_alive() and producer.exitcode is None:
+            producer.start()  # start offering load once the group has its partitions
+
+    service.run(until=lambda s: s.learned >= total, on_batch=on_batch)
+    producer.join()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=5_000.0, help="offered examples/s for the latency run")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    examples = make_examples(args.examples, seed=1)
+    rows = []
+    with EmbeddedBroker() as broker:
+        broker.create_topics(TOPICS, partitions=2)
+        produce_backlog(broker.bootstrap_servers, examples)
+        bare = bare_loop(examples)
+        for client, mode in (("confluent-kafka", "process"), ("kafka-python", "process"), ("confluent-kafka", "inline")):
+            eps = service_throughput(broker.bootstrap_servers, client, mode, len(examples))
+            rows.append((client, mode, eps))
+        bare_after = bare_loop(examples)  # the machine may drift during the run: bracket it
+
+    with EmbeddedBroker() as broker:
+        broker.create_topics(TOPICS, partitions=2)
+        lat = sorted(loop_latency(broker.bootstrap_servers, args.rate, args.seconds))
+
+    bare_eps = statistics.mean([bare, bare_after])
+    print(f"{'path':<40} {'examples/s':>12} {'x bare':>8}")
+    print(f"{'bare River loop (in memory)':<40} {bare_eps:>12,.0f} {1.0:>8.2f}")
+    for client, mode, eps in rows:
+        print(f"{'service: ' + client + ', intake ' + mode:<40} {eps:>12,.0f} {eps / bare_eps:>8.2f}")
+    p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+    print(f"loop latency at {args.rate:,.0f} examples/s offered: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms "
+          f"({len(lat)} examples)")
+    service_eps = rows[0][2]
+    print(json.dumps({
+        "service_eps": round(service_eps), "bare_eps": round(bare_eps), "ratio": round(service_eps / bare_eps, 3),
+        "kafka_python_eps": round(rows[1][2]), "kafka_python_ratio": round(rows[1][2] / bare_eps, 3),
+        "inline_eps": round(rows[2][2]), "inline_ratio": round(rows[2][2] / bare_eps, 3),
+        "offered_rate": args.rate, "latency_p50_ms": round(p50 * 1000, 1), "latency_p99_ms": round(p99 * 1000, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from streamlearn.cli import app
+
+app()

@@ -1,0 +1,198 @@
+"""The service's configuration: one TOML file, parsed once into one typed object.
+
+Environment variables `STREAMLEARN_<SECTION>_<KEY>` override the file (for
+models: `STREAMLEARN_MODELS_<NAME>_<KEY>`). Any error is raised as a
+`ConfigError` whose message is one line naming the key and the problem.
+
+>>> cfg = parse_config({"join": {"ttl": 60}}, env={"STREAMLEARN_JOIN_MAX_PENDING": "500"})
+>>> cfg.join.ttl, cfg.join.max_pending
+(60.0, 500)
+>>> try:
+...     parse_config({"join": {"ttl": -1}}, env={})
+... except ConfigError as err:
+...     print(err)
+config error: join.ttl: Expected `float` > 0.0
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Mapping, Optional, Union
+
+import msgspec
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Setting = Union[str, int, float, bool]
+
+# STREAMLEARN_ variables that are secrets read where they are used, not settings.
+NON_SETTING_ENV = frozenset({"STREAMLEARN_SNAPSHOT_KEY"})
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased as one line for the operator."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "streamlearn"
+    client: Literal["confluent-kafka", "kafka-python"] = "confluent-kafka"
+    inference_topic: str = "inference-logs"
+    feedback_topic: str = "feedback"
+    examples_topic: str = "examples"          # "" to not consume pre-joined examples
+    session_timeout_ms: PositiveInt = 10_000
+    max_poll_interval_ms: PositiveInt = 300_000
+    # Passed verbatim to the client (SASL/TLS and tuning), in that client's own key names.
+    # A value "env:NAME" is read from the environment at start, so secrets stay out of the file.
+    settings: dict[str, Setting] = {}
+
+
+class JoinConfig(_Section):
+    ttl: Positive = 3600.0          # seconds of event time a log waits for its feedback
+    early_ttl: Positive = 300.0     # seconds of event time feedback waits for its log
+    max_pending: PositiveInt = 1_000_000
+    idle_timeout: Positive = 2.0    # wall seconds before a silent partition stops holding the watermark
+
+
+class IntakeConfig(_Section):
+    mode: Literal["process", "inline"] = "process"  # decode+join on the other core, or in the learner's loop
+    batch_size: PositiveInt = 1000                   # examples per hand-off to the learner
+    max_wait: Positive = 0.05                        # seconds before a partial batch is handed off
+    poll_records: PositiveInt = 2000
+    max_message_bytes: PositiveInt = 1 << 20
+
+
+class ModelConfig(_Section):
+    model: str = "logreg"           # a built-in name or "package.module:factory"
+    task: Literal["classification", "regression"] = "classification"
+    learn_mode: Literal["one", "many"] = "one"  # per example, or learn_many micro-batches
+    window: PositiveInt = 1000      # examples in the rolling prequential window
+    params: dict[str, Setting] = {}  # keyword arguments for the factory
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: Port = 9108               # 0 picks a free port (tests)
+
+
+class Config(_Section):
+    source: str = "kafka"           # "kafka" or "file:PATH.jsonl"
+    seed: int = 42
+    state_dir: str = "state"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    join: JoinConfig = msgspec.field(default_factory=JoinConfig)
+    intake: IntakeConfig = msgspec.field(default_factory=IntakeConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=lambda: {"default": ModelConfig()})
+
+    @property
+    def file_path(self) -> Optional[Path]:
+        return Path(self.source[5:]) if self.source.startswith("file:") else None
+
+
+def load_config(path: Optional[str | Path], env: Optional[Mapping[str, str]] = None) -> Config:
+    """Reads the TOML file (if any), applies environment overrides and validates."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config error: --config: file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config error: {path}: not valid TOML: {err}") from None
+    return parse_config(data, os.environ if env is None else env)
+
+
+def parse_config(data: dict, env: Mapping[str, str]) -> Config:
+    data = _with_env_overrides(data, env)
+    models = data.pop("models", None)
+    config = _convert(data, Config, "")
+    if models is not None:
+        if not isinstance(models, dict):
+            raise ConfigError("config error: models: must be a table of model names")
+        config.models = {name: _convert(table, ModelConfig, f"models.{name}.") for name, table in models.items()}
+    _check(config)
+    return config
+
+
+def _convert(data: object, kind: type, prefix: str):
+    try:
+        return msgspec.convert(data, kind, strict=False)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"config error: {prefix}{_phrase(str(err))}") from None
+
+
+def resolve_settings(settings: Mapping[str, Setting], env: Mapping[str, str]) -> dict[str, Setting]:
+    """Replaces "env:NAME" values by the environment variable's value."""
+    resolved = {}
+    for key, value in settings.items():
+        if isinstance(value, str) and value.startswith("env:"):
+            name = value[4:]
+            if name not in env:
+                raise ConfigError(f"config error: kafka.settings.{key}: environment variable {name} is not set")
+            value = env[name]
+        resolved[key] = value
+    return resolved
+
+
+def _check(config: Config) -> None:
+    if config.source != "kafka" and config.file_path is None:
+        raise ConfigError("config error: source: must be \"kafka\" or \"file:PATH\"")
+    if not config.models:
+        raise ConfigError("config error: models: at least one model must be configured")
+    if config.join.early_ttl > config.join.ttl * 10:
+        raise ConfigError("config error: join.early_ttl: should not exceed 10 x join.ttl")
+
+
+def _with_env_overrides(data: dict, env: Mapping[str, str]) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for name, value in env.items():
+        if not name.startswith("STREAMLEARN_") or name in NON_SETTING_ENV:
+            continue
+        path = _setting_path(name[len("STREAMLEARN_"):].lower())
+        if path is None:
+            raise ConfigError(f"config error: {name}: no such setting")
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config error: {name}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def _setting_path(name: str) -> Optional[list[str]]:
+    fields = {f.name: f.type for f in msgspec.structs.fields(Config)}
+    if name in fields:
+        return [name]
+    section, _, key = name.partition("_")
+    if section == "models" and key:
+        for field in msgspec.structs.fields(ModelConfig):
+            if key.endswith("_" + field.name):
+                return ["models", key[: -len(field.name) - 1], field.name]
+        return None
+    section_type = fields.get(section)
+    if isinstance(section_type, type) and issubclass(section_type, _Section):
+        if key in {f.name for f in msgspec.structs.fields(section_type)}:
+            return [section, key]
+    return None
+
+
+def _phrase(message: str) -> str:
+    """msgspec's "Expected `int` - at `$.join.ttl`" -> "join.ttl: Expected `int`"."""
+    match = re.match(r"(.*?)(?: - at `\$\.?(.*)`)?$", message)
+    problem, key = match.group(1), match.group(2) or ""
+    field = re.match(r"Object contains unknown field `(.*)`", problem)
+    if field:
+        return f"{key + '.' if key else ''}{field.group(1)}: unknown setting"
+    return f"{key}: {problem}" if key else problem

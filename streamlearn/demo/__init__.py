@@ -1,0 +1,1 @@
+"""The embedded demo: simulated drifting production traffic played through the service."""

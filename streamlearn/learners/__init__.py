@@ -1,0 +1,1 @@
+"""Learners: test-then-train over joined examples, with prequential scores."""

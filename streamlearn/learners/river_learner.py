@@ -1,0 +1,166 @@
+"""Test-then-train over a River estimator, per example or in `learn_many` micro-batches.
+
+Each example is scored by the current model before the model learns from it,
+so the prequential scores measure what serving would have seen.
+
+>>> from streamlearn.records import Example
+>>> learner = RiverLearner("default", model="logreg", task="classification")
+>>> batch = [Example(f"r-{i}", "default", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(200)]
+>>> learner.learn_batch(batch, now=300.0)
+>>> learner.learned, learner.scores.value("accuracy", rolling=True) > 0.9
+(200, True)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+
+from streamlearn.learners.models import build_model
+from streamlearn.learners.scores import PrequentialScores
+from streamlearn.records import Example
+from streamlearn.telemetry.histogram import LATENCY_BUCKETS, Histogram
+
+log = logging.getLogger(__name__)
+TIMELINE_POINTS = 2048
+
+
+class RiverLearner:
+    """One named model: its estimator, prequential scores and learning counters."""
+
+    def __init__(self, name: str, model: str = "logreg", task: str = "classification",
+                 learn_mode: str = "one", window: int = 1000, params: Optional[dict] = None,
+                 seed: int = 42) -> None:
+        self.name = name
+        self.task = task
+        self.model = build_model(model, task, params or {}, seed)
+        self.learn_mode = learn_mode
+        if learn_mode == "many" and not hasattr(self.model, "learn_many"):
+            raise ValueError(f"{model}: has no learn_many; use learn_mode = \"one\"")
+        self.scores = PrequentialScores(task, window)
+        self.learned = 0
+        self.errors = 0
+        self.update_seconds = Histogram(LATENCY_BUCKETS)
+        self.loop_latency = Histogram(LATENCY_BUCKETS)
+        self.timeline: list[tuple[float, int, float]] = []  # (event ts, learned, rolling score)
+        self._takes_weight = "w" in _learn_parameters(self.model)
+
+    def learn_batch(self, examples: list[Example], now: Optional[float] = None) -> None:
+        """Scores then learns every example, in order; a failing example is counted, not fatal."""
+        if not examples:
+            return
+        started = time.perf_counter()
+        if self.learn_mode == "many":
+            self._test_then_train_many(examples)
+        elif self.task == "classification":
+            self._test_then_train_classifier(examples)
+        else:
+            self._test_then_train_regressor(examples)
+        self.update_seconds.observe(time.perf_counter() - started)
+        now = time.time() if now is None else now
+        self.loop_latency.observe_many(now - np.fromiter((e.label_ts for e in examples), float, len(examples)))
+        self._record_timeline(examples[-1].ts)
+
+    def _test_then_train_classifier(self, examples: list[Example]) -> None:
+        predict, learn, weighted = self.model.predict_proba_one, self.model.learn_one, self._takes_weight
+        p_true, p_best, n_classes = [], [], []
+        for ex in examples:
+            x, y = ex.features, ex.label
+            try:
+                proba = predict(x)
+                if weighted and ex.weight != 1.0:
+                    learn(x, y, w=ex.weight)
+                else:
+                    learn(x, y)
+            except Exception as err:  # one bad example must not stop the service
+                self._count_error(ex, err)
+                continue
+            p_true.append(proba.get(y, 0.0))
+            p_best.append(max(proba.values()) if proba else 1.0)
+            n_classes.append(len(proba))
+        self.learned += len(p_true)
+        p = np.asarray(p_true)
+        # Correct when the true label has the highest probability; an empty or uniform proba
+        # (a model that knows nothing yet) is a miss.
+        correct = (p >= np.asarray(p_best)) & (p * np.asarray(n_classes) > 1.0)
+        self.scores.update_classification(correct, p)
+
+    def _test_then_train_regressor(self, examples: list[Example]) -> None:
+        predict, learn = self.model.predict_one, self.model.learn_one
+        y_true, y_pred = [], []
+        for ex in examples:
+            x, y = ex.features, ex.label
+            try:
+                guess = predict(x)
+                if ex.weight != 1.0 and self._takes_weight:
+                    learn(x, y, w=ex.weight)
+                else:
+                    learn(x, y)
+            except Exception as err:
+                self._count_error(ex, err)
+                continue
+            y_true.append(y)
+            y_pred.append(guess if guess is not None else 0.0)
+        self.learned += len(y_true)
+        self.scores.update_regression(y_true, y_pred)
+
+    def _test_then_train_many(self, examples: list[Example]) -> None:
+        import pandas as pd
+
+        X = pd.DataFrame.from_records([ex.features for ex in examples])
+        y = pd.Series([ex.label for ex in examples])
+        try:
+            if self.task == "classification":
+                proba = self.model.predict_proba_many(X)
+                predicted = proba.idxmax(axis=1) if len(proba.columns) else pd.Series([None] * len(y))
+                p_true = [row.get(label, 0.0) for row, label in zip(proba.to_dict("records"), y)] \
+                    if len(proba.columns) else [0.0] * len(y)
+                correct = (predicted.reset_index(drop=True) == y).to_numpy()
+            else:
+                guess = self.model.predict_many(X)
+            self.model.learn_many(X, y)
+        except Exception as err:
+            self.errors += len(examples) - 1
+            self._count_error(examples[0], err, f"micro-batch of {len(examples)} from ")
+            return
+        self.learned += len(examples)
+        if self.task == "classification":
+            self.scores.update_classification(correct, p_true)
+        else:
+            self.scores.update_regression(y.to_numpy(), np.asarray(guess, dtype=float))
+
+    def _count_error(self, ex: Example, err: Exception, what: str = "") -> None:
+        self.errors += 1
+        if self.errors <= 10 or self.errors % 1000 == 0:  # rate-limited: a poisoned stream must not flood logs
+            log.warning("model %s: %sexample %s not learned (%d so far): %s: %s",
+                        self.name, what, ex.id[:64], self.errors, type(err).__name__, err)
+
+    def _record_timeline(self, ts: float) -> None:
+        metric = self.scores.names[0]
+        self.timeline.append((ts, self.learned, self.scores.value(metric, rolling=True)))
+        if len(self.timeline) > TIMELINE_POINTS:  # keep it bounded: halve the resolution
+            self.timeline = self.timeline[::2]
+
+    def score_at(self, ts: float) -> float:
+        """The rolling score of the first metric as it was at event time `ts` (NaN before any)."""
+        before = [score for t, _, score in self.timeline if t <= ts]
+        return before[-1] if before else float("nan")
+
+    def summary(self) -> dict:
+        return {"model": self.name, "task": self.task, "learned": self.learned, "errors": self.errors,
+                "scores": self.scores.values()}
+
+
+def _learn_parameters(model) -> set[str]:
+    final = model
+    steps = getattr(model, "steps", None)
+    if steps:
+        final = list(steps.values())[-1]
+    try:
+        return set(inspect.signature(final.learn_one).parameters)
+    except (TypeError, ValueError):
+        return set()

@@ -1,0 +1,69 @@
+"""The typed records that cross from intake to the learner.
+
+The intake stage (consume, decode, join) and the learner may run in different
+processes, so everything here is a msgspec Struct that travels as msgpack. A
+`Batch` carries the source positions it covers and the intake's counters at that
+point, so the learner side always holds one consistent cut of the whole state.
+
+>>> b = Batch(examples=[Example("r-1", "default", {"x": 1.0}, 1, 1.0, 10.0, 10.0)])
+>>> decode_batch(encode_batch(b)).examples[0].id
+'r-1'
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from streamlearn.telemetry.histogram import HistogramState
+
+Features = dict[str, Union[float, str, bool]]
+Label = Union[bool, float, str]
+
+
+class Example(msgspec.Struct, array_like=True):
+    """One labeled example, ready to learn from (missing feature values already dropped)."""
+
+    id: str
+    model: str
+    features: Features
+    label: Label
+    weight: float
+    ts: float        # event time of the example (the later of inference and feedback)
+    label_ts: float  # event time the label became known: the start of the feedback loop
+
+
+class IntakeStats(msgspec.Struct):
+    """Cumulative counters of the intake stage, shipped with every batch."""
+
+    events: dict[tuple[str, str], int] = {}        # (topic, outcome) -> messages
+    dead_letters: dict[tuple[str, str], int] = {}  # (topic, reason) -> messages
+    join: dict[str, int] = {}                      # outcome -> count
+    join_pending: int = 0
+    feedback_delay: Union[HistogramState, None] = None
+    consumer_lag: dict[tuple[str, int], int] = {}  # (topic, partition) -> messages behind
+    watermark: float = 0.0                         # event time up to which the join has emitted
+    assigned: list[str] = []                       # position keys this intake currently reads
+    caught_up: bool = False                        # every partition idle and all input released
+
+
+class Batch(msgspec.Struct):
+    """Examples in learning order, the source positions after them, and the intake's counters."""
+
+    examples: list[Example]
+    positions: dict[str, int] = {}   # "topic:partition" (or "file:PATH") -> next offset to read
+    stats: Union[IntakeStats, None] = None
+    final: bool = False              # the source is exhausted (file) or the intake has stopped
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Batch)
+
+
+def encode_batch(batch: Batch) -> bytes:
+    return _encoder.encode(batch)
+
+
+def decode_batch(data: bytes) -> Batch:
+    return _decoder.decode(data)

@@ -1,0 +1,1 @@
+"""Intake: sources, event decoding and validation, dead letters, the feedback join."""

@@ -1,0 +1,191 @@
+"""Runs the intake beside the learner: in a second process (the default) or inline.
+
+On a two-core box the Kafka client, decoding and joining cost about as much as
+the learner itself (two messages per example), so the intake gets its own
+process and hands the learner compact msgpack batches over a socket. The socket's
+small buffer is the back-pressure: a busy learner stops the intake from reading
+ahead. Control flows back on the same socket: commit positions, stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Iterator, Literal, Optional, Union
+
+import msgspec
+
+from streamlearn.config import Config, resolve_settings
+from streamlearn.records import Batch, decode_batch, encode_batch
+from streamlearn.stream.dead_letters import FileDeadLetters, KafkaDeadLetters
+from streamlearn.stream.file_source import FileSource
+from streamlearn.stream.intake import Intake
+from streamlearn.stream.kafka_source import open_kafka_source
+
+log = logging.getLogger(__name__)
+FINAL_COMMIT_WAIT = 30.0
+BATCHES_IN_FLIGHT = 4
+
+
+class Control(msgspec.Struct):
+    """A message from the learner side to the intake."""
+
+    kind: Literal["commit", "stop"]
+    positions: dict[str, int] = {}
+
+
+def open_intake(config: Config, start_positions: Optional[dict[str, int]] = None) -> Intake:
+    """Builds the configured source and dead-letter sink, and the intake over them."""
+    path = config.file_path
+    if path is not None:
+        start_line = (start_positions or {}).get(f"file:{path}", 0)
+        source = FileSource(path, config.intake.max_message_bytes, start_line)
+        sink = FileDeadLetters(path.with_name(path.name + ".dlq.jsonl"))
+    else:
+        settings = resolve_settings(config.kafka.settings, os.environ)
+        source = open_kafka_source(config.kafka, settings, start_positions)
+        sink = KafkaDeadLetters(config.kafka, settings)
+    return Intake(config, source, sink)
+
+
+class InlineIntake:
+    """The intake in the learner's own thread: simplest, for files and debugging."""
+
+    def __init__(self, config: Config, start_positions: Optional[dict[str, int]] = None) -> None:
+        self._intake = open_intake(config, start_positions)
+        self._stop = False
+
+    def batches(self) -> Iterator[Batch]:
+        yield from self._intake.batches(lambda: self._stop)
+
+    def commit(self, positions: dict[str, int]) -> None:
+        self._intake.commit(positions)
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        self._intake.close()
+
+
+class ProcessIntake:
+    """The intake in a child process, talking to the learner over a socket pair.
+
+    The child is a fresh interpreter (`python -m streamlearn.stream.channel`), not a
+    multiprocessing fork or spawn: it shares no threads or locks with the parent and
+    never re-imports the caller's `__main__`.
+    """
+
+    def __init__(self, config: Config, start_positions: Optional[dict[str, int]] = None) -> None:
+        ours, theirs = socket.socketpair()
+        self._conn = Connection(ours.detach())
+        fd = theirs.fileno()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "streamlearn.stream.channel", str(fd)],
+            stdin=subprocess.PIPE, pass_fds=(fd,))
+        theirs.close()
+        self._process.stdin.write(msgspec.json.encode(ChildArgs(config, start_positions or {})))
+        self._process.stdin.close()
+        self._encoder = msgspec.msgpack.Encoder()
+        # A socket buffer holds about one batch; this queue lets the intake run a few batches
+        # ahead while the learner learns, instead of the two taking turns.
+        self._inbox: queue.Queue[Optional[bytes]] = queue.Queue(maxsize=BATCHES_IN_FLIGHT)
+        self._pump = threading.Thread(target=self._receive, name="intake-receiver", daemon=True)
+        self._pump.start()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                self._inbox.put(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            self._inbox.put(None)
+
+    def batches(self) -> Iterator[Batch]:
+        while True:
+            data = self._inbox.get()
+            if data is None:
+                code = self._process.wait(5)
+                raise RuntimeError(f"intake process died (exit code {code})")
+            batch = decode_batch(data)
+            yield batch
+            if batch.final:
+                return
+
+    def commit(self, positions: dict[str, int]) -> None:
+        self._send(Control("commit", positions))
+
+    def request_stop(self) -> None:
+        self._send(Control("stop"))
+
+    def _send(self, control: Control) -> None:
+        try:
+            self._conn.send_bytes(self._encoder.encode(control))
+        except OSError:
+            pass  # the intake is gone; batches() reports why
+
+    def close(self) -> None:
+        """Closes the socket (what was sent stays readable) and waits for the intake to finish."""
+        self._conn.close()
+        try:
+            self._process.wait(FINAL_COMMIT_WAIT)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+class ChildArgs(msgspec.Struct):
+    config: Config
+    start_positions: dict[str, int]
+
+
+def _intake_main(fd: int) -> None:
+    # The learner's process owns signals; it tells the intake to stop and drains it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    args = msgspec.json.decode(sys.stdin.buffer.read(), type=ChildArgs)
+    config = args.config
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s intake: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
+    conn = Connection(fd)
+    decoder = msgspec.msgpack.Decoder(Control)
+    intake = open_intake(config, args.start_positions)
+    stop = False
+
+    def should_stop() -> bool:
+        nonlocal stop
+        while conn.poll():
+            control = decoder.decode(conn.recv_bytes())
+            if control.kind == "commit":
+                intake.commit(control.positions)
+            else:
+                stop = True
+        return stop
+
+    try:
+        for batch in intake.batches(should_stop):
+            conn.send_bytes(encode_batch(batch))
+        if conn.poll(FINAL_COMMIT_WAIT):  # the learner confirms the final batch with a last commit
+            should_stop()
+    except (OSError, EOFError):
+        pass  # the learner went away; nothing to hand over to
+    finally:
+        intake.close()
+        conn.close()
+
+
+Channel = Union[InlineIntake, ProcessIntake]
+
+
+def start_intake(config: Config, start_positions: Optional[dict[str, int]] = None) -> Channel:
+    kind = ProcessIntake if config.intake.mode == "process" else InlineIntake
+    return kind(config, start_positions)
+
+
+if __name__ == "__main__":
+    _intake_main(int(sys.argv[1]))

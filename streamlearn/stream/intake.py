@@ -1,0 +1,143 @@
+"""The intake stage: source -> decode + validate -> dead letters -> join -> batches.
+
+`Intake.batches()` yields `Batch`es of examples in learning order. Each batch
+carries the source positions after everything it covers: examples not in it are
+still held by the joiner, whose state is the intake's own. Batches are never
+split, so positions and examples always describe one consistent cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Callable, Iterator
+
+from streamlearn.config import Config
+from streamlearn.records import Batch, Example, IntakeStats
+from streamlearn.stream.dead_letters import DeadLetterSink
+from streamlearn.stream.decode import DeadLetter, EventDecoder
+from streamlearn.stream.events import EXAMPLES_TOPIC, FEEDBACK_TOPIC, INFERENCE_TOPIC
+from streamlearn.stream.join import FeedbackJoiner
+from streamlearn.stream.source import Chunk, Source
+from streamlearn.stream.watermark import NEVER, PartitionWatermarks
+from streamlearn.telemetry.histogram import DELAY_BUCKETS, Histogram
+
+log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 0.5  # an empty batch at least this often keeps the counters on the learner side fresh
+
+
+class Intake:
+    """Turns a source's raw messages into batches of joined, validated examples."""
+
+    def __init__(self, config: Config, source: Source, dead_letters: DeadLetterSink,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
+        self.dead_letters = dead_letters
+        self.clock = clock
+        self.batch_size = config.intake.batch_size
+        self.max_wait = config.intake.max_wait
+        self.poll_records = config.intake.poll_records
+        self.decoder = EventDecoder(set(config.models), config.intake.max_message_bytes)
+        regression = frozenset(n for n, m in config.models.items() if m.task == "regression")
+        self.joiner = FeedbackJoiner(config.join.ttl, config.join.early_ttl, config.join.max_pending, regression)
+        self.watermarks = PartitionWatermarks(config.join.idle_timeout)
+        self.positions: dict[str, int] = {}
+        self.events: Counter[tuple[str, str]] = Counter()
+        self.dead: Counter[tuple[str, str]] = Counter()
+        self.feedback_delay = Histogram(DELAY_BUCKETS)
+        self._watermark = NEVER
+        k = config.kafka
+        self._kinds = {k.inference_topic: INFERENCE_TOPIC, k.feedback_topic: FEEDBACK_TOPIC,
+                       k.examples_topic: EXAMPLES_TOPIC, INFERENCE_TOPIC: INFERENCE_TOPIC,
+                       FEEDBACK_TOPIC: FEEDBACK_TOPIC, EXAMPLES_TOPIC: EXAMPLES_TOPIC}
+        self._known_partitions: set[str] = set()
+
+    def batches(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
+        """Yields batches until the source is exhausted or `should_stop()`; the last one is `final`."""
+        held: list[Example] = []
+        first_held_at = last_yield = self.clock()
+        while not should_stop():
+            examples = self.poll(timeout=self.max_wait)
+            now = self.clock()
+            if examples and not held:
+                first_held_at = now
+            held.extend(examples)
+            done = self.source.exhausted()
+            if done:
+                held.extend(self.finish())
+            due = held and (len(held) >= self.batch_size or now - first_held_at >= self.max_wait)
+            if due or done or now - last_yield >= HEARTBEAT_SECONDS:
+                yield Batch(held, dict(self.positions), self.stats(), final=done)
+                held, last_yield = [], now
+            if done:
+                return
+        yield Batch(held + self.joiner.flush(), dict(self.positions), self.stats(), final=True)
+
+    def poll(self, timeout: float) -> list[Example]:
+        """One poll of the source: decodes, joins, and returns the examples the watermark released."""
+        now = self.clock()
+        for chunk in self.source.poll(self.poll_records, timeout):
+            newest = self._take(chunk)
+            if newest > NEVER:
+                self.watermarks.observe(chunk.partition, newest, now)
+            self.positions[chunk.partition] = chunk.next_offset
+        self._track_assignment(now)
+        self._watermark = self.watermarks.current(now)
+        return self.joiner.advance(self._watermark)
+
+    def finish(self) -> list[Example]:
+        """End of input: everything seen has arrived, so the watermark moves to the newest event."""
+        self._watermark = max(self._watermark, self.watermarks.newest())
+        return self.joiner.advance(self._watermark) + self.joiner.flush()
+
+    def _take(self, chunk: Chunk) -> float:
+        kind = self._kinds.get(chunk.topic, INFERENCE_TOPIC)
+        decode, accept = {
+            INFERENCE_TOPIC: (self.decoder.decode_log, self.joiner.add_log),
+            FEEDBACK_TOPIC: (self.decoder.decode_feedback, self.joiner.add_feedback),
+            EXAMPLES_TOPIC: (self.decoder.decode_example, self.joiner.add_example),
+        }[kind]
+        newest, refused = NEVER, 0
+        for raw, offset in zip(chunk.values, chunk.offsets):
+            record = decode(raw)
+            if type(record) is DeadLetter:
+                refused += 1
+                self.dead[(chunk.topic, record.reason)] += 1
+                self.dead_letters.send(chunk.topic, chunk.partition, offset, raw, record)
+                continue
+            accept(record)
+            if record.ts > newest:
+                newest = record.ts
+        self.events[(chunk.topic, "ok")] += len(chunk.values) - refused
+        if refused:
+            self.events[(chunk.topic, "dead_letter")] += refused
+        return newest
+
+    def _track_assignment(self, now: float) -> None:
+        current = set(self.source.partitions())
+        for key in current - self._known_partitions:
+            self.watermarks.assign(key, now)
+        for key in self._known_partitions - current:
+            self.watermarks.revoke(key)
+        self._known_partitions = current
+
+    def stats(self) -> IntakeStats:
+        if self.joiner.delays:
+            self.feedback_delay.observe_many(self.joiner.delays)
+            self.joiner.delays.clear()
+        return IntakeStats(
+            events=dict(self.events), dead_letters=dict(self.dead), join=dict(self.joiner.outcomes),
+            join_pending=self.joiner.pending, feedback_delay=self.feedback_delay.state(),
+            consumer_lag=self.source.lag(), watermark=self._watermark, assigned=sorted(self._known_partitions),
+            caught_up=self._watermark >= self.watermarks.newest() and not self.joiner.held,
+        )
+
+    def commit(self, positions: dict[str, int]) -> None:
+        """Makes dead letters durable, then records positions with the source."""
+        self.dead_letters.flush()
+        self.source.commit(positions)
+
+    def close(self) -> None:
+        self.dead_letters.close()
+        self.source.close()

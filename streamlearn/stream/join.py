@@ -1,0 +1,175 @@
+"""Joins inference logs with their feedback by `request_id`, in event time.
+
+The join is symmetric: whichever side arrives first waits for the other. A pair
+matches when the feedback is at most `ttl` seconds (event time) after the log, or
+at most `early_ttl` before it; this rule, not the arrival order, decides, so the
+same events give the same examples however Kafka interleaves the partitions.
+
+Matched examples are held until the watermark (the event time below which no
+more input can arrive) passes them and are then released in `(ts, id)` order:
+the learner sees one deterministic sequence for a replayable source.
+
+Pending state is bounded by `max_pending`; whatever leaves it is counted under
+an outcome, never dropped silently.
+
+>>> from streamlearn.stream.decode import LogEntry, LabelEntry
+>>> j = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=100)
+>>> j.add_log(LogEntry("r-1", 100.0, "default", {"x": 1.0}))
+>>> j.add_feedback(LabelEntry("r-1", 130.0, 1, 1.0))
+>>> [e.id for e in j.advance(200.0)], j.outcomes["matched"]
+(['r-1'], 1)
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+
+from streamlearn.records import Example
+from streamlearn.stream.decode import LabelEntry, LogEntry
+
+OUTCOMES = ("matched", "expired", "expired_feedback", "late", "duplicate", "evicted", "invalid_label")
+
+
+class FeedbackJoiner:
+    """Symmetric, event-time, bounded join of inference logs and feedback."""
+
+    def __init__(self, ttl: float, early_ttl: float, max_pending: int,
+                 regression_models: frozenset[str] = frozenset()) -> None:
+        self.ttl = ttl
+        self.early_ttl = early_ttl
+        self.max_pending = max_pending
+        self.regression_models = regression_models
+        self.outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
+        self.delays: list[float] = []  # feedback ts - log ts of new matches; the caller drains it
+        self._logs: dict[str, LogEntry] = {}
+        self._early: dict[str, LabelEntry] = {}
+        self._closed: dict[str, tuple[float, bool]] = {}  # id -> (close time, matched?) for dups/late
+        self._log_expiry: list[tuple[float, str]] = []    # heaps with lazy deletion
+        self._early_expiry: list[tuple[float, str]] = []
+        self._ready: list[tuple[float, str, Example]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self._logs) + len(self._early)
+
+    @property
+    def held(self) -> int:
+        """Matched examples waiting for the watermark."""
+        return len(self._ready)
+
+    def add_log(self, log: LogEntry) -> None:
+        rid = log.request_id
+        if rid in self._logs or rid in self._closed:
+            self.outcomes["duplicate"] += 1
+            return
+        feedback = self._early.pop(rid, None)
+        if feedback is not None:
+            if log.ts - feedback.ts <= self.early_ttl:
+                self._match(log, feedback)
+                return
+            self._close(rid, feedback.ts, "expired_feedback", matched=False)
+        self._logs[rid] = log
+        heapq.heappush(self._log_expiry, (log.ts + self.ttl, rid))
+        self._bound()
+
+    def add_feedback(self, feedback: LabelEntry) -> None:
+        rid = feedback.request_id
+        log = self._logs.get(rid)
+        if log is not None:
+            if feedback.ts - log.ts <= self.ttl:
+                del self._logs[rid]
+                self._match(log, feedback)
+            else:
+                self.outcomes["late"] += 1
+            return
+        closed = self._closed.get(rid)
+        if closed is not None:
+            self.outcomes["duplicate" if closed[1] else "late"] += 1
+            return
+        if rid in self._early:
+            self.outcomes["duplicate"] += 1
+            return
+        self._early[rid] = feedback
+        heapq.heappush(self._early_expiry, (feedback.ts + self.early_ttl, rid))
+        self._bound()
+
+    def add_example(self, example: Example) -> None:
+        """Queues an example joined upstream, to be released in event-time order with the rest."""
+        heapq.heappush(self._ready, (example.ts, example.id, example))
+
+    def advance(self, watermark: float) -> list[Example]:
+        """Expires what can no longer match and releases the examples at or below the watermark."""
+        self._expire(self._log_expiry, self._logs, watermark, "expired")
+        self._expire(self._early_expiry, self._early, watermark, "expired_feedback")
+        horizon = watermark - self.ttl - self.early_ttl
+        while self._closed:
+            rid, (closed_at, _) = next(iter(self._closed.items()))
+            if closed_at >= horizon and len(self._closed) <= self.max_pending:
+                break
+            del self._closed[rid]
+        released = []
+        while self._ready and self._ready[0][0] <= watermark:
+            released.append(heapq.heappop(self._ready)[2])
+        self._compact()
+        return released
+
+    def flush(self) -> list[Example]:
+        """Releases every matched example still held (end of input); pending ones stay pending."""
+        released = [item[2] for item in sorted(self._ready, key=lambda item: item[:2])]
+        self._ready.clear()
+        return released
+
+    def _match(self, log: LogEntry, feedback: LabelEntry) -> None:
+        label = feedback.label
+        if log.model in self.regression_models and not _is_number(label):
+            self._close(log.request_id, feedback.ts, "invalid_label", matched=True)
+            return
+        ts = max(log.ts, feedback.ts)
+        example = Example(log.request_id, log.model, log.features, label, feedback.weight, ts, feedback.ts)
+        heapq.heappush(self._ready, (ts, log.request_id, example))
+        self.delays.append(feedback.ts - log.ts)
+        self._close(log.request_id, ts, "matched", matched=True)
+
+    def _close(self, rid: str, ts: float, outcome: str, matched: bool) -> None:
+        self.outcomes[outcome] += 1
+        self._closed[rid] = (ts, matched)
+
+    def _expire(self, heap: list, pending: dict, watermark: float, outcome: str) -> None:
+        while heap and heap[0][0] < watermark:
+            expires_at, rid = heapq.heappop(heap)
+            entry = pending.get(rid)
+            if entry is not None and _expiry_of(entry, self) == expires_at:
+                del pending[rid]
+                self._close(rid, entry.ts, outcome, matched=False)
+
+    def _bound(self) -> None:
+        """Evicts the entries closest to expiry while pending state is over its bound."""
+        while self.pending > self.max_pending:
+            heap, pending = self._oldest_side()
+            expires_at, rid = heapq.heappop(heap)
+            entry = pending.get(rid)
+            if entry is not None and _expiry_of(entry, self) == expires_at:
+                del pending[rid]
+                self._close(rid, entry.ts, "evicted", matched=False)
+
+    def _oldest_side(self) -> tuple[list, dict]:
+        logs, early = self._log_expiry, self._early_expiry
+        if logs and (not early or logs[0] <= early[0]):
+            return logs, self._logs
+        return early, self._early
+
+    def _compact(self) -> None:
+        # Matched entries stay in the expiry heaps until popped; rebuild when they dominate.
+        for heap, pending in ((self._log_expiry, self._logs), (self._early_expiry, self._early)):
+            if len(heap) > 2 * len(pending) + 1024:
+                heap[:] = [item for item in heap if item[1] in pending and _expiry_of(pending[item[1]], self) == item[0]]
+                heapq.heapify(heap)
+
+
+def _expiry_of(entry: LogEntry | LabelEntry, joiner: FeedbackJoiner) -> float:
+    return entry.ts + (joiner.ttl if isinstance(entry, LogEntry) else joiner.early_ttl)
+
+
+def _is_number(label: object) -> bool:
+    return type(label) in (int, float)

@@ -1,0 +1,193 @@
+"""Kafka sources: a consumer group with manual offsets, through either Kafka client.
+
+`confluent-kafka` (librdkafka) is the default: on two messages per example the
+client is the intake's main cost, and it delivers several times the messages per
+second of `kafka-python`, which stays supported (`kafka.client = "kafka-python"`).
+
+Offsets are never auto-committed: the service decides what is done. When
+`start_positions` are given (from a snapshot), an assigned partition starts there
+instead of at the group's committed offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Mapping, Optional
+
+from streamlearn.config import KafkaConfig, Setting
+from streamlearn.stream.source import Chunk, position_key, split_position
+
+log = logging.getLogger(__name__)
+LAG_REFRESH_SECONDS = 5.0
+
+
+def kafka_topics(config: KafkaConfig) -> list[str]:
+    return [t for t in (config.inference_topic, config.feedback_topic, config.examples_topic) if t]
+
+
+def open_kafka_source(config: KafkaConfig, settings: Mapping[str, Setting],
+                      start_positions: Optional[Mapping[str, int]] = None):
+    """Returns a subscribed source for the configured client."""
+    kind = ConfluentSource if config.client == "confluent-kafka" else KafkaPythonSource
+    return kind(config, settings, dict(start_positions or {}))
+
+
+class ConfluentSource:
+    """Consumer group through librdkafka (confluent-kafka)."""
+
+    def __init__(self, config: KafkaConfig, settings: Mapping[str, Setting], start: dict[str, int]) -> None:
+        from confluent_kafka import Consumer
+
+        self._start = start
+        self._assigned: set[str] = set()
+        self._lag: dict[tuple[str, int], int] = {}
+        self._lag_at = 0.0
+        self._warned: set[str] = set()
+        self._consumer = Consumer({
+            "bootstrap.servers": config.bootstrap_servers, "group.id": config.group_id,
+            "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "session.timeout.ms": config.session_timeout_ms,
+            "heartbeat.interval.ms": max(100, config.session_timeout_ms // 3),
+            "max.poll.interval.ms": config.max_poll_interval_ms,
+            **settings,
+        })
+        self._consumer.subscribe(kafka_topics(config), on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _on_assign(self, consumer, partitions) -> None:
+        for tp in partitions:
+            key = position_key(tp.topic, tp.partition)
+            if key in self._start:
+                tp.offset = self._start[key]
+            self._assigned.add(key)
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        for tp in partitions:
+            self._assigned.discard(position_key(tp.topic, tp.partition))
+
+    def poll(self, max_records: int, timeout: float) -> list[Chunk]:
+        chunks: dict[tuple[str, int], Chunk] = {}
+        where, chunk = None, None
+        for msg in self._consumer.consume(max_records, timeout):
+            if msg.error() is not None:
+                self._warn(str(msg.error()))
+                continue
+            here = (msg.topic(), msg.partition())
+            if here != where:  # messages come in runs per partition: look the chunk up once a run
+                where, chunk = here, chunks.get(here)
+                if chunk is None:
+                    chunk = chunks[here] = Chunk(here[0], position_key(*here), [], [], 0)
+            chunk.values.append(msg.value() or b"")
+            chunk.offsets.append(msg.offset())
+        for chunk in chunks.values():
+            chunk.next_offset = chunk.offsets[-1] + 1
+        return list(chunks.values())
+
+    def partitions(self) -> list[str]:
+        return sorted(self._assigned)
+
+    def exhausted(self) -> bool:
+        return False
+
+    def commit(self, positions: dict[str, int]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        offsets = [TopicPartition(*split_position(k), v) for k, v in positions.items() if k in self._assigned]
+        if offsets:
+            try:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as err:  # e.g. during a rebalance; the next commit catches up
+                log.warning("offset commit failed, will retry with the next one: %s", err)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        from confluent_kafka import TopicPartition
+
+        if time.monotonic() - self._lag_at >= LAG_REFRESH_SECONDS:
+            self._lag_at = time.monotonic()
+            tps = [TopicPartition(*split_position(k)) for k in self._assigned]
+            lag = {}
+            for tp in self._consumer.position(tps) if tps else []:
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True) or (0, 0)
+                if tp.offset >= 0:
+                    lag[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+            self._lag = lag
+        return self._lag
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:  # once per distinct error, e.g. a topic that does not exist yet
+            self._warned.add(message)
+            log.warning("kafka: %s", message)
+
+
+class KafkaPythonSource:
+    """Consumer group through kafka-python (pure Python; install crc32c with it)."""
+
+    def __init__(self, config: KafkaConfig, settings: Mapping[str, Setting], start: dict[str, int]) -> None:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+
+        self._start = start
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=config.bootstrap_servers, group_id=config.group_id,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=max(100, config.session_timeout_ms // 3),
+            max_poll_interval_ms=config.max_poll_interval_ms, **settings,
+        )
+        source = self
+
+        class SeekOnAssign(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked) -> None:
+                pass
+
+            def on_partitions_assigned(self, assigned) -> None:
+                for tp in assigned:
+                    key = position_key(tp.topic, tp.partition)
+                    if key in source._start:
+                        source._consumer.seek(tp, source._start[key])
+
+        self._consumer.subscribe(kafka_topics(config), listener=SeekOnAssign())
+
+    def poll(self, max_records: int, timeout: float) -> list[Chunk]:
+        chunks = []
+        records = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        for tp, batch in records.items():
+            values = [r.value or b"" for r in batch]
+            offsets = [r.offset for r in batch]
+            chunks.append(Chunk(tp.topic, position_key(tp.topic, tp.partition), values, offsets, offsets[-1] + 1))
+        return chunks
+
+    def partitions(self) -> list[str]:
+        return sorted(position_key(tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    def exhausted(self) -> bool:
+        return False
+
+    def commit(self, positions: dict[str, int]) -> None:
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        assigned = set(self.partitions())
+        offsets = {TopicPartition(*split_position(k)): OffsetAndMetadata(v, "", -1)
+                   for k, v in positions.items() if k in assigned}
+        if offsets:
+            try:
+                self._consumer.commit(offsets)
+            except KafkaError as err:
+                log.warning("offset commit failed, will retry with the next one: %s", err)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        lag = defaultdict(int)
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                lag[(tp.topic, tp.partition)] = max(0, high - self._consumer.position(tp))
+        return dict(lag)
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -1,0 +1,1 @@
+"""Telemetry: cheap in-loop accumulators, the Prometheus collector and the HTTP endpoint."""

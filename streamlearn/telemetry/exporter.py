@@ -1,0 +1,103 @@
+"""Exposes the service's accumulators as Prometheus metrics, read at scrape time.
+
+Nothing in the learning loop touches prometheus_client: the loop updates plain
+counters and `Histogram`s, and this collector turns them into metric families
+when Prometheus scrapes. Label values are bounded: topics, partitions, reasons,
+outcomes and configured model names, never a request id.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Iterator, Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from streamlearn.learners.river_learner import RiverLearner
+from streamlearn.records import IntakeStats
+from streamlearn.telemetry.histogram import HistogramState
+
+PREFIX = "streamlearn_"
+
+
+class ServiceCollector(Collector):
+    """Builds every `streamlearn_*` metric from the intake's latest counters and the learners."""
+
+    def __init__(self, intake_stats: Callable[[], Optional[IntakeStats]],
+                 learners: Callable[[], Iterable[RiverLearner]]) -> None:
+        self._intake_stats = intake_stats
+        self._learners = learners
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._intake_stats() or IntakeStats()
+        learners = list(self._learners())
+        yield from _intake_metrics(stats)
+        yield from _learner_metrics(learners)
+
+
+def _intake_metrics(stats: IntakeStats) -> Iterator[Metric]:
+    events = CounterMetricFamily(PREFIX + "events", "Messages consumed, by topic and outcome (ok, dead_letter).",
+                                 labels=["topic", "outcome"])
+    for (topic, outcome), n in sorted(stats.events.items()):
+        events.add_metric([topic, outcome], n)
+    yield events
+    dead = CounterMetricFamily(PREFIX + "dead_letters", "Messages refused as bad input, by topic and reason.",
+                               labels=["topic", "reason"])
+    for (topic, reason), n in sorted(stats.dead_letters.items()):
+        dead.add_metric([topic, reason], n)
+    yield dead
+    join = CounterMetricFamily(PREFIX + "join", "Join outcomes of inference logs and feedback.", labels=["outcome"])
+    for outcome, n in sorted(stats.join.items()):
+        join.add_metric([outcome], n)
+    yield join
+    yield GaugeMetricFamily(PREFIX + "join_pending", "Logs and feedback waiting for their other half.",
+                            value=stats.join_pending)
+    if stats.feedback_delay is not None:
+        yield _histogram("feedback_delay_seconds", "Feedback event time minus inference event time.",
+                         [((), stats.feedback_delay)], [])
+    lag = GaugeMetricFamily(PREFIX + "consumer_lag", "Messages behind the partition's end (approximate on Tansu).",
+                            labels=["topic", "partition"])
+    for (topic, partition), n in sorted(stats.consumer_lag.items()):
+        lag.add_metric([topic, str(partition)], n)
+    yield lag
+
+
+def _learner_metrics(learners: list[RiverLearner]) -> Iterator[Metric]:
+    learned = CounterMetricFamily(PREFIX + "examples_learned", "Examples learned, by model.", labels=["model"])
+    errors = CounterMetricFamily(PREFIX + "learn_errors", "Examples the model failed on (not learned).",
+                                 labels=["model"])
+    score = GaugeMetricFamily(PREFIX + "prequential_score", "Test-then-train score: cumulative (window=all) "
+                              "or over the last N examples.", labels=["model", "metric", "window"])
+    for learner in learners:
+        learned.add_metric([learner.name], learner.learned)
+        errors.add_metric([learner.name], learner.errors)
+        for metric in learner.scores.names:
+            for rolling, window in ((False, "all"), (True, str(learner.scores.window))):
+                value = learner.scores.value(metric, rolling)
+                if not math.isnan(value):
+                    score.add_metric([learner.name, metric, window], value)
+    yield learned
+    yield errors
+    yield score
+    yield _histogram("update_seconds", "Duration of one learner update (one micro-batch of examples).",
+                     [((l.name,), l.update_seconds.state()) for l in learners], ["model"])
+    yield _histogram("loop_latency_seconds", "Feedback event time to model updated.",
+                     [((l.name,), l.loop_latency.state()) for l in learners], ["model"])
+
+
+def _histogram(name: str, documentation: str, series: list[tuple[tuple[str, ...], HistogramState]],
+               labels: list[str]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(PREFIX + name, documentation, labels=labels)
+    for label_values, state in series:
+        cumulative, buckets = 0, []
+        for bound, count in zip(list(state.bounds) + [math.inf], state.counts):
+            cumulative += count
+            buckets.append((_bound_text(bound), cumulative))
+        family.add_metric(list(label_values), buckets, state.total)
+    return family
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(float(bound))
+

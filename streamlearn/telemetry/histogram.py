@@ -1,0 +1,82 @@
+"""A histogram accumulator cheap enough for the learning loop.
+
+prometheus_client's Histogram takes a lock per observation; here observations are
+plain list updates (or one numpy call per batch) and the Prometheus collector
+reads the buckets at scrape time.
+
+>>> h = Histogram((0.1, 1.0))
+>>> h.observe(0.05); h.observe_many([0.5, 3.0])
+>>> h.counts, h.count
+([1, 1, 1], 3)
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Iterable
+
+import msgspec
+import numpy as np
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DELAY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
+
+
+class HistogramState(msgspec.Struct, array_like=True):
+    """The transferable content of a histogram: upper bounds, per-bucket counts, sum."""
+
+    bounds: tuple[float, ...]
+    counts: list[int]
+    total: float = 0.0
+
+
+class Histogram:
+    """Counts observations into fixed buckets (upper bound inclusive, as Prometheus does)."""
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self._edges = np.asarray(self.bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def observe_many(self, values) -> None:
+        arr = np.asarray(values, dtype=float)
+        if arr.size == 0:
+            return
+        idx = np.searchsorted(self._edges, arr, side="left")
+        for i, n in enumerate(np.bincount(idx, minlength=len(self.counts)).tolist()):
+            self.counts[i] += n
+        self.total += float(arr.sum())
+
+    def state(self) -> HistogramState:
+        return HistogramState(self.bounds, list(self.counts), self.total)
+
+    @classmethod
+    def from_state(cls, state: HistogramState) -> "Histogram":
+        h = cls(state.bounds)
+        h.counts = list(state.counts)
+        h.total = state.total
+        return h
+
+    def quantile(self, q: float) -> float:
+        """Estimates a quantile by linear interpolation inside its bucket (as PromQL does)."""
+        n = self.count
+        if n == 0:
+            return float("nan")
+        rank, seen = q * n, 0
+        for i, c in enumerate(self.counts):
+            if seen + c >= rank and c:
+                if i == len(self.bounds):
+                    return self.bounds[-1]
+                lo = self.bounds[i - 1] if i else 0.0
+                return lo + (self.bounds[i] - lo) * (rank - seen) / c
+            seen += c
+        return self.bounds[-1]
