@@ -55,6 +55,8 @@ class Batch(msgspec.Struct):
     positions: dict[str, int] = {}   # "topic:partition" (or "file:PATH") -> next offset to read
     stats: Union[IntakeStats, None] = None
     final: bool = False              # the source is exhausted (file) or the intake has stopped
+    cut: bool = True                 # positions describe the state after this batch (False: a piece of a
+                                     # larger release, positions empty; wait for the cut to commit)
 
 
 _encoder = msgspec.msgpack.Encoder()

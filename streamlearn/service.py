@@ -104,7 +104,8 @@ class Service:
             for name, examples in _by_model(batch.examples, len(self.learners)):
                 self.learners[name].learn_batch(examples, now)
             self._learning_seconds += time.perf_counter() - started
-        self.positions = batch.positions
+        if batch.cut:
+            self.positions = batch.positions
         self.stats = batch.stats
 
     @property

@@ -81,10 +81,19 @@ class TrafficPlayer(threading.Thread):
         self.generator = generator
         self.record = record
         self.sent = 0
+        self.error: Optional[BaseException] = None
         self.done = threading.Event()
         self._halt = threading.Event()
 
     def run(self) -> None:
+        try:
+            self._play()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread by all_consumed
+            self.error = error
+        finally:
+            self.done.set()
+
+    def _play(self) -> None:
         from confluent_kafka import Producer
 
         producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20,
@@ -105,7 +114,6 @@ class TrafficPlayer(threading.Thread):
         producer.flush()
         if self.record is not None:
             write_jsonl(recorded, self.record)
-        self.done.set()
 
     def stop(self) -> None:
         self._halt.set()
@@ -113,6 +121,8 @@ class TrafficPlayer(threading.Thread):
 
     def all_consumed(self, service: Service) -> bool:
         """Every message sent has been consumed, and the join has released everything it can."""
+        if self.error is not None:
+            raise RuntimeError(f"demo traffic failed: {self.error!r}") from self.error
         stats = service.stats
         return (self.done.is_set() and stats is not None and stats.caught_up
                 and sum(stats.events.values()) >= self.sent)

@@ -14,6 +14,7 @@ dead-letter reason the service must give it. Same spec, same bytes.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -71,9 +72,7 @@ class TrafficGenerator:
     def messages(self) -> Iterator[Message]:
         spec = self.spec
         rng = random.Random(spec.seed)
-        concept = synth.ConceptDriftStream(
-            stream=synth.SEA(variant=0, seed=spec.seed), drift_stream=synth.SEA(variant=3, seed=spec.seed + 1),
-            position=int(spec.requests * spec.drift_at), width=1, seed=spec.seed)
+        concept = _abrupt_drift(int(spec.requests * spec.drift_at), spec.seed)
         pending: list[tuple[float, int, bytes, bytes]] = []  # feedback waiting for its event time
         for i, (x, y) in zip(range(spec.requests), concept):
             ts = spec.start_ts + i / spec.request_rate
@@ -118,6 +117,17 @@ class TrafficGenerator:
         self.totals.sent[topic] += 1
         self.totals.malformed[reason] = self.totals.malformed.get(reason, 0) + 1
         return Message(topic, key, _corrupt(value, reason, topic, self.spec.max_message_bytes), ts, reason)
+
+
+def _abrupt_drift(position: int, seed: int) -> Iterator[tuple[dict, bool]]:
+    """SEA's first concept for `position` samples, then its fourth: one abrupt drift.
+
+    (River's ConceptDriftStream overflows `math.exp` for width=1 far from the
+    drift point, and a wide sigmoid blurs the "just before the drift" moment.)
+    """
+    before = synth.SEA(variant=0, seed=seed)
+    after = synth.SEA(variant=3, seed=seed + 1)
+    return itertools.chain(itertools.islice(before, position), after)
 
 
 def _corrupt(value: bytes, reason: str, topic: str, max_bytes: int) -> bytes:

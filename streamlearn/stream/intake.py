@@ -2,8 +2,10 @@
 
 `Intake.batches()` yields `Batch`es of examples in learning order. Each batch
 carries the source positions after everything it covers: examples not in it are
-still held by the joiner, whose state is the intake's own. Batches are never
-split, so positions and examples always describe one consistent cut.
+still held by the joiner, whose state is the intake's own. When the joiner
+releases more than `batch_size` examples at once (a backlog catching up), the
+release goes out in pieces; only the last piece is a `cut` whose positions
+describe a consistent state, so only after it may positions be committed.
 """
 
 from __future__ import annotations
@@ -68,11 +70,20 @@ class Intake:
                 held.extend(self.finish())
             due = held and (len(held) >= self.batch_size or now - first_held_at >= self.max_wait)
             if due or done or now - last_yield >= HEARTBEAT_SECONDS:
-                yield Batch(held, dict(self.positions), self.stats(), final=done)
+                yield from self._pieces(held, final=done)
                 held, last_yield = [], now
             if done:
                 return
-        yield Batch(held + self.joiner.flush(), dict(self.positions), self.stats(), final=True)
+        yield from self._pieces(held + self.joiner.flush(), final=True)
+
+    def _pieces(self, examples: list[Example], final: bool) -> Iterator[Batch]:
+        """`examples` in batches of at most `batch_size`; the last one is the cut."""
+        stats = self.stats()
+        size = self.batch_size
+        cut_at = size * ((len(examples) - 1) // size) if examples else 0
+        for start in range(0, cut_at, size):
+            yield Batch(examples[start:start + size], stats=stats, cut=False)
+        yield Batch(examples[cut_at:], dict(self.positions), stats, final=final)
 
     def poll(self, timeout: float) -> list[Example]:
         """One poll of the source: decodes, joins, and returns the examples the watermark released."""
