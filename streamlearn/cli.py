@@ -28,14 +28,13 @@ def run(
     summary: Optional[Path] = typer.Option(None, help="Where to write the summary JSON (default: STATE_DIR/summary.json)."),
 ) -> None:
     """Run the service until the source ends (file) or SIGTERM/SIGINT (Kafka)."""
-    from streamlearn.learners.models import ModelError
     from streamlearn.service import Service
 
     try:
         cfg = load_config(config)
         service = Service(cfg)
-    except (ConfigError, ModelError, ValueError) as err:
-        typer.echo(str(err) if isinstance(err, ConfigError) else f"config error: models: {err}", err=True)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
         raise typer.Exit(2)
     _setup_logging(cfg.log_level)
     metrics = service.start_metrics()

@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry
 
-from streamlearn.config import Config
+from streamlearn.config import Config, ConfigError, ModelConfig
+from streamlearn.learners.models import ModelError
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Batch, Example, IntakeStats
 from streamlearn.stream.channel import Channel, start_intake
@@ -39,8 +40,7 @@ class Service:
 
     def __init__(self, config: Config, registry: Optional[CollectorRegistry] = None) -> None:
         self.config = config
-        self.learners = {name: RiverLearner(name, m.model, m.task, m.learn_mode, m.window, m.params, config.seed)
-                         for name, m in config.models.items()}
+        self.learners = {name: _build_learner(name, m, config.seed) for name, m in config.models.items()}
         self.stats: Optional[IntakeStats] = None
         self.positions: dict[str, int] = {}
         self.registry = registry or CollectorRegistry()
@@ -178,3 +178,11 @@ def _install_signal_handlers(stop: Callable[[], None]) -> Callable[[], None]:
             signal.signal(sig, handler)
 
     return restore
+
+
+def _build_learner(name: str, model: ModelConfig, seed: int) -> RiverLearner:
+    """A learner per configured model; a model that cannot be built is a config error naming its key."""
+    try:
+        return RiverLearner(name, model.model, model.task, model.learn_mode, model.window, model.params, seed)
+    except ModelError as err:
+        raise ConfigError(f"config error: models.{name}.{err.key}: {err}") from None

@@ -50,7 +50,11 @@ REGRESSORS: dict[str, Callable[..., Any]] = {
 
 
 class ModelError(ValueError):
-    """The model setting names nothing that builds a River estimator for the task."""
+    """A model's settings build no River estimator for the task; `key` is the setting at fault."""
+
+    def __init__(self, message: str, key: str = "model") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def build_model(name: str, task: str, params: dict, seed: int):
@@ -62,7 +66,7 @@ def build_model(name: str, task: str, params: dict, seed: int):
     try:
         model = factory(**kwargs)
     except TypeError as err:
-        raise ModelError(f"{name}: {err}") from None
+        raise ModelError(f"{name}: {err}", key="params") from None
     needed = "predict_proba_one" if task == "classification" else "predict_one"
     if not (hasattr(model, "learn_one") and hasattr(model, needed)):
         raise ModelError(f"{name}: {type(model).__name__} has no learn_one/{needed}, not a River {task} estimator")

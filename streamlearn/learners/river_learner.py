@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from streamlearn.learners.models import build_model
+from streamlearn.learners.models import ModelError, build_model
 from streamlearn.learners.scores import PrequentialScores
 from streamlearn.records import Example
 from streamlearn.telemetry.histogram import LATENCY_BUCKETS, Histogram
@@ -40,7 +40,7 @@ class RiverLearner:
         self.model = build_model(model, task, params or {}, seed)
         self.learn_mode = learn_mode
         if learn_mode == "many" and not hasattr(self.model, "learn_many"):
-            raise ValueError(f"{model}: has no learn_many; use learn_mode = \"one\"")
+            raise ModelError(f"{model} has no learn_many; use learn_mode = \"one\"", key="learn_mode")
         self.scores = PrequentialScores(task, window)
         self.learned = 0
         self.errors = 0
@@ -48,6 +48,8 @@ class RiverLearner:
         self.loop_latency = Histogram(LATENCY_BUCKETS)
         self.timeline: list[tuple[float, int, float]] = []  # (event ts, learned, rolling score)
         self._takes_weight = "w" in _learn_parameters(self.model)
+        if not self._takes_weight:
+            log.info("model %s (%s) takes no sample weights: feedback weights are ignored", name, model)
 
     def learn_batch(self, examples: list[Example], now: Optional[float] = None) -> None:
         """Scores then learns every example, in order; a failing example is counted, not fatal."""

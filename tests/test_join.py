@@ -1,0 +1,179 @@
+"""The symmetric event-time join: matching rule, outcomes, ordering, bounds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from streamlearn.stream.decode import LabelEntry, LogEntry
+from streamlearn.stream.join import OUTCOMES, FeedbackJoiner
+
+
+def log(rid: str, ts: float, model: str = "default") -> LogEntry:
+    return LogEntry(rid, ts, model, {"x": ts})
+
+
+def feedback(rid: str, ts: float, label=1) -> LabelEntry:
+    return LabelEntry(rid, ts, label, 1.0)
+
+
+@pytest.fixture
+def joiner() -> FeedbackJoiner:
+    return FeedbackJoiner(ttl=60, early_ttl=10, max_pending=1000)
+
+
+def counts(j: FeedbackJoiner) -> dict[str, int]:
+    return {k: v for k, v in j.outcomes.items() if v}
+
+
+def test_log_then_feedback_matches_and_is_released_by_the_watermark(joiner):
+    joiner.add_log(log("a", 100))
+    joiner.add_feedback(feedback("a", 150))
+    assert joiner.advance(149.0) == []          # held until the watermark passes the example's time
+    assert joiner.held == 1
+    [example] = joiner.advance(150.0)
+    assert (example.id, example.features, example.label, example.ts, example.label_ts) == ("a", {"x": 100}, 1, 150, 150)
+    assert counts(joiner) == {"matched": 1}
+    assert joiner.delays == [50]
+    assert joiner.pending == 0
+
+
+def test_feedback_may_arrive_before_its_log(joiner):
+    joiner.add_feedback(feedback("a", 95))
+    assert joiner.pending == 1
+    joiner.add_log(log("a", 100))
+    assert [e.id for e in joiner.advance(100.0)] == ["a"]
+    assert counts(joiner) == {"matched": 1}
+
+
+def test_ttl_boundaries_are_inclusive(joiner):
+    joiner.add_log(log("on-time", 100))
+    joiner.add_feedback(feedback("on-time", 160))   # exactly ttl after
+    joiner.add_feedback(feedback("early", 90))      # exactly early_ttl before
+    joiner.add_log(log("early", 100))
+    assert counts(joiner) == {"matched": 2}
+
+
+def test_unmatched_logs_expire_when_the_watermark_passes_their_ttl(joiner):
+    joiner.add_log(log("a", 100))
+    joiner.advance(160.0)
+    assert joiner.pending == 1
+    joiner.advance(160.5)
+    assert counts(joiner) == {"expired": 1}
+    assert joiner.pending == 0
+    joiner.add_feedback(feedback("a", 170))         # the label after all: too late
+    assert counts(joiner) == {"expired": 1, "late": 1}
+
+
+def test_feedback_whose_log_never_comes_expires(joiner):
+    joiner.add_feedback(feedback("a", 100))
+    joiner.advance(111.0)
+    assert counts(joiner) == {"expired_feedback": 1}
+
+
+def test_feedback_too_long_after_a_pending_log_is_late(joiner):
+    joiner.add_log(log("a", 100))
+    joiner.add_feedback(feedback("a", 161))         # arrived before the watermark expired the log
+    assert counts(joiner) == {"late": 1}
+
+
+def test_log_too_long_after_early_feedback_expires_the_feedback(joiner):
+    joiner.add_feedback(feedback("a", 80))
+    joiner.add_log(log("a", 100))                   # 20 s after the label: beyond early_ttl
+    assert counts(joiner) == {"expired_feedback": 1}
+    assert joiner.pending == 1                      # the log still waits for a label of its own
+
+
+def test_duplicates_on_either_side_are_counted_not_learned(joiner):
+    joiner.add_log(log("a", 100))
+    joiner.add_log(log("a", 101))                   # replayed log while pending
+    joiner.add_feedback(feedback("a", 110))
+    joiner.add_feedback(feedback("a", 111))         # second label after the match
+    joiner.add_log(log("a", 102))                   # replayed log after the match
+    joiner.add_feedback(feedback("b", 110))
+    joiner.add_feedback(feedback("b", 111))         # duplicate early feedback
+    assert counts(joiner) == {"matched": 1, "duplicate": 4}
+    assert len(joiner.advance(1000.0)) == 1
+
+
+def test_pending_state_stops_at_its_bound_and_counts_evictions():
+    joiner = FeedbackJoiner(ttl=3600, early_ttl=60, max_pending=100)
+    for i in range(5000):                            # feedback never arrives
+        joiner.add_log(log(f"r-{i}", float(i)))
+        assert joiner.pending <= 100
+    assert joiner.pending == 100
+    assert counts(joiner) == {"evicted": 4900}
+    joiner.add_feedback(feedback("r-4999", 5000))    # the newest survived: oldest go first
+    assert joiner.outcomes["matched"] == 1
+
+
+def test_memory_of_closed_ids_is_bounded_too():
+    joiner = FeedbackJoiner(ttl=10, early_ttl=1, max_pending=50)
+    for i in range(2000):
+        joiner.add_log(log(f"r-{i}", float(i)))
+        joiner.add_feedback(feedback(f"r-{i}", i + 1.0))
+        joiner.advance(float(i))
+    assert len(joiner._closed) <= 51
+    assert joiner.outcomes["matched"] == 2000
+
+
+def test_regression_labels_must_be_numbers():
+    joiner = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=10, regression_models=frozenset({"price"}))
+    joiner.add_log(log("a", 1, model="price"))
+    joiner.add_feedback(feedback("a", 2, label="expensive"))
+    joiner.add_log(log("b", 1, model="price"))
+    joiner.add_feedback(feedback("b", 2, label=3.5))
+    assert counts(joiner) == {"invalid_label": 1, "matched": 1}
+    assert [e.label for e in joiner.advance(100.0)] == [3.5]
+
+
+def test_release_order_does_not_depend_on_arrival_order():
+    """Same events, any interleaving of the partitions: the same examples in the same order."""
+    events = []
+    for i in range(300):
+        events.append(("log", log(f"r-{i:03d}", i * 0.5)))
+        events.append(("fb", feedback(f"r-{i:03d}", i * 0.5 + (i * 7919 % 40))))
+    runs = []
+    for seed in range(5):
+        order = events[:]
+        random.Random(seed).shuffle(order)
+        joiner = FeedbackJoiner(ttl=60, early_ttl=60, max_pending=10_000)
+        for kind, event in order:
+            (joiner.add_log if kind == "log" else joiner.add_feedback)(event)
+        released = joiner.advance(500.0) + joiner.flush()
+        runs.append([(e.id, e.ts) for e in released])
+    assert all(run == runs[0] for run in runs)
+    assert len(runs[0]) == 300
+    assert runs[0] == sorted(runs[0], key=lambda item: (item[1], item[0]))
+
+
+def test_pre_joined_examples_are_released_in_event_time_order(joiner):
+    from streamlearn.records import Example
+
+    for rid, ts in [("b", 5.0), ("a", 3.0), ("c", 9.0)]:
+        joiner.add_example(Example(rid, "default", {}, 1, 1.0, ts, ts))
+    assert [e.id for e in joiner.advance(6.0)] == ["a", "b"]
+    assert [e.id for e in joiner.flush()] == ["c"]
+
+
+def test_every_input_is_accounted_for():
+    """matched pairs + pending + one outcome per other input = inputs, under random traffic."""
+    rng = random.Random(7)
+    joiner = FeedbackJoiner(ttl=30, early_ttl=5, max_pending=200)
+    inputs = 0
+    for i in range(5000):
+        rid = f"r-{rng.randrange(3000)}"            # collisions make duplicates
+        t = i * 0.1 + rng.uniform(-10, 40)
+        if rng.random() < 0.5:
+            joiner.add_log(log(rid, t))
+        else:
+            joiner.add_feedback(feedback(rid, t))
+        inputs += 1
+        if i % 100 == 0:
+            joiner.advance(i * 0.1 - 20)
+    o = joiner.outcomes
+    accounted = 2 * (o["matched"] + o["invalid_label"]) + joiner.pending + sum(
+        o[k] for k in ("expired", "expired_feedback", "late", "duplicate", "evicted"))
+    assert accounted == inputs
+    assert set(o) == set(OUTCOMES)
