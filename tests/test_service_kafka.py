@@ -223,3 +223,32 @@ def test_demo_acceptance():
     assert summary["join_balance"]["valid_inputs"] == summary["join_balance"]["accounted"]
     assert summary["learned"] == summary["join"]["matched"]
     assert summary["accuracy_after_recovery"] >= summary["accuracy_before_drift"] - 0.05
+
+
+def test_demo_stops_its_broker_on_ctrl_c():
+    import re
+    import socket
+
+    process = subprocess.Popen([sys.executable, "-m", "streamlearn", "demo", "--events", "2000000",
+                                "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    banner = process.stderr.readline()  # "broker HOST:PORT, metrics http://127.0.0.1:PORT/metrics; playing ..."
+    broker_host, broker_port, metrics_port = re.match(r"broker (.+):(\d+), metrics http://.+:(\d+)/", banner).groups()
+
+    def learning() -> bool:
+        status, text = http_get(int(metrics_port), "/metrics")
+        return status == 200 and any(name == "streamlearn_examples_learned_total" and value > 0
+                                     for (name, _), value in samples(text).items())
+    wait_for(learning, what="the demo to learn")
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0
+    assert "summary" in out
+
+    def refused() -> bool:
+        try:
+            socket.create_connection((broker_host, int(broker_port)), timeout=1).close()
+            return False
+        except OSError:
+            return True
+    wait_for(refused, timeout=30, what="the embedded broker to stop")
