@@ -68,6 +68,7 @@ class Service:
         self._started = time.monotonic()
         self._channel = start_intake(self.config)
         last_commit = time.monotonic()
+        stopping = False
         try:
             for batch in self._channel.batches():
                 self._learn(batch)
@@ -75,12 +76,13 @@ class Service:
                     on_batch(self, batch)
                 if batch.final:
                     break
-                if self._stop.is_set() or (until is not None and until(self)):
+                if not stopping and (self._stop.is_set() or (until is not None and until(self))):
                     self._channel.request_stop()  # the intake drains and sends a final batch
+                    stopping = True
                 if time.monotonic() - last_commit >= COMMIT_SECONDS:
                     self._channel.commit(self.positions)
                     last_commit = time.monotonic()
-            self._channel.commit(self.positions)
+            self._channel.commit(self.positions, final=True)
         finally:
             self._channel.close()
             restore()

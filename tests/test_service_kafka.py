@@ -187,7 +187,8 @@ port = 0
     port = int(port_line.rsplit(":", 1)[1].split("/")[0])
     wait_for(lambda: http_get(port, "/readyz")[0] == 200, what="/readyz")
     process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0
+    _, log = process.communicate(timeout=60)
+    assert process.returncode == 0, log
     summary = json.loads((tmp_path / "state" / "summary.json").read_text())
     assert summary["learned"] > 0
 
@@ -196,7 +197,7 @@ port = 0
     reader = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": f"sigterm-{topics['feedback']}"})
     committed = reader.committed([TopicPartition(*split_position(key)) for key in summary["positions"]], timeout=10)
     reader.close()
-    assert {f"{tp.topic}:{tp.partition}": tp.offset for tp in committed} == summary["positions"]
+    assert {f"{tp.topic}:{tp.partition}": tp.offset for tp in committed} == summary["positions"], log
 
 
 def _metrics_line(process) -> str | None:

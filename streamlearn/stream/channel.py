@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Iterator, Literal, Optional, Union
 
@@ -37,7 +38,7 @@ BATCHES_IN_FLIGHT = 4
 class Control(msgspec.Struct):
     """A message from the learner side to the intake."""
 
-    kind: Literal["commit", "stop"]
+    kind: Literal["commit", "stop", "final_commit"]  # final_commit: the last word; the intake then exits
     positions: dict[str, int] = {}
 
 
@@ -65,7 +66,7 @@ class InlineIntake:
     def batches(self) -> Iterator[Batch]:
         yield from self._intake.batches(lambda: self._stop)
 
-    def commit(self, positions: dict[str, int]) -> None:
+    def commit(self, positions: dict[str, int], final: bool = False) -> None:
         self._intake.commit(positions)
 
     def request_stop(self) -> None:
@@ -118,8 +119,9 @@ class ProcessIntake:
             if batch.final:
                 return
 
-    def commit(self, positions: dict[str, int]) -> None:
-        self._send(Control("commit", positions))
+    def commit(self, positions: dict[str, int], final: bool = False) -> None:
+        """Asks the intake to commit `positions`; after the `final` one it closes and exits."""
+        self._send(Control("final_commit" if final else "commit", positions))
 
     def request_stop(self) -> None:
         self._send(Control("stop"))
@@ -153,30 +155,48 @@ def _intake_main(fd: int) -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s intake: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
     conn = Connection(fd)
-    decoder = msgspec.msgpack.Decoder(Control)
     intake = open_intake(config, args.start_positions)
-    stop = False
-
-    def should_stop() -> bool:
-        nonlocal stop
-        while conn.poll():
-            control = decoder.decode(conn.recv_bytes())
-            if control.kind == "commit":
-                intake.commit(control.positions)
-            else:
-                stop = True
-        return stop
-
+    controls = _ControlReader(conn, intake)
     try:
-        for batch in intake.batches(should_stop):
+        for batch in intake.batches(controls.stop_requested):
             conn.send_bytes(encode_batch(batch))
-        if conn.poll(FINAL_COMMIT_WAIT):  # the learner confirms the final batch with a last commit
-            should_stop()
+        controls.await_final_commit(FINAL_COMMIT_WAIT)
     except (OSError, EOFError):
         pass  # the learner went away; nothing to hand over to
     finally:
         intake.close()
         conn.close()
+
+
+class _ControlReader:
+    """The intake's side of the control messages: commits as they come, stop, the final commit."""
+
+    def __init__(self, conn: Connection, intake: Intake) -> None:
+        self.conn = conn
+        self.intake = intake
+        self.decoder = msgspec.msgpack.Decoder(Control)
+        self.stopping = False
+        self.finished = False
+
+    def stop_requested(self) -> bool:
+        while self.conn.poll():
+            self._handle(self.decoder.decode(self.conn.recv_bytes()))
+        return self.stopping
+
+    def await_final_commit(self, timeout: float) -> None:
+        """After the final batch: commits what the learner confirms, up to its final commit."""
+        deadline = time.monotonic() + timeout
+        while not self.finished and self.conn.poll(max(0.0, deadline - time.monotonic())):
+            self._handle(self.decoder.decode(self.conn.recv_bytes()))
+        if not self.finished:
+            log.warning("no final commit from the learner within %.0f s; positions stay where they were", timeout)
+
+    def _handle(self, control: Control) -> None:
+        if control.kind == "stop":
+            self.stopping = True
+            return
+        self.intake.commit(control.positions)
+        self.finished = control.kind == "final_commit"
 
 
 Channel = Union[InlineIntake, ProcessIntake]

@@ -95,6 +95,8 @@ class ConfluentSource:
         from confluent_kafka import KafkaException, TopicPartition
 
         offsets = [TopicPartition(*split_position(k), v) for k, v in positions.items() if k in self._assigned]
+        log.debug("committing %d of %d positions (%d partitions assigned)", len(offsets), len(positions),
+                  len(self._assigned))
         if offsets:
             try:
                 self._consumer.commit(offsets=offsets, asynchronous=False)
