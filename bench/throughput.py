@@ -6,7 +6,7 @@ run, the bare River loop does the same work on the same examples already in
 memory (predict_proba_one + learn_one, same model). Then a fixed offered rate,
 below capacity, gives the feedback-to-learned latency.
 
-    .venv/bin/python bench/throughput.py [--examples 100000] [--rate 5000] [--seconds 10]
+    .venv/bin/python bench/throughput.py [--examples 100000] [--repeat 3] [--rate 5000] [--seconds 10]
 
 Prints a table, then one JSON line with the headline figures.
 """
@@ -20,6 +20,7 @@ import random
 import statistics
 import time
 import uuid
+from collections import deque
 
 import orjson
 
@@ -32,6 +33,8 @@ MODEL = "scaled_logreg"  # StandardScaler | LogisticRegression
 TOPICS = ("inference-logs", "feedback", "examples")
 START_TS = 1_763_800_000.0
 STEADY_SHARE = 0.95
+FEEDBACK_DELAY = 0.2  # seconds between a request and its label in the latency run
+LATENCY_TAIL_SECONDS = 5.0
 
 
 def make_examples(n: int, seed: int) -> list[tuple[str, dict, int]]:
@@ -45,10 +48,11 @@ def make_examples(n: int, seed: int) -> list[tuple[str, dict, int]]:
     return out
 
 
-def encode_pair(rid: str, x: dict, y: int, ts: float) -> tuple[bytes, bytes]:
+def encode_pair(rid: str, x: dict, y: int, ts: float, delay: float = 0.5) -> tuple[bytes, bytes]:
+    """The inference log at `ts` and its feedback `delay` seconds later."""
     log = orjson.dumps({"request_id": rid, "ts": ts, "model": "default", "model_version": "1",
                         "features": x, "prediction": 0, "proba": {"0": 0.8, "1": 0.2}})
-    feedback = orjson.dumps({"request_id": rid, "ts": ts + 0.5, "label": y, "source": "explicit", "weight": 1.0})
+    feedback = orjson.dumps({"request_id": rid, "ts": ts + delay, "label": y, "source": "explicit", "weight": 1.0})
     return log, feedback
 
 
@@ -110,21 +114,36 @@ def service_throughput(bootstrap: str, client: str, mode: str, total: int) -> fl
 
 
 def offered_load(bootstrap: str, rate: float, seconds: float, seed: int) -> None:
-    """Runs in its own process: produces pairs in real time at `rate` examples/s."""
+    """Runs in its own process: real-time traffic at `rate` examples/s.
+
+    Each request's log is produced at its event time and its feedback `FEEDBACK_DELAY`
+    seconds later, at the feedback's event time, as a serving system and its users would.
+    """
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
     examples = make_examples(int(rate * seconds), seed)
-    started = time.time()
+    started = time.time() + 0.1
+    waiting: deque[tuple[float, str, bytes]] = deque()  # feedback due later, in due order
     for i, (rid, x, y) in enumerate(examples):
         due = started + i / rate
-        while (now := time.time()) < due:
-            time.sleep(min(0.001, due - now))
-        log, feedback = encode_pair(rid, x, y, now - 0.5)  # feedback ts = now: the loop starts here
+        _sleep_until(due)
+        while waiting and waiting[0][0] <= due:
+            _, key, value = waiting.popleft()
+            _produce(producer, "feedback", key, value)
+        log, feedback = encode_pair(rid, x, y, due, FEEDBACK_DELAY)
         _produce(producer, "inference-logs", rid, log)
-        _produce(producer, "feedback", rid, feedback)
+        waiting.append((due + FEEDBACK_DELAY, rid, feedback))
         producer.poll(0)
+    for due, key, value in waiting:
+        _sleep_until(due)
+        _produce(producer, "feedback", key, value)
     producer.flush()
+
+
+def _sleep_until(due: float) -> None:
+    while (now := time.time()) < due:
+        time.sleep(min(0.001, due - now))
 
 
 def loop_latency(bootstrap: str, rate: float, seconds: float) -> list[float]:
@@ -132,54 +151,68 @@ def loop_latency(bootstrap: str, rate: float, seconds: float) -> list[float]:
     latencies: list[float] = []
     total = int(rate * seconds)
     service = Service(service_config(bootstrap, "confluent-kafka", "process"))
-    producer = mp.get_context("spawn").Process(target=offered_load, args=(bootstrap, rate, seconds, 7))
+    # Traffic goes on past the measured examples: when it stops, the partition that ends
+    # first holds the watermark for join.idle_timeout, which is not what a live service sees.
+    producer = mp.get_context("spawn").Process(
+        target=offered_load, args=(bootstrap, rate, seconds + LATENCY_TAIL_SECONDS, 7), daemon=True)
 
     def on_batch(svc: Service, batch) -> None:
         now = time.time()
-        latencies.extend(now - ex.label_ts for ex in batch.examples)
+        latencies.extend(now - ex.label_ts for ex in batch.examples[:total - len(latencies)])
         if svc.stats is not None and svc.stats.assigned and not producer.is_alive() and producer.exitcode is None:
             producer.start()  # start offering load once the group has its partitions
 
     service.run(until=lambda s: s.learned >= total, on_batch=on_batch)
+    producer.terminate()
     producer.join()
     return latencies
+
+
+SERVICE_PATHS = (("confluent-kafka", "process"), ("kafka-python", "process"), ("confluent-kafka", "inline"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; each figure is the median of its rounds")
     parser.add_argument("--rate", type=float, default=5_000.0, help="offered examples/s for the latency run")
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
 
     examples = make_examples(args.examples, seed=1)
-    rows = []
+    bare: list[float] = []
+    service: dict[tuple[str, str], list[float]] = {path: [] for path in SERVICE_PATHS}
     with EmbeddedBroker() as broker:
         broker.create_topics(TOPICS, partitions=2)
         produce_backlog(broker.bootstrap_servers, examples)
-        bare = bare_loop(examples)
-        for client, mode in (("confluent-kafka", "process"), ("kafka-python", "process"), ("confluent-kafka", "inline")):
-            eps = service_throughput(broker.bootstrap_servers, client, mode, len(examples))
-            rows.append((client, mode, eps))
-        bare_after = bare_loop(examples)  # the machine may drift during the run: bracket it
+        for _ in range(args.repeat):  # interleaved, so that a machine that drifts affects both sides alike
+            bare.append(bare_loop(examples))
+            for client, mode in SERVICE_PATHS:
+                service[(client, mode)].append(service_throughput(broker.bootstrap_servers, client, mode, len(examples)))
 
     with EmbeddedBroker() as broker:
         broker.create_topics(TOPICS, partitions=2)
-        lat = sorted(loop_latency(broker.bootstrap_servers, args.rate, args.seconds))
+        latencies = sorted(loop_latency(broker.bootstrap_servers, args.rate, args.seconds))
+    report(args, bare, service, latencies)
 
-    bare_eps = statistics.mean([bare, bare_after])
-    print(f"{'path':<40} {'examples/s':>12} {'x bare':>8}")
-    print(f"{'bare River loop (in memory)':<40} {bare_eps:>12,.0f} {1.0:>8.2f}")
-    for client, mode, eps in rows:
-        print(f"{'service: ' + client + ', intake ' + mode:<40} {eps:>12,.0f} {eps / bare_eps:>8.2f}")
-    p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
-    print(f"loop latency at {args.rate:,.0f} examples/s offered: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms "
-          f"({len(lat)} examples)")
-    service_eps = rows[0][2]
+
+def report(args, bare: list[float], service: dict[tuple[str, str], list[float]], latencies: list[float]) -> None:
+    bare_eps = statistics.median(bare)
+    print(f"{'path':<40} {'examples/s':>11} {'min':>9} {'max':>9} {'x bare':>7}")
+    print(f"{'bare River loop (in memory)':<40} {bare_eps:>11,.0f} {min(bare):>9,.0f} {max(bare):>9,.0f} {1:>7.2f}")
+    medians = {}
+    for (client, mode), runs in service.items():
+        medians[(client, mode)] = eps = statistics.median(runs)
+        print(f"{'service: ' + client + ', intake ' + mode:<40} {eps:>11,.0f} {min(runs):>9,.0f} {max(runs):>9,.0f} "
+              f"{eps / bare_eps:>7.2f}")
+    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    print(f"median of {args.repeat} rounds of {args.examples:,} examples; loop latency at {args.rate:,.0f} examples/s "
+          f"offered: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms ({len(latencies):,} examples)")
+    service_eps, kafka_python_eps, inline_eps = (medians[path] for path in SERVICE_PATHS)
     print(json.dumps({
         "service_eps": round(service_eps), "bare_eps": round(bare_eps), "ratio": round(service_eps / bare_eps, 3),
-        "kafka_python_eps": round(rows[1][2]), "kafka_python_ratio": round(rows[1][2] / bare_eps, 3),
-        "inline_eps": round(rows[2][2]), "inline_ratio": round(rows[2][2] / bare_eps, 3),
+        "kafka_python_eps": round(kafka_python_eps), "kafka_python_ratio": round(kafka_python_eps / bare_eps, 3),
+        "inline_eps": round(inline_eps), "inline_ratio": round(inline_eps / bare_eps, 3),
         "offered_rate": args.rate, "latency_p50_ms": round(p50 * 1000, 1), "latency_p99_ms": round(p99 * 1000, 1),
     }))
 

@@ -67,17 +67,25 @@ class KafkaDeadLetters:
                    ("topic", topic.encode()), ("partition", partition.rpartition(":")[2].encode()),
                    ("offset", str(offset).encode())]
         if self._confluent:
-            self._producer.produce(f"{topic}.dlq", value=raw, headers=headers, on_delivery=_report_failure)
-            self._producer.poll(0)
+            self._produce_confluent(f"{topic}.dlq", raw, headers)
         else:
             self._producer.send(f"{topic}.dlq", value=raw, headers=headers).add_errback(_report_failure)
+
+    def _produce_confluent(self, topic: str, raw: bytes, headers: list) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=raw, headers=headers, on_delivery=_report_failure)
+                break
+            except BufferError:  # the local queue is full: wait for deliveries rather than drop one
+                self._producer.poll(0.1)
+        self._producer.poll(0)
 
     def flush(self) -> None:
         self._producer.flush()
 
     def close(self) -> None:
         self.flush()
-        if not self._confluent:
+        if hasattr(self._producer, "close"):  # stop the client now, not at garbage collection (older confluent-kafka has no close)
             self._producer.close()
 
 
