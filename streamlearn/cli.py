@@ -33,11 +33,11 @@ def run(
     try:
         cfg = load_config(config)
         service = Service(cfg)
+        metrics = service.start_metrics()
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2)
     _setup_logging(cfg.log_level)
-    metrics = service.start_metrics()
     if metrics is not None:
         logging.getLogger("streamlearn").info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
     try:
@@ -64,7 +64,11 @@ def demo(
     _setup_logging("warning")
     options = DemoOptions(requests=events, metrics_port=metrics_port, seed=seed, record=record,
                           progress=not as_json)
-    result = run_demo(options)
+    try:
+        result = run_demo(options)
+    except ConfigError as err:
+        typer.echo(str(err).replace("metrics.port", "--metrics-port"), err=True)
+        raise typer.Exit(2)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

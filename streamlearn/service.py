@@ -56,7 +56,11 @@ class Service:
         """Starts the HTTP endpoint (idempotent); its port is `self.metrics.port`."""
         if self.metrics is None and self.config.metrics.enabled:
             m = self.config.metrics
-            self.metrics = MetricsServer(self.registry, m.host, m.port, self.health, self.ready)
+            try:
+                self.metrics = MetricsServer(self.registry, m.host, m.port, self.health, self.ready)
+            except OSError as err:
+                raise ConfigError(f"config error: metrics.port: cannot listen on {m.host}:{m.port}: "
+                                  f"{err.strerror} (0 picks a free port)") from None
             self.metrics.start()
         return self.metrics
 

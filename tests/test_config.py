@@ -78,3 +78,15 @@ def test_secrets_come_from_the_environment():
     assert resolve_settings(settings, {"KAFKA_PASSWORD": "s3cret"})["sasl.password"] == "s3cret"
     with pytest.raises(ConfigError, match="kafka.settings.sasl.password: environment variable KAFKA_PASSWORD"):
         resolve_settings(settings, {})
+
+
+def test_a_metrics_port_in_use_is_a_config_error():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = Service(parse_config({"metrics": {"host": "127.0.0.1", "port": port}}, env={}))
+        with pytest.raises(ConfigError, match=f"^config error: metrics.port: cannot listen on 127.0.0.1:{port}"):
+            service.start_metrics()
