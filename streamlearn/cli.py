@@ -55,6 +55,7 @@ def demo(
     events: int = typer.Option(20_000, help="Inference requests to simulate."),
     metrics_port: int = typer.Option(9108, help="Port of /metrics, /healthz, /readyz (0 = any free port)."),
     seed: int = typer.Option(42, help="Seed of the simulated traffic and the model."),
+    rate: float = typer.Option(2_000.0, help="Requests per second to play (0 = as fast as possible)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON only."),
     record: Optional[Path] = typer.Option(None, help="Also write the traffic to this JSONL file (for the file source)."),
 ) -> None:
@@ -62,7 +63,7 @@ def demo(
     from streamlearn.demo.run import DemoOptions, print_summary, run_demo
 
     _setup_logging("warning")
-    options = DemoOptions(requests=events, metrics_port=metrics_port, seed=seed, record=record,
+    options = DemoOptions(requests=events, metrics_port=metrics_port, seed=seed, rate=rate, record=record,
                           progress=not as_json)
     try:
         result = run_demo(options)

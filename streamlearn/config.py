@@ -122,6 +122,8 @@ def parse_config(data: dict, env: Mapping[str, str]) -> Config:
             raise ConfigError("config error: models: must be a table of model names")
         config.models = {name: _convert(table, ModelConfig, f"models.{name}.") for name, table in models.items()}
     _check(config)
+    if config.source == "kafka":
+        resolve_settings(config.kafka.settings, env)  # a missing secret fails now, not in the intake process
     return config
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from streamlearn.config import ConfigError, load_config, parse_config, resolve_settings
@@ -71,6 +73,14 @@ def test_models_that_cannot_be_built_fail_at_start(model, key):
     config = parse_config({"models": {"m": model}, "metrics": {"enabled": False}}, env={})
     with pytest.raises(ConfigError, match=f"^config error: {key}: "):
         Service(config)
+
+
+def test_the_example_config_is_valid():
+    example = Path(__file__).resolve().parent.parent / "ops" / "config.example.toml"
+    config = load_config(example, env={"KAFKA_PASSWORD": "x"})
+    assert config.models["fraud"].model == "logreg"
+    assert error_of({"kafka": {"settings": {"sasl.password": "env:KAFKA_PASSWORD"}}}).startswith(
+        "config error: kafka.settings.sasl.password: environment variable KAFKA_PASSWORD is not set")
 
 
 def test_secrets_come_from_the_environment():

@@ -87,14 +87,20 @@ def test_learn_many_micro_batches():
     assert learner.scores.value("accuracy", rolling=True) > 0.8
 
 
-def test_score_at_reads_the_timeline():
-    learner = RiverLearner("m", model="scaled_logreg", window=50)
+def test_marked_scores_do_not_depend_on_batch_boundaries():
     examples = phishing_examples(300)
-    learner.learn_batch(examples[:150])
-    before = learner.scores.value("accuracy", rolling=True)
-    learner.learn_batch(examples[150:])
-    assert learner.score_at(149.0) == before
-    assert math.isnan(learner.score_at(-1.0))
+    reference = RiverLearner("m", model="scaled_logreg", window=50)
+    reference.learn_batch(examples[:150])  # examples 0..149 have ts <= 149
+    expected = reference.scores.value("accuracy", rolling=True)
+    for size in (7, 100, 300):
+        learner = RiverLearner("m", model="scaled_logreg", window=50)
+        learner.mark_score_at(149.0)
+        learner.mark_score_at(149.5)
+        for start in range(0, 300, size):
+            learner.learn_batch(examples[start:start + size])
+        assert learner.score_at(149.0) == learner.score_at(149.5) == expected
+        assert learner.learned == 300
+    assert math.isnan(learner.score_at(10.0))  # never marked
 
 
 def test_import_path_factories_get_the_seed():

@@ -23,7 +23,7 @@ from streamlearn.service import Service
 from streamlearn.stream.broker import EmbeddedBroker
 
 MODEL = "fraud"
-TOPICS = ("inference-logs", "feedback", "examples")
+TOPICS = ("inference-logs", "feedback")  # the demo's serving system sends no pre-joined examples
 PROGRESS_SECONDS = 1.0
 
 
@@ -32,6 +32,7 @@ class DemoOptions:
     requests: int = 20_000
     seed: int = 42
     metrics_port: int = 9108
+    rate: float = 2_000.0           # requests per second of wall time (0: as fast as possible)
     record: Optional[Path] = None  # also write the traffic as JSONL, for the file source
     progress: bool = True
 
@@ -40,7 +41,8 @@ def demo_config(bootstrap: str, spec: TrafficSpec, metrics_port: int, seed: int)
     """The service configuration the demo runs with (also what a user's config.toml would say)."""
     return parse_config({
         "seed": seed,
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": "streamlearn-demo", "session_timeout_ms": 6000},
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": "streamlearn-demo", "session_timeout_ms": 6000,
+                  "examples_topic": ""},
         "join": {"ttl": 600.0, "early_ttl": 60.0, "max_pending": 100_000},
         "intake": {"max_message_bytes": spec.max_message_bytes},
         "models": {spec.model: {"model": "logreg", "window": 1000}},
@@ -54,8 +56,9 @@ def run_demo(options: DemoOptions) -> dict:
     with EmbeddedBroker() as broker:
         broker.create_topics(TOPICS, partitions=2)
         broker.create_topics([t + ".dlq" for t in TOPICS], partitions=1)
-        player = TrafficPlayer(broker.bootstrap_servers, generator, options.record)
+        player = TrafficPlayer(broker.bootstrap_servers, generator, options.rate, options.record)
         service = Service(demo_config(broker.bootstrap_servers, spec, options.metrics_port, options.seed))
+        service.learners[MODEL].mark_score_at(generator.totals.drift_ts)
         progress = ProgressLine(enabled=options.progress)
         metrics = service.start_metrics()
         if options.progress:
@@ -73,12 +76,14 @@ def run_demo(options: DemoOptions) -> dict:
 
 
 class TrafficPlayer(threading.Thread):
-    """Produces the simulated traffic into the broker as fast as it is generated."""
+    """Produces the simulated traffic into the broker, paced at `rate` requests per second."""
 
-    def __init__(self, bootstrap: str, generator: TrafficGenerator, record: Optional[Path]) -> None:
+    def __init__(self, bootstrap: str, generator: TrafficGenerator, rate: float, record: Optional[Path]) -> None:
         super().__init__(name="demo-traffic", daemon=True)
         self.bootstrap = bootstrap
         self.generator = generator
+        # wall seconds per second of event time (the traffic's own clock runs at spec.request_rate)
+        self.pace = generator.spec.request_rate / rate if rate > 0 else 0.0
         self.record = record
         self.sent = 0
         self.error: Optional[BaseException] = None
@@ -99,7 +104,12 @@ class TrafficPlayer(threading.Thread):
         producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20,
                              "message.max.bytes": 4 * self.generator.spec.max_message_bytes})
         recorded = []
+        started, start_ts = time.monotonic(), self.generator.spec.start_ts
         for message in self.generator.messages():
+            ahead = started + (message.ts - start_ts) * self.pace - time.monotonic()
+            if ahead > 0.005:
+                producer.poll(0)
+                self._halt.wait(ahead)
             if self._halt.is_set():
                 break
             while True:

@@ -14,6 +14,7 @@ so the prequential scores measure what serving would have seen.
 from __future__ import annotations
 
 import inspect
+from bisect import bisect_right, insort
 import logging
 import time
 from typing import Optional
@@ -26,7 +27,6 @@ from streamlearn.records import Example
 from streamlearn.telemetry.histogram import LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
-TIMELINE_POINTS = 2048
 
 
 class RiverLearner:
@@ -46,13 +46,31 @@ class RiverLearner:
         self.errors = 0
         self.update_seconds = Histogram(LATENCY_BUCKETS)
         self.loop_latency = Histogram(LATENCY_BUCKETS)
-        self.timeline: list[tuple[float, int, float]] = []  # (event ts, learned, rolling score)
+        self._marks: list[float] = []          # event times whose rolling score to keep, ascending
+        self._marked: dict[float, float] = {}
         self._takes_weight = "w" in _learn_parameters(self.model)
         if not self._takes_weight:
             log.info("model %s (%s) takes no sample weights: feedback weights are ignored", name, model)
 
     def learn_batch(self, examples: list[Example], now: Optional[float] = None) -> None:
         """Scores then learns every example, in order; a failing example is counted, not fatal."""
+        while self._marks and examples and examples[-1].ts > self._marks[0]:
+            mark = self._marks.pop(0)
+            split = bisect_right(examples, mark, key=lambda e: e.ts)  # examples come in event-time order
+            self._learn_batch(examples[:split], now)
+            self._marked[mark] = self.scores.value(self.scores.names[0], rolling=True)
+            examples = examples[split:]
+        self._learn_batch(examples, now)
+
+    def mark_score_at(self, ts: float) -> None:
+        """Keeps the rolling score of the first metric as it is once every example up to event time `ts` is learned."""
+        insort(self._marks, ts)
+
+    def score_at(self, ts: float) -> float:
+        """The score kept by `mark_score_at(ts)` (NaN if not marked, or not reached yet)."""
+        return self._marked.get(ts, float("nan"))
+
+    def _learn_batch(self, examples: list[Example], now: Optional[float]) -> None:
         if not examples:
             return
         started = time.perf_counter()
@@ -65,7 +83,6 @@ class RiverLearner:
         self.update_seconds.observe(time.perf_counter() - started)
         now = time.time() if now is None else now
         self.loop_latency.observe_many(now - np.fromiter((e.label_ts for e in examples), float, len(examples)))
-        self._record_timeline(examples[-1].ts)
 
     def _test_then_train_classifier(self, examples: list[Example]) -> None:
         predict, learn, weighted = self.model.predict_proba_one, self.model.learn_one, self._takes_weight
@@ -140,17 +157,6 @@ class RiverLearner:
         if self.errors <= 10 or self.errors % 1000 == 0:  # rate-limited: a poisoned stream must not flood logs
             log.warning("model %s: %sexample %s not learned (%d so far): %s: %s",
                         self.name, what, ex.id[:64], self.errors, type(err).__name__, err)
-
-    def _record_timeline(self, ts: float) -> None:
-        metric = self.scores.names[0]
-        self.timeline.append((ts, self.learned, self.scores.value(metric, rolling=True)))
-        if len(self.timeline) > TIMELINE_POINTS:  # keep it bounded: halve the resolution
-            self.timeline = self.timeline[::2]
-
-    def score_at(self, ts: float) -> float:
-        """The rolling score of the first metric as it was at event time `ts` (NaN before any)."""
-        before = [score for t, _, score in self.timeline if t <= ts]
-        return before[-1] if before else float("nan")
 
     def summary(self) -> dict:
         return {"model": self.name, "task": self.task, "learned": self.learned, "errors": self.errors,
