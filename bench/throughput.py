@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import random
 import statistics
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -93,6 +94,7 @@ def service_config(bootstrap: str, client: str, mode: str):
         "intake": {"mode": mode},
         "models": {"default": {"model": MODEL}},
         "metrics": {"enabled": False},
+        "state_dir": tempfile.mkdtemp(prefix="streamlearn-bench-"),
     }, env={})
 
 

@@ -78,6 +78,15 @@ class ModelConfig(_Section):
     params: dict[str, Setting] = {}  # keyword arguments for the factory
 
 
+class SnapshotConfig(_Section):
+    enabled: bool = True
+    every_examples: PositiveInt = 100_000    # snapshot after this many examples learned ...
+    every_seconds: Positive = 60.0           # ... or this many seconds, whichever comes first
+    keep: PositiveInt = 5                    # newest snapshots kept; older ones are pruned
+    max_age_seconds: Positive = 600.0        # /readyz fails when the newest good snapshot is older
+    audit_log: str = ""                      # file of learned example ids, kept exact across restores
+
+
 class MetricsConfig(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
@@ -93,6 +102,7 @@ class Config(_Section):
     join: JoinConfig = msgspec.field(default_factory=JoinConfig)
     intake: IntakeConfig = msgspec.field(default_factory=IntakeConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=lambda: {"default": ModelConfig()})
 
     @property

@@ -57,6 +57,8 @@ class Batch(msgspec.Struct):
     final: bool = False              # the source is exhausted (file) or the intake has stopped
     cut: bool = True                 # positions describe the state after this batch (False: a piece of a
                                      # larger release, positions empty; wait for the cut to commit)
+    barrier: Union[bytes, None] = None  # on a cut the learner asked for: the intake's own state at this
+                                        # point (opaque here), to be snapshotted with the models
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -7,7 +7,8 @@ the positions of the last batch learned and the intake's counters at that point.
 >>> from streamlearn.config import parse_config
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "events.jsonl"
 >>> _ = path.write_text('{"id": "e-1", "ts": 1, "features": {"x": 1.0}, "label": 1}\\n')
->>> cfg = parse_config({"source": f"file:{path}", "intake": {"mode": "inline"}, "metrics": {"enabled": False}}, env={})
+>>> cfg = parse_config({"source": f"file:{path}", "state_dir": str(path.parent), "intake": {"mode": "inline"},
+...                     "metrics": {"enabled": False}}, env={})
 >>> Service(cfg).run()["learned"]
 1
 """
@@ -15,18 +16,24 @@ the positions of the last batch learned and the intake's counters at that point.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry
 
+from streamlearn.checkpoints.audit import AuditLog
+from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
+from streamlearn.checkpoints.snapshotter import PendingSnapshot, Snapshotter, config_fingerprint
+from streamlearn.checkpoints.store import SnapshotError, SnapshotStore
 from streamlearn.config import Config, ConfigError, ModelConfig
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Batch, Example, IntakeStats
-from streamlearn.stream.channel import Channel, start_intake
+from streamlearn.stream.channel import Channel, Resume, start_intake
 from streamlearn.telemetry.exporter import ServiceCollector
 from streamlearn.telemetry.server import MetricsServer
 
@@ -38,19 +45,60 @@ STALL_SECONDS = 60.0  # /healthz fails when the loop has not turned for this lon
 class Service:
     """One running streamlearn: the learners, the intake channel and the metrics endpoint."""
 
-    def __init__(self, config: Config, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, config: Config, registry: Optional[CollectorRegistry] = None,
+                 from_snapshot: Optional[int] = None) -> None:
         self.config = config
         self.learners = {name: _build_learner(name, m, config.seed) for name, m in config.models.items()}
         self.stats: Optional[IntakeStats] = None
         self.positions: dict[str, int] = {}
+        self.snapshots: Optional[Snapshotter] = None
+        self.restored_from: Optional[int] = None
+        self._learning_seconds = 0.0
+        self._resume = Resume()
+        audit_length = None
+        if config.snapshot.enabled:
+            audit_length = self._restore(from_snapshot)
+        elif from_snapshot is not None:
+            raise ConfigError("config error: snapshot.enabled: --from-snapshot needs snapshots enabled")
+        self.audit = AuditLog(config.snapshot.audit_log, audit_length) if config.snapshot.audit_log else None
         self.registry = registry or CollectorRegistry()
-        self.registry.register(ServiceCollector(lambda: self.stats, lambda: self.learners.values()))
+        self.registry.register(ServiceCollector(lambda: self.stats, lambda: self.learners.values(),
+                                                lambda: self.snapshots))
         self.metrics: Optional[MetricsServer] = None
         self._channel: Optional[Channel] = None
         self._stop = threading.Event()
         self._last_turn = time.monotonic()
-        self._learning_seconds = 0.0
         self._started = 0.0
+        self._barrier_requested = False
+
+    def _restore(self, wanted: Optional[int]) -> Optional[int]:
+        """Loads the newest snapshot that verifies (or exactly `wanted`); returns its audit length."""
+        key = os.environ.get("STREAMLEARN_SNAPSHOT_KEY", "").encode() or None
+        store = SnapshotStore(Path(self.config.state_dir) / "snapshots", self.config.snapshot.keep, key)
+        fingerprint = config_fingerprint(self.config)
+        for seq, snapshot in store.newest_valid(at_most=wanted):
+            problem = str(snapshot) if isinstance(snapshot, SnapshotError) else (
+                "written under another config (models, join or source changed)"
+                if snapshot.manifest.fingerprint != fingerprint else None)
+            if problem is not None and wanted is not None:
+                raise ConfigError(f"config error: --from-snapshot: snapshot {seq} cannot be used: {problem}")
+            if problem is not None:
+                log.warning("snapshot %d skipped: %s", seq, problem)
+                continue
+            content = unpack(snapshot)
+            for name, learner in self.learners.items():
+                learner.restore(content.learners[name])
+            self._learning_seconds = content.figures.learning_seconds
+            self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
+            self.positions = dict(snapshot.manifest.offsets)
+            self.restored_from = seq
+            log.info("restored snapshot %d: %d examples learned", seq, content.figures.learned)
+            break
+        else:
+            if wanted is not None:
+                raise ConfigError(f"config error: --from-snapshot: no snapshot {wanted} in {store.root}")
+        self.snapshots = Snapshotter(self.config.snapshot, store, fingerprint, parent=self.restored_from)
+        return content.figures.audit_length if self.restored_from is not None else None
 
     def start_metrics(self) -> Optional[MetricsServer]:
         """Starts the HTTP endpoint (idempotent); its port is `self.metrics.port`."""
@@ -70,7 +118,7 @@ class Service:
         self.start_metrics()
         restore = _install_signal_handlers(self.stop)
         self._started = time.monotonic()
-        self._channel = start_intake(self.config)
+        self._channel = start_intake(self.config, self._resume)
         last_commit = time.monotonic()
         stopping = False
         try:
@@ -81,26 +129,46 @@ class Service:
                 if batch.final:
                     break
                 if not stopping and (self._stop.is_set() or (until is not None and until(self))):
-                    self._channel.request_stop()  # the intake drains and sends a final batch
+                    self._channel.request_stop()  # the intake drains and sends a final batch (with a barrier)
                     stopping = True
+                elif self.snapshots is not None and not self._barrier_requested and self.snapshots.due(self.learned):
+                    self._channel.request_barrier()
+                    self._barrier_requested = True
                 if time.monotonic() - last_commit >= COMMIT_SECONDS:
-                    self._channel.commit(self.positions)
+                    self._channel.commit(self._committable())
                     last_commit = time.monotonic()
-            self._channel.commit(self.positions, final=True)
+            if self.snapshots is not None:
+                self.snapshots.wait()
+            self._channel.commit(self._committable(), final=True)
         finally:
             self._channel.close()
             restore()
         return self.summary()
+
+    def _committable(self) -> dict[str, int]:
+        """Offsets for the consumer group: those of the newest durable snapshot, when snapshots are on."""
+        return self.snapshots.durable_offsets if self.snapshots is not None else self.positions
+
+    def _snapshot(self, intake_state: bytes) -> None:
+        """At a barrier: serializes the whole state here, writes it in the background."""
+        audit_length = self.audit.sync() if self.audit is not None else 0
+        figures = ServiceFigures(self.learned, self._learning_seconds, audit_length)
+        files = pack({name: l.state() for name, l in self.learners.items()}, intake_state, figures)
+        meta = {"learned": float(self.learned)}
+        self.snapshots.submit(PendingSnapshot(files, dict(self.positions), meta), self.learned)
+        self._barrier_requested = False
 
     def stop(self) -> None:
         """Asks the loop to drain the current batch and return (safe from any thread or signal)."""
         self._stop.set()
 
     def close(self) -> None:
-        """Stops the metrics endpoint."""
+        """Stops the metrics endpoint and closes the audit log."""
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
+        if self.audit is not None:
+            self.audit.close()
 
     def _learn(self, batch: Batch) -> None:
         self._last_turn = time.monotonic()
@@ -110,9 +178,13 @@ class Service:
             for name, examples in _by_model(batch.examples, len(self.learners)):
                 self.learners[name].learn_batch(examples, now)
             self._learning_seconds += time.perf_counter() - started
+            if self.audit is not None:
+                self.audit.append(ex.id for ex in batch.examples)
         if batch.cut:
             self.positions = batch.positions
         self.stats = batch.stats
+        if batch.barrier is not None and self.snapshots is not None:
+            self._snapshot(batch.barrier)
 
     @property
     def learned(self) -> int:
@@ -129,6 +201,11 @@ class Service:
             return False, "waiting for the intake"
         if not self.stats.assigned:
             return False, "no partitions assigned yet"
+        if self.snapshots is not None:
+            age = self.snapshots.age(time.time())
+            age = age if age is not None else time.monotonic() - self._started
+            if age > self.config.snapshot.max_age_seconds:
+                return False, f"newest good snapshot is {age:.0f} s old"
         return True, "ok"
 
     def summary(self) -> dict:

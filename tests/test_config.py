@@ -70,7 +70,8 @@ def test_missing_and_broken_files(tmp_path):
     ({"model": "hoeffding_tree", "task": "regression"}, "models.m.model"),
 ])
 def test_models_that_cannot_be_built_fail_at_start(model, key):
-    config = parse_config({"models": {"m": model}, "metrics": {"enabled": False}}, env={})
+    config = parse_config({"models": {"m": model}, "metrics": {"enabled": False}, "snapshot": {"enabled": False}},
+                          env={})
     with pytest.raises(ConfigError, match=f"^config error: {key}: "):
         Service(config)
 
@@ -97,6 +98,7 @@ def test_a_metrics_port_in_use_is_a_config_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        service = Service(parse_config({"metrics": {"host": "127.0.0.1", "port": port}}, env={}))
+        service = Service(parse_config({"metrics": {"host": "127.0.0.1", "port": port},
+                                        "snapshot": {"enabled": False}}, env={}))
         with pytest.raises(ConfigError, match=f"^config error: metrics.port: cannot listen on 127.0.0.1:{port}"):
             service.start_metrics()

@@ -19,7 +19,7 @@ def write_lines(path, events) -> None:
 
 
 def file_config(path, **sections):
-    data = {"source": f"file:{path}", "metrics": {"enabled": False}}
+    data = {"source": f"file:{path}", "state_dir": str(path.parent / "state"), "metrics": {"enabled": False}}
     for name, values in sections.items():
         data[name] = values
     return parse_config(data, env={})
@@ -78,7 +78,7 @@ def test_cli_run_on_a_file_writes_the_summary(tmp_path):
     write_lines(path, [{"id": f"e-{i}", "ts": i, "features": {"x": float(i)}, "label": float(2 * i)}
                        for i in range(100)])
     config = tmp_path / "backfill.toml"
-    config.write_text(f'source = "file:{path}"\n[metrics]\nenabled = false\n'
+    config.write_text(f'source = "file:{path}"\nstate_dir = "{tmp_path / "state"}"\n[metrics]\nenabled = false\n'
                       '[models.default]\nmodel = "linreg"\ntask = "regression"\n')
     out = tmp_path / "summary.json"
     result = subprocess.run([sys.executable, "-m", "streamlearn", "run", "--config", str(config), "--summary", str(out)],
@@ -87,3 +87,4 @@ def test_cli_run_on_a_file_writes_the_summary(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["learned"] == 100
     assert summary["models"]["default"]["scores"]["mae"] >= 0
+    assert (tmp_path / "state" / "snapshots" / "snap-00000001" / "manifest.json").exists()  # the final snapshot

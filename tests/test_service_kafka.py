@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -43,6 +44,7 @@ def kafka_config(bootstrap: str, topics: dict[str, str], **sections):
         "intake": {"max_message_bytes": SPEC.max_message_bytes},
         "models": {"fraud": {"model": "logreg"}},
         "metrics": {"host": "127.0.0.1", "port": 0},
+        "state_dir": tempfile.mkdtemp(prefix="streamlearn-test-"),
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

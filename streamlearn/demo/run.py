@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,10 +38,11 @@ class DemoOptions:
     progress: bool = True
 
 
-def demo_config(bootstrap: str, spec: TrafficSpec, metrics_port: int, seed: int) -> Config:
+def demo_config(bootstrap: str, spec: TrafficSpec, metrics_port: int, seed: int, state_dir: str) -> Config:
     """The service configuration the demo runs with (also what a user's config.toml would say)."""
     return parse_config({
         "seed": seed,
+        "state_dir": state_dir,
         "kafka": {"bootstrap_servers": bootstrap, "group_id": "streamlearn-demo", "session_timeout_ms": 6000,
                   "examples_topic": ""},
         "join": {"ttl": 600.0, "early_ttl": 60.0, "max_pending": 100_000},
@@ -53,11 +55,11 @@ def demo_config(bootstrap: str, spec: TrafficSpec, metrics_port: int, seed: int)
 def run_demo(options: DemoOptions) -> dict:
     spec = TrafficSpec(requests=options.requests, seed=options.seed, model=MODEL)
     generator = TrafficGenerator(spec)
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="streamlearn-demo-") as state_dir:
         broker.create_topics(TOPICS, partitions=2)
         broker.create_topics([t + ".dlq" for t in TOPICS], partitions=1)
         player = TrafficPlayer(broker.bootstrap_servers, generator, options.rate, options.record)
-        service = Service(demo_config(broker.bootstrap_servers, spec, options.metrics_port, options.seed))
+        service = Service(demo_config(broker.bootstrap_servers, spec, options.metrics_port, options.seed, state_dir))
         service.learners[MODEL].mark_score_at(generator.totals.drift_ts)
         progress = ProgressLine(enabled=options.progress)
         metrics = service.start_metrics()

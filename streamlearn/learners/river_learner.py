@@ -62,6 +62,16 @@ class RiverLearner:
             examples = examples[split:]
         self._learn_batch(examples, now)
 
+    STATE = ("model", "scores", "learned", "errors", "update_seconds", "loop_latency", "_marks", "_marked")
+
+    def state(self) -> dict:
+        """Everything that changes as it learns (for a snapshot; pickled, so trusted only once verified)."""
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def restore(self, state: dict) -> None:
+        for name in self.STATE:
+            setattr(self, name, state[name])
+
     def mark_score_at(self, ts: float) -> None:
         """Keeps the rolling score of the first metric as it is once every example up to event time `ts` is learned."""
         insort(self._marks, ts)

@@ -38,29 +38,38 @@ BATCHES_IN_FLIGHT = 4
 class Control(msgspec.Struct):
     """A message from the learner side to the intake."""
 
-    kind: Literal["commit", "stop", "final_commit"]  # final_commit: the last word; the intake then exits
+    # barrier: attach your state to the next cut; final_commit: the last word, the intake then exits
+    kind: Literal["commit", "stop", "barrier", "final_commit"]
     positions: dict[str, int] = {}
 
 
-def open_intake(config: Config, start_positions: Optional[dict[str, int]] = None) -> Intake:
+class Resume(msgspec.Struct):
+    """Where a restored intake starts: a snapshot's positions and the intake state it holds."""
+
+    positions: dict[str, int] = {}
+    state: Optional[bytes] = None
+
+
+def open_intake(config: Config, resume: Resume) -> Intake:
     """Builds the configured source and dead-letter sink, and the intake over them."""
     path = config.file_path
+    start_positions = resume.positions
     if path is not None:
-        start_line = (start_positions or {}).get(f"file:{path}", 0)
+        start_line = start_positions.get(f"file:{path}", 0)
         source = FileSource(path, config.intake.max_message_bytes, start_line)
         sink = FileDeadLetters(path.with_name(path.name + ".dlq.jsonl"))
     else:
         settings = resolve_settings(config.kafka.settings, os.environ)
         source = open_kafka_source(config.kafka, settings, start_positions)
         sink = KafkaDeadLetters(config.kafka, settings)
-    return Intake(config, source, sink)
+    return Intake(config, source, sink, restored=resume.state)
 
 
 class InlineIntake:
     """The intake in the learner's own thread: simplest, for files and debugging."""
 
-    def __init__(self, config: Config, start_positions: Optional[dict[str, int]] = None) -> None:
-        self._intake = open_intake(config, start_positions)
+    def __init__(self, config: Config, resume: Resume) -> None:
+        self._intake = open_intake(config, resume)
         self._stop = False
 
     def batches(self) -> Iterator[Batch]:
@@ -71,6 +80,9 @@ class InlineIntake:
 
     def request_stop(self) -> None:
         self._stop = True
+
+    def request_barrier(self) -> None:
+        self._intake.barrier_requested = True
 
     def close(self) -> None:
         self._intake.close()
@@ -84,7 +96,7 @@ class ProcessIntake:
     never re-imports the caller's `__main__`.
     """
 
-    def __init__(self, config: Config, start_positions: Optional[dict[str, int]] = None) -> None:
+    def __init__(self, config: Config, resume: Resume) -> None:
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
         fd = theirs.fileno()
@@ -92,7 +104,7 @@ class ProcessIntake:
             [sys.executable, "-m", "streamlearn.stream.channel", str(fd)],
             stdin=subprocess.PIPE, pass_fds=(fd,))
         theirs.close()
-        self._process.stdin.write(msgspec.json.encode(ChildArgs(config, start_positions or {})))
+        self._process.stdin.write(msgspec.msgpack.encode(ChildArgs(config, resume)))
         self._process.stdin.close()
         self._encoder = msgspec.msgpack.Encoder()
         # A socket buffer holds about one batch; this queue lets the intake run a few batches
@@ -126,6 +138,9 @@ class ProcessIntake:
     def request_stop(self) -> None:
         self._send(Control("stop"))
 
+    def request_barrier(self) -> None:
+        self._send(Control("barrier"))
+
     def _send(self, control: Control) -> None:
         try:
             self._conn.send_bytes(self._encoder.encode(control))
@@ -144,18 +159,18 @@ class ProcessIntake:
 
 class ChildArgs(msgspec.Struct):
     config: Config
-    start_positions: dict[str, int]
+    resume: Resume
 
 
 def _intake_main(fd: int) -> None:
     # The learner's process owns signals; it tells the intake to stop and drains it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    args = msgspec.json.decode(sys.stdin.buffer.read(), type=ChildArgs)
+    args = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ChildArgs)
     config = args.config
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s intake: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
     conn = Connection(fd)
-    intake = open_intake(config, args.start_positions)
+    intake = open_intake(config, args.resume)
     controls = _ControlReader(conn, intake)
     try:
         for batch in intake.batches(controls.stop_requested):
@@ -195,6 +210,9 @@ class _ControlReader:
         if control.kind == "stop":
             self.stopping = True
             return
+        if control.kind == "barrier":
+            self.intake.barrier_requested = True
+            return
         self.intake.commit(control.positions)
         self.finished = control.kind == "final_commit"
 
@@ -202,9 +220,9 @@ class _ControlReader:
 Channel = Union[InlineIntake, ProcessIntake]
 
 
-def start_intake(config: Config, start_positions: Optional[dict[str, int]] = None) -> Channel:
+def start_intake(config: Config, resume: Optional[Resume] = None) -> Channel:
     kind = ProcessIntake if config.intake.mode == "process" else InlineIntake
-    return kind(config, start_positions)
+    return kind(config, resume or Resume())
 
 
 if __name__ == "__main__":

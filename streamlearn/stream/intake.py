@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
+
+import msgspec
 
 from streamlearn.config import Config
 from streamlearn.records import Batch, Example, IntakeStats
 from streamlearn.stream.dead_letters import DeadLetterSink
 from streamlearn.stream.decode import DeadLetter, EventDecoder
 from streamlearn.stream.events import EXAMPLES_TOPIC, FEEDBACK_TOPIC, INFERENCE_TOPIC
-from streamlearn.stream.join import FeedbackJoiner
+from streamlearn.stream.join import FeedbackJoiner, JoinerState
 from streamlearn.stream.source import Chunk, Source
 from streamlearn.stream.watermark import NEVER, PartitionWatermarks
 from streamlearn.telemetry.histogram import DELAY_BUCKETS, Histogram
@@ -29,11 +31,21 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 0.5  # an empty batch at least this often keeps the counters on the learner side fresh
 
 
+class IntakeState(msgspec.Struct):
+    """The intake's part of a snapshot: pending joins, watermarks, positions and counters at a cut."""
+
+    joiner: JoinerState
+    newest: dict[str, float]   # per partition: the newest event time delivered
+    floor: float               # the watermark so far
+    positions: dict[str, int]
+    stats: IntakeStats
+
+
 class Intake:
     """Turns a source's raw messages into batches of joined, validated examples."""
 
     def __init__(self, config: Config, source: Source, dead_letters: DeadLetterSink,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, restored: Optional[bytes] = None) -> None:
         self.source = source
         self.dead_letters = dead_letters
         self.clock = clock
@@ -54,6 +66,25 @@ class Intake:
                        k.examples_topic: EXAMPLES_TOPIC, INFERENCE_TOPIC: INFERENCE_TOPIC,
                        FEEDBACK_TOPIC: FEEDBACK_TOPIC, EXAMPLES_TOPIC: EXAMPLES_TOPIC}
         self._known_partitions: set[str] = set()
+        self.barrier_requested = False
+        if restored is not None:
+            self._restore(msgspec.msgpack.decode(restored, type=IntakeState))
+
+    def state(self) -> bytes:
+        """This intake's state now, as the opaque bytes a barrier carries."""
+        newest, floor = self.watermarks.state()
+        return msgspec.msgpack.encode(IntakeState(self.joiner.state(), newest, floor, dict(self.positions),
+                                                  self.stats()))
+
+    def _restore(self, state: IntakeState) -> None:
+        self.joiner.restore(state.joiner)
+        self.watermarks.restore(state.newest, state.floor, self.clock())
+        self._watermark = state.floor
+        self.positions = dict(state.positions)
+        self.events.update(state.stats.events)
+        self.dead.update(state.stats.dead_letters)
+        if state.stats.feedback_delay is not None:
+            self.feedback_delay = Histogram.from_state(state.stats.feedback_delay)
 
     def batches(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
         """Yields batches until the source is exhausted or `should_stop()`; the last one is `final`."""
@@ -83,7 +114,9 @@ class Intake:
         cut_at = size * ((len(examples) - 1) // size) if examples else 0
         for start in range(0, cut_at, size):
             yield Batch(examples[start:start + size], stats=stats, cut=False)
-        yield Batch(examples[cut_at:], dict(self.positions), stats, final=final)
+        barrier = self.state() if self.barrier_requested or final else None  # the final cut: always
+        self.barrier_requested = False
+        yield Batch(examples[cut_at:], dict(self.positions), stats, final=final, barrier=barrier)
 
     def poll(self, timeout: float) -> list[Example]:
         """One poll of the source: decodes, joins, and returns the examples the watermark released."""

@@ -25,10 +25,22 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 
+import msgspec
+
 from streamlearn.records import Example
 from streamlearn.stream.decode import LabelEntry, LogEntry
 
 OUTCOMES = ("matched", "expired", "expired_feedback", "late", "duplicate", "evicted", "invalid_label")
+
+
+class JoinerState(msgspec.Struct, array_like=True):
+    """Everything the joiner holds, for a snapshot; the expiry heaps are rebuilt from it."""
+
+    logs: list[LogEntry]
+    early: list[LabelEntry]
+    closed: list[tuple[str, float, bool]]   # (request id, close time, matched?) in insertion order
+    ready: list[Example]
+    outcomes: dict[str, int]
 
 
 class FeedbackJoiner:
@@ -57,6 +69,24 @@ class FeedbackJoiner:
     def held(self) -> int:
         """Matched examples waiting for the watermark."""
         return len(self._ready)
+
+    def state(self) -> JoinerState:
+        return JoinerState(list(self._logs.values()), list(self._early.values()),
+                           [(rid, at, matched) for rid, (at, matched) in self._closed.items()],
+                           [item[2] for item in self._ready], dict(self.outcomes))
+
+    def restore(self, state: JoinerState) -> None:
+        """Takes over a snapshot's state (in place of whatever this joiner held)."""
+        self._logs = {log.request_id: log for log in state.logs}
+        self._early = {fb.request_id: fb for fb in state.early}
+        self._closed = {rid: (at, matched) for rid, at, matched in state.closed}
+        self._log_expiry = [(log.ts + self.ttl, rid) for rid, log in self._logs.items()]
+        self._early_expiry = [(fb.ts + self.early_ttl, rid) for rid, fb in self._early.items()]
+        self._ready = [(ex.ts, ex.id, ex) for ex in state.ready]
+        for heap in (self._log_expiry, self._early_expiry, self._ready):
+            heapq.heapify(heap)
+        self.outcomes = Counter({o: 0 for o in OUTCOMES})
+        self.outcomes.update(state.outcomes)
 
     def add_log(self, log: LogEntry) -> None:
         rid = log.request_id

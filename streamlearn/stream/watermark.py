@@ -50,6 +50,15 @@ class PartitionWatermarks:
         self._floor = max(self._floor, candidate)
         return self._floor
 
+    def state(self) -> tuple[dict[str, float], float]:
+        """(newest event time per partition, the watermark's floor), for a snapshot."""
+        return dict(self._newest), self._floor
+
+    def restore(self, newest: dict[str, float], floor: float, now: float) -> None:
+        self._newest = dict(newest)
+        self._last_seen = {p: now for p in newest}
+        self._floor = floor
+
     def newest(self) -> float:
         """The newest event time seen on any partition (the watermark at end of input)."""
         return max(self._newest.values(), default=NEVER)

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from streamlearn.checkpoints.snapshotter import Snapshotter
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import IntakeStats
 from streamlearn.telemetry.histogram import HistogramState
@@ -25,15 +26,30 @@ class ServiceCollector(Collector):
     """Builds every `streamlearn_*` metric from the intake's latest counters and the learners."""
 
     def __init__(self, intake_stats: Callable[[], Optional[IntakeStats]],
-                 learners: Callable[[], Iterable[RiverLearner]]) -> None:
+                 learners: Callable[[], Iterable[RiverLearner]],
+                 snapshots: Callable[[], Optional[Snapshotter]] = lambda: None) -> None:
         self._intake_stats = intake_stats
         self._learners = learners
+        self._snapshots = snapshots
 
     def collect(self) -> Iterator[Metric]:
         stats = self._intake_stats() or IntakeStats()
         learners = list(self._learners())
         yield from _intake_metrics(stats)
         yield from _learner_metrics(learners)
+        snapshots = self._snapshots()
+        if snapshots is not None:
+            yield from _snapshot_metrics(snapshots)
+
+
+def _snapshot_metrics(snapshots: Snapshotter) -> Iterator[Metric]:
+    yield _histogram("snapshot_seconds", "Duration of one snapshot write (off the learning loop).",
+                     [((), snapshots.seconds.state())], [])
+    yield CounterMetricFamily(PREFIX + "snapshot_failures", "Snapshot writes that failed (the last good one stays).",
+                              value=snapshots.failures)
+    if snapshots.last_success is not None:
+        yield GaugeMetricFamily(PREFIX + "snapshot_last_success_timestamp_seconds",
+                                "Unix time of the newest durable snapshot.", value=snapshots.last_success)
 
 
 def _intake_metrics(stats: IntakeStats) -> Iterator[Metric]:

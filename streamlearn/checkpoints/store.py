@@ -1,0 +1,192 @@
+"""Snapshots on disk, written transactionally and verified before anything is loaded.
+
+A snapshot is a folder `snap-<seq>` of files plus `manifest.json`, which lists
+every file with its SHA-256, the sequence number, the parent, the config
+fingerprint, the source offsets and the time; with a key (`STREAMLEARN_SNAPSHOT_KEY`)
+it also carries an HMAC-SHA256 of itself. Writing goes: temporary folder → fsync
+each file → rename into place → fsync the parent → `LATEST` (itself replaced
+atomically). A crash at any point leaves either the old or the new snapshot.
+
+>>> import tempfile
+>>> store = SnapshotStore(tempfile.mkdtemp(), keep=2)
+>>> store.write({"model.pkl": b"weights"}, offsets={"feedback:0": 7}, fingerprint="abc").seq
+1
+>>> store.load(1).files["model.pkl"], store.latest_seq()
+(b'weights', 1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import msgspec
+
+MANIFEST = "manifest.json"
+PREFIX = "snap-"
+
+
+class SnapshotError(Exception):
+    """A snapshot that does not verify; the message is the reason."""
+
+
+class FileEntry(msgspec.Struct):
+    name: str
+    sha256: str
+    size: int
+
+
+class Manifest(msgspec.Struct):
+    seq: int
+    parent: Optional[int]
+    created: float                 # unix seconds
+    fingerprint: str               # of the config parts the state depends on
+    offsets: dict[str, int]        # next offset per source partition ("file:PATH" -> next line)
+    files: list[FileEntry]
+    meta: dict[str, float] = {}    # small figures worth showing (examples learned, ...)
+    hmac: str = ""                 # HMAC-SHA256 of the manifest with this field empty, when keyed
+
+
+class Snapshot(msgspec.Struct):
+    manifest: Manifest
+    files: dict[str, bytes]
+
+
+class SnapshotStore:
+    """A folder of snapshots: write, list, verify, load, prune."""
+
+    def __init__(self, root: str | Path, keep: int = 5, key: Optional[bytes] = None) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self.key = key or None
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write(self, files: dict[str, bytes], offsets: dict[str, int], fingerprint: str,
+              meta: Optional[dict[str, float]] = None, parent: Optional[int] = None) -> Manifest:
+        """Writes the next snapshot durably, points LATEST at it, prunes old ones; returns its manifest.
+
+        `parent` is the snapshot this state grew from (default: the latest one).
+        """
+        latest = self.latest_seq()
+        seq = (latest or 0) + 1
+        parent = latest if parent is None else parent
+        entries = [FileEntry(name, hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()]
+        manifest = self._signed(Manifest(seq, parent, time.time(), fingerprint, offsets, entries, meta or {}))
+        tmp = self.root / f".tmp-{seq}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for name, data in files.items():
+                _write_durably(tmp / name, data)
+            _write_durably(tmp / MANIFEST, msgspec.json.encode(manifest))
+            _fsync_dir(tmp)
+            os.rename(tmp, self._folder(seq))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+        self._point_latest(seq)
+        self.prune()
+        return manifest
+
+    def sequences(self) -> list[int]:
+        """Every snapshot folder's sequence number, oldest first (verified or not)."""
+        seqs = []
+        for path in self.root.glob(PREFIX + "*"):
+            try:
+                seqs.append(int(path.name[len(PREFIX):]))
+            except ValueError:
+                continue
+        return sorted(seqs)
+
+    def latest_seq(self) -> Optional[int]:
+        seqs = self.sequences()
+        return seqs[-1] if seqs else None
+
+    def load(self, seq: int) -> Snapshot:
+        """Reads and verifies one snapshot (manifest, HMAC, every file's size and hash); raises SnapshotError."""
+        folder = self._folder(seq)
+        try:
+            raw = (folder / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            raise SnapshotError("manifest missing") from None
+        try:
+            manifest = msgspec.json.decode(raw, type=Manifest)
+        except msgspec.MsgspecError as err:
+            raise SnapshotError(f"manifest unreadable: {err}") from None
+        self._check_signature(manifest)
+        files = {}
+        for entry in manifest.files:
+            try:
+                data = (folder / entry.name).read_bytes()
+            except FileNotFoundError:
+                raise SnapshotError(f"{entry.name} missing") from None
+            if len(data) != entry.size:
+                raise SnapshotError(f"{entry.name} truncated: {len(data)} of {entry.size} bytes")
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise SnapshotError(f"{entry.name} checksum mismatch")
+            files[entry.name] = data
+        return Snapshot(manifest, files)
+
+    def newest_valid(self, at_most: Optional[int] = None) -> Iterator[tuple[int, Snapshot | SnapshotError]]:
+        """Newest first: each snapshot (up to `at_most`) with its content or why it does not verify."""
+        for seq in reversed(self.sequences()):
+            if at_most is not None and seq > at_most:
+                continue
+            try:
+                yield seq, self.load(seq)
+            except SnapshotError as err:
+                yield seq, err
+
+    def prune(self) -> None:
+        """Keeps the newest `keep` snapshots; drops older ones and abandoned temporary folders."""
+        for seq in self.sequences()[:-self.keep]:
+            shutil.rmtree(self._folder(seq), ignore_errors=True)
+        for tmp in self.root.glob(".tmp-*"):
+            if not tmp.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _folder(self, seq: int) -> Path:
+        return self.root / f"{PREFIX}{seq:08d}"
+
+    def _point_latest(self, seq: int) -> None:
+        _write_durably(self.root / "LATEST.tmp", f"{seq}\n".encode())
+        os.replace(self.root / "LATEST.tmp", self.root / "LATEST")
+        _fsync_dir(self.root)
+
+    def _signed(self, manifest: Manifest) -> Manifest:
+        if self.key is None:
+            return manifest
+        return msgspec.structs.replace(manifest, hmac=self._mac(manifest))
+
+    def _mac(self, manifest: Manifest) -> str:
+        body = msgspec.json.encode(msgspec.structs.replace(manifest, hmac=""))
+        return hmac.new(self.key, body, hashlib.sha256).hexdigest()
+
+    def _check_signature(self, manifest: Manifest) -> None:
+        if self.key is None:
+            return
+        if not manifest.hmac:
+            raise SnapshotError("not signed, and STREAMLEARN_SNAPSHOT_KEY is set")
+        if not hmac.compare_digest(manifest.hmac, self._mac(manifest)):
+            raise SnapshotError("HMAC does not verify (tampered, or another key)")
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
