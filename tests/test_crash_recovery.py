@@ -18,6 +18,9 @@ import threading
 import time
 import uuid
 
+import orjson
+import pytest
+
 from streamlearn.checkpoints.content import unpack
 from streamlearn.checkpoints.store import SnapshotStore
 from streamlearn.config import load_config
@@ -79,12 +82,26 @@ def learned_ids(state_dir) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def start(config_path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "streamlearn", "run", "--config", str(config_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(config_path, running: list) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "streamlearn", "run", "--config", str(config_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    running.append(process)
+    return process
 
 
-def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_path):
+@pytest.fixture
+def running():
+    """Every service process a test starts; whatever is still alive at the end is killed."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.crash
+def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_path, running):
     names = {kind: f"c{uuid.uuid4().hex[:8]}-{kind}" for kind in ("inference-logs", "feedback")}
     broker.create_topics(names.values(), partitions=1)
     broker.create_topics([n + ".dlq" for n in names.values()], partitions=1)
@@ -109,7 +126,7 @@ def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_pat
     rng = random.Random(5)
     for kill in range(KILLS):
         started = time.time()
-        process = start(config_path)
+        process = start(config_path, running)
         audit = state_dir / "learned.log"
         # Restore cuts the audit log back to the snapshot; then learning appends to it again.
         wait_for(lambda: audit.exists() and audit.stat().st_mtime > started, timeout=120, what="the restore")
@@ -122,7 +139,7 @@ def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_pat
     producer.join()
 
     started = time.time()
-    process = start(config_path)
+    process = start(config_path, running)
     wait_for(lambda: audit.stat().st_mtime > started, timeout=120, what="the last restore")
     wait_for(lambda: len(learned_ids(state_dir)) >= len(expected), timeout=180, what="the whole stream learned")
     process.send_signal(signal.SIGTERM)
@@ -136,8 +153,7 @@ def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_pat
 
     store = SnapshotStore(state_dir / "snapshots")
     final = unpack(store.load(store.latest_seq())).learners["fraud"]["model"]
-    probe = [ex for ex in (m for m in messages if m.topic == "inference-logs" and not m.malformed)][:200]
-    import orjson
+    probe = [m for m in messages if m.topic == "inference-logs" and not m.malformed][:200]
     for m in probe:
         x = {k: v for k, v in orjson.loads(m.value)["features"].items() if v is not None}
         assert final.predict_proba_one(x) == reference.learners["fraud"].model.predict_proba_one(x)
