@@ -28,12 +28,13 @@ from prometheus_client import CollectorRegistry
 from streamlearn.checkpoints.audit import AuditLog
 from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
 from streamlearn.checkpoints.snapshotter import PendingSnapshot, Snapshotter, config_fingerprint
-from streamlearn.checkpoints.store import SnapshotError, SnapshotStore
+from streamlearn.checkpoints.store import Snapshot, SnapshotError, SnapshotStore
 from streamlearn.config import Config, ConfigError, ModelConfig
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Batch, Example, IntakeStats
-from streamlearn.stream.channel import Channel, Resume, start_intake
+from streamlearn.stream.channel import Channel, start_intake
+from streamlearn.stream.intake import Resume
 from streamlearn.telemetry.exporter import ServiceCollector
 from streamlearn.telemetry.server import MetricsServer
 
@@ -76,29 +77,19 @@ class Service:
         key = os.environ.get("STREAMLEARN_SNAPSHOT_KEY", "").encode() or None
         store = SnapshotStore(Path(self.config.state_dir) / "snapshots", self.config.snapshot.keep, key)
         fingerprint = config_fingerprint(self.config)
-        for seq, snapshot in store.newest_valid(at_most=wanted):
-            problem = str(snapshot) if isinstance(snapshot, SnapshotError) else (
-                "written under another config (models, join or source changed)"
-                if snapshot.manifest.fingerprint != fingerprint else None)
-            if problem is not None and wanted is not None:
-                raise ConfigError(f"config error: --from-snapshot: snapshot {seq} cannot be used: {problem}")
-            if problem is not None:
-                log.warning("snapshot %d skipped: %s", seq, problem)
-                continue
-            content = unpack(snapshot)
-            for name, learner in self.learners.items():
-                learner.restore(content.learners[name])
-            self._learning_seconds = content.figures.learning_seconds
-            self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
-            self.positions = dict(snapshot.manifest.offsets)
-            self.restored_from = seq
-            log.info("restored snapshot %d: %d examples learned", seq, content.figures.learned)
-            break
-        else:
-            if wanted is not None:
-                raise ConfigError(f"config error: --from-snapshot: no snapshot {wanted} in {store.root}")
-        self.snapshots = Snapshotter(self.config.snapshot, store, fingerprint, parent=self.restored_from)
-        return content.figures.audit_length if self.restored_from is not None else None
+        self.snapshots = Snapshotter(self.config.snapshot, store, fingerprint)
+        snapshot = _usable_snapshot(store, fingerprint, wanted)
+        if snapshot is None:
+            return None
+        content = unpack(snapshot)
+        for name, learner in self.learners.items():
+            learner.restore(content.learners[name])
+        self._learning_seconds = content.figures.learning_seconds
+        self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
+        self.positions = dict(snapshot.manifest.offsets)
+        self.restored_from = self.snapshots.parent = snapshot.manifest.seq
+        log.info("restored snapshot %d: %d examples learned", self.restored_from, content.figures.learned)
+        return content.figures.audit_length
 
     def start_metrics(self) -> Optional[MetricsServer]:
         """Starts the HTTP endpoint (idempotent); its port is `self.metrics.port`."""
@@ -261,6 +252,22 @@ def _install_signal_handlers(stop: Callable[[], None]) -> Callable[[], None]:
             signal.signal(sig, handler)
 
     return restore
+
+
+def _usable_snapshot(store: SnapshotStore, fingerprint: str, wanted: Optional[int]) -> Optional[Snapshot]:
+    """The newest snapshot that verifies and fits this config, or exactly `wanted` (a ConfigError if unusable)."""
+    for seq, snapshot in store.newest_valid(at_most=wanted):
+        problem = str(snapshot) if isinstance(snapshot, SnapshotError) else (
+            "written under another config (models, join or source changed)"
+            if snapshot.manifest.fingerprint != fingerprint else None)
+        if problem is None:
+            return snapshot
+        if wanted is not None:
+            raise ConfigError(f"config error: --from-snapshot: snapshot {seq} cannot be used: {problem}")
+        log.warning("snapshot %d skipped: %s", seq, problem)
+    if wanted is not None:
+        raise ConfigError(f"config error: --from-snapshot: no snapshot {wanted} in {store.root}")
+    return None
 
 
 def _build_learner(name: str, model: ModelConfig, seed: int) -> RiverLearner:

@@ -40,8 +40,7 @@ class PendingSnapshot(msgspec.Struct):
 class Snapshotter:
     """Snapshot triggers (every N examples, every T seconds) and the background writer."""
 
-    def __init__(self, settings: SnapshotConfig, store: SnapshotStore, fingerprint: str,
-                 parent: Optional[int] = None) -> None:
+    def __init__(self, settings: SnapshotConfig, store: SnapshotStore, fingerprint: str) -> None:
         self.settings = settings
         self.store = store
         self.fingerprint = fingerprint
@@ -49,12 +48,11 @@ class Snapshotter:
         self.failures = 0
         self.last_success: Optional[float] = None   # unix time of the newest durable snapshot
         self.durable_offsets: dict[str, int] = {}
-        self._parent = parent
+        self.parent: Optional[int] = None           # the restored snapshot the next one grows from
         self._last_examples = 0
         self._last_time = time.monotonic()
         self._idle = threading.Event()
         self._idle.set()
-        self._lock = threading.Lock()
 
     def due(self, learned: int) -> bool:
         s = self.settings
@@ -79,16 +77,16 @@ class Snapshotter:
         started = time.perf_counter()
         try:
             manifest = self.store.write(snapshot.files, snapshot.offsets, self.fingerprint, snapshot.meta,
-                                        parent=self._parent)
+                                        parent=self.parent)
         except OSError as err:
             self.failures += 1
             log.error("snapshot failed (%d so far), the last good one stays: %s", self.failures, err)
         else:
-            self.seconds.observe(time.perf_counter() - started)
-            with self._lock:
-                self._parent = None
-                self.durable_offsets = dict(snapshot.offsets)
-                self.last_success = manifest.created
-            log.info("snapshot %d written in %.3f s", manifest.seq, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.seconds.observe(took)
+            self.parent = None
+            self.durable_offsets = dict(snapshot.offsets)  # one reference swap: readers see old or new
+            self.last_success = manifest.created
+            log.info("snapshot %d written in %.3f s", manifest.seq, took)
         finally:
             self._idle.set()

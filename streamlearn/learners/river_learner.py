@@ -14,9 +14,9 @@ so the prequential scores measure what serving would have seen.
 from __future__ import annotations
 
 import inspect
-from bisect import bisect_right, insort
 import logging
 import time
+from bisect import bisect_right, insort
 from typing import Optional
 
 import numpy as np

@@ -27,7 +27,7 @@ from streamlearn.config import Config, resolve_settings
 from streamlearn.records import Batch, decode_batch, encode_batch
 from streamlearn.stream.dead_letters import FileDeadLetters, KafkaDeadLetters
 from streamlearn.stream.file_source import FileSource
-from streamlearn.stream.intake import Intake
+from streamlearn.stream.intake import Intake, Resume
 from streamlearn.stream.kafka_source import open_kafka_source
 
 log = logging.getLogger(__name__)
@@ -43,26 +43,18 @@ class Control(msgspec.Struct):
     positions: dict[str, int] = {}
 
 
-class Resume(msgspec.Struct):
-    """Where a restored intake starts: a snapshot's positions and the intake state it holds."""
-
-    positions: dict[str, int] = {}
-    state: Optional[bytes] = None
-
-
 def open_intake(config: Config, resume: Resume) -> Intake:
     """Builds the configured source and dead-letter sink, and the intake over them."""
     path = config.file_path
-    start_positions = resume.positions
     if path is not None:
-        start_line = start_positions.get(f"file:{path}", 0)
+        start_line = resume.positions.get(f"file:{path}", 0)
         source = FileSource(path, config.intake.max_message_bytes, start_line)
         sink = FileDeadLetters(path.with_name(path.name + ".dlq.jsonl"))
     else:
         settings = resolve_settings(config.kafka.settings, os.environ)
-        source = open_kafka_source(config.kafka, settings, start_positions)
+        source = open_kafka_source(config.kafka, settings, resume.positions)
         sink = KafkaDeadLetters(config.kafka, settings)
-    return Intake(config, source, sink, restored=resume.state)
+    return Intake(config, source, sink, resume=resume)
 
 
 class InlineIntake:

@@ -32,20 +32,26 @@ HEARTBEAT_SECONDS = 0.5  # an empty batch at least this often keeps the counters
 
 
 class IntakeState(msgspec.Struct):
-    """The intake's part of a snapshot: pending joins, watermarks, positions and counters at a cut."""
+    """The intake's part of a snapshot: pending joins, watermarks and counters at a cut."""
 
     joiner: JoinerState
     newest: dict[str, float]   # per partition: the newest event time delivered
     floor: float               # the watermark so far
-    positions: dict[str, int]
     stats: IntakeStats
+
+
+class Resume(msgspec.Struct):
+    """Where an intake starts: a snapshot's positions and the intake state it holds (none: from scratch)."""
+
+    positions: dict[str, int] = {}
+    state: Optional[bytes] = None
 
 
 class Intake:
     """Turns a source's raw messages into batches of joined, validated examples."""
 
     def __init__(self, config: Config, source: Source, dead_letters: DeadLetterSink,
-                 clock: Callable[[], float] = time.monotonic, restored: Optional[bytes] = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, resume: Optional[Resume] = None) -> None:
         self.source = source
         self.dead_letters = dead_letters
         self.clock = clock
@@ -56,7 +62,8 @@ class Intake:
         regression = frozenset(n for n, m in config.models.items() if m.task == "regression")
         self.joiner = FeedbackJoiner(config.join.ttl, config.join.early_ttl, config.join.max_pending, regression)
         self.watermarks = PartitionWatermarks(config.join.idle_timeout)
-        self.positions: dict[str, int] = {}
+        resume = resume or Resume()
+        self.positions: dict[str, int] = dict(resume.positions)
         self.events: Counter[tuple[str, str]] = Counter()
         self.dead: Counter[tuple[str, str]] = Counter()
         self.feedback_delay = Histogram(DELAY_BUCKETS)
@@ -67,20 +74,18 @@ class Intake:
                        FEEDBACK_TOPIC: FEEDBACK_TOPIC, EXAMPLES_TOPIC: EXAMPLES_TOPIC}
         self._known_partitions: set[str] = set()
         self.barrier_requested = False
-        if restored is not None:
-            self._restore(msgspec.msgpack.decode(restored, type=IntakeState))
+        if resume.state is not None:
+            self._restore(msgspec.msgpack.decode(resume.state, type=IntakeState))
 
     def state(self) -> bytes:
         """This intake's state now, as the opaque bytes a barrier carries."""
         newest, floor = self.watermarks.state()
-        return msgspec.msgpack.encode(IntakeState(self.joiner.state(), newest, floor, dict(self.positions),
-                                                  self.stats()))
+        return msgspec.msgpack.encode(IntakeState(self.joiner.state(), newest, floor, self.stats()))
 
     def _restore(self, state: IntakeState) -> None:
         self.joiner.restore(state.joiner)
         self.watermarks.restore(state.newest, state.floor, self.clock())
         self._watermark = state.floor
-        self.positions = dict(state.positions)
         self.events.update(state.stats.events)
         self.dead.update(state.stats.dead_letters)
         if state.stats.feedback_delay is not None:
