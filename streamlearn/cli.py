@@ -1,4 +1,4 @@
-"""The `streamlearn` command line: `run` the service, or play the embedded `demo`."""
+"""The `streamlearn` command line: `run` the service, play the embedded `demo`, inspect `snapshots`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from streamlearn.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Keeps production ML models current from their own feedback.")
+snapshots_app = typer.Typer(no_args_is_help=True, help="List, show and verify the service's snapshots.")
+app.add_typer(snapshots_app, name="snapshots")
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (env STREAMLEARN_* overrides).")
 
 
 def _setup_logging(level: str) -> None:
@@ -24,20 +27,22 @@ def _setup_logging(level: str) -> None:
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file (env STREAMLEARN_* overrides)."),
+    config: Optional[Path] = ConfigOption,
     summary: Optional[Path] = typer.Option(None, help="Where to write the summary JSON (default: STATE_DIR/summary.json)."),
+    from_snapshot: Optional[int] = typer.Option(None, "--from-snapshot", metavar="SEQ",
+                                                help="Resume from this snapshot instead of the newest (a rollback)."),
 ) -> None:
     """Run the service until the source ends (file) or SIGTERM/SIGINT (Kafka)."""
     from streamlearn.service import Service
 
+    cfg = _config_or_exit(config)
+    _setup_logging(cfg.log_level)  # before the restore, so that skipped snapshots are reported
     try:
-        cfg = load_config(config)
-        service = Service(cfg)
+        service = Service(cfg, from_snapshot=from_snapshot)
         metrics = service.start_metrics()
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2)
-    _setup_logging(cfg.log_level)
     if metrics is not None:
         logging.getLogger("streamlearn").info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
     try:
@@ -74,3 +79,81 @@ def demo(
         typer.echo(json.dumps(result, indent=2))
     else:
         print_summary(result)
+
+
+@snapshots_app.command("list")
+def snapshots_list(config: Optional[Path] = ConfigOption) -> None:
+    """One line per snapshot, newest first: sequence, time, examples learned, size, and whether it is usable."""
+    from streamlearn.checkpoints.catalog import catalog
+
+    store, fingerprint = _snapshot_store(config)
+    rows = catalog(store, fingerprint)
+    if not rows:
+        typer.echo(f"no snapshots in {store.root}")
+        return
+    typer.echo(f"{'seq':>8}  {'created (UTC)':<20} {'parent':>8} {'learned':>12} {'bytes':>12}  status")
+    for row in rows:
+        m = row.manifest
+        created = _utc(m.created) if m else "?"
+        parent = m.parent if m and m.parent is not None else "-"
+        learned = f"{m.meta.get('learned', 0):,.0f}" if m else "?"
+        typer.echo(f"{row.seq:>8}  {created:<20} {parent:>8} {learned:>12} {row.size:>12,}  {row.problem or 'ok'}")
+
+
+@snapshots_app.command("show")
+def snapshots_show(seq: int = typer.Argument(..., help="Sequence number of the snapshot."),
+                   config: Optional[Path] = ConfigOption) -> None:
+    """The manifest of one snapshot (offsets, files with their SHA-256, figures) and whether it verifies."""
+    import msgspec
+
+    from streamlearn.checkpoints.catalog import catalog
+
+    store, fingerprint = _snapshot_store(config)
+    rows = catalog(store, fingerprint, only=seq)
+    if not rows:
+        typer.echo(f"no snapshot {seq} in {store.root}", err=True)
+        raise typer.Exit(1)
+    row = rows[0]
+    shown = msgspec.to_builtins(row.manifest) if row.manifest else {"seq": seq}
+    shown["created_utc"] = _utc(row.manifest.created) if row.manifest else None
+    shown["status"] = row.problem or "ok"
+    typer.echo(json.dumps(shown, indent=2))
+
+
+@snapshots_app.command("verify")
+def snapshots_verify(seq: Optional[int] = typer.Argument(None, help="Only this snapshot (default: all)."),
+                     config: Optional[Path] = ConfigOption) -> None:
+    """Verifies checksums, sizes and the HMAC; exits 1 when any checked snapshot cannot be resumed from."""
+    from streamlearn.checkpoints.catalog import catalog
+
+    store, fingerprint = _snapshot_store(config)
+    rows = catalog(store, fingerprint, only=seq)
+    if not rows:
+        typer.echo(f"no snapshot{'' if seq is None else f' {seq}'} in {store.root}", err=True)
+        raise typer.Exit(1)
+    for row in rows:
+        typer.echo(f"snapshot {row.seq}: {row.problem or 'ok'}")
+    if any(row.problem for row in rows):
+        raise typer.Exit(1)
+
+
+def _config_or_exit(path: Optional[Path]):
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2)
+
+
+def _snapshot_store(path: Optional[Path]):
+    from streamlearn.checkpoints.catalog import open_store
+    from streamlearn.checkpoints.snapshotter import config_fingerprint
+
+    cfg = _config_or_exit(path)
+    return open_store(cfg), config_fingerprint(cfg)
+
+
+def _utc(unix: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")

@@ -85,6 +85,9 @@ class SnapshotConfig(_Section):
     keep: PositiveInt = 5                    # newest snapshots kept; older ones are pruned
     max_age_seconds: Positive = 600.0        # /readyz fails when the newest good snapshot is older
     audit_log: str = ""                      # file of learned example ids, kept exact across restores
+    # "fork": a copy-on-write child serializes and writes, the loop stalls for the fork only (Linux/macOS);
+    # "inline": the loop serializes, a thread writes (the stall grows with the state).
+    serialize: Literal["fork", "inline"] = "fork"
 
 
 class MetricsConfig(_Section):

@@ -16,19 +16,18 @@ the positions of the last batch learned and the intake's counters at that point.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry
 
 from streamlearn.checkpoints.audit import AuditLog
+from streamlearn.checkpoints.catalog import open_store, problem_with
 from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
-from streamlearn.checkpoints.snapshotter import PendingSnapshot, Snapshotter, config_fingerprint
-from streamlearn.checkpoints.store import Snapshot, SnapshotError, SnapshotStore
+from streamlearn.checkpoints.snapshotter import Snapshotter, config_fingerprint
+from streamlearn.checkpoints.store import Snapshot, SnapshotStore
 from streamlearn.config import Config, ConfigError, ModelConfig
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.river_learner import RiverLearner
@@ -74,8 +73,7 @@ class Service:
 
     def _restore(self, wanted: Optional[int]) -> Optional[int]:
         """Loads the newest snapshot that verifies (or exactly `wanted`); returns its audit length."""
-        key = os.environ.get("STREAMLEARN_SNAPSHOT_KEY", "").encode() or None
-        store = SnapshotStore(Path(self.config.state_dir) / "snapshots", self.config.snapshot.keep, key)
+        store = open_store(self.config)
         fingerprint = config_fingerprint(self.config)
         self.snapshots = Snapshotter(self.config.snapshot, store, fingerprint)
         snapshot = _usable_snapshot(store, fingerprint, wanted)
@@ -141,13 +139,15 @@ class Service:
         return self.snapshots.durable_offsets if self.snapshots is not None else self.positions
 
     def _snapshot(self, intake_state: bytes) -> None:
-        """At a barrier: serializes the whole state here, writes it in the background."""
+        """At a barrier: hands the whole state as it is now to the snapshot writer."""
+        started = time.perf_counter()
         audit_length = self.audit.sync() if self.audit is not None else 0
         figures = ServiceFigures(self.learned, self._learning_seconds, audit_length)
-        files = pack({name: l.state() for name, l in self.learners.items()}, intake_state, figures)
-        meta = {"learned": float(self.learned)}
-        self.snapshots.submit(PendingSnapshot(files, dict(self.positions), meta), self.learned)
+        states = {name: l.state() for name, l in self.learners.items()}
+        self.snapshots.submit(lambda: pack(states, intake_state, figures), dict(self.positions),
+                              {"learned": float(self.learned)}, self.learned)
         self._barrier_requested = False
+        self.snapshots.stall.observe(time.perf_counter() - started)
 
     def stop(self) -> None:
         """Asks the loop to drain the current batch and return (safe from any thread or signal)."""
@@ -257,9 +257,9 @@ def _install_signal_handlers(stop: Callable[[], None]) -> Callable[[], None]:
 def _usable_snapshot(store: SnapshotStore, fingerprint: str, wanted: Optional[int]) -> Optional[Snapshot]:
     """The newest snapshot that verifies and fits this config, or exactly `wanted` (a ConfigError if unusable)."""
     for seq, snapshot in store.newest_valid(at_most=wanted):
-        problem = str(snapshot) if isinstance(snapshot, SnapshotError) else (
-            "written under another config (models, join or source changed)"
-            if snapshot.manifest.fingerprint != fingerprint else None)
+        if wanted is not None and seq != wanted:
+            break
+        problem = problem_with(snapshot, fingerprint)
         if problem is None:
             return snapshot
         if wanted is not None:

@@ -83,21 +83,25 @@ def learned_ids(state_dir) -> list[str]:
 
 
 def start(config_path, running: list) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "streamlearn", "run", "--config", str(config_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    running.append(process)
+    # stderr goes to a file: an unread pipe fills up and blocks the service's logging.
+    log = config_path.parent / f"service-{len(running)}.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "streamlearn", "run", "--config", str(config_path)],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    running.append((process, log))
     return process
 
 
 @pytest.fixture
 def running():
-    """Every service process a test starts; whatever is still alive at the end is killed."""
-    processes: list[subprocess.Popen] = []
+    """Every service process a test starts; whatever is still alive at the end is killed, its log printed."""
+    processes: list[tuple[subprocess.Popen, object]] = []
     yield processes
-    for process in processes:
+    for process, log in processes:
         if process.poll() is None:
             process.kill()
             process.wait()
+        print(f"--- {log.name} (exit {process.returncode}) ---\n{log.read_text()[-4000:]}")  # shown on failure
 
 
 @pytest.mark.crash
@@ -143,8 +147,7 @@ def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_pat
     wait_for(lambda: audit.stat().st_mtime > started, timeout=120, what="the last restore")
     wait_for(lambda: len(learned_ids(state_dir)) >= len(expected), timeout=180, what="the whole stream learned")
     process.send_signal(signal.SIGTERM)
-    _, log = process.communicate(timeout=60)
-    assert process.returncode == 0, log
+    assert process.wait(timeout=60) == 0
 
     got = learned_ids(state_dir)
     assert len(got) == len(set(got)), "an example was learned twice"

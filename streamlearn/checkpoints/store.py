@@ -17,6 +17,7 @@ atomically). A crash at any point leaves either the old or the new snapshot.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
@@ -72,6 +73,7 @@ class SnapshotStore:
 
         `parent` is the snapshot this state grew from (default: the latest one).
         """
+        self.prune(keep=max(self.keep - 1, 1))  # room for the new one, so a full disk does not stay full
         latest = self.latest_seq()
         seq = (latest or 0) + 1
         parent = latest if parent is None else parent
@@ -86,8 +88,11 @@ class SnapshotStore:
             _write_durably(tmp / MANIFEST, msgspec.json.encode(manifest))
             _fsync_dir(tmp)
             os.rename(tmp, self._folder(seq))
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                # Durable progress matters more than rollback history: keep only the newest to make room.
+                self.prune(keep=1)
             raise
         _fsync_dir(self.root)
         self._point_latest(seq)
@@ -108,17 +113,17 @@ class SnapshotStore:
         seqs = self.sequences()
         return seqs[-1] if seqs else None
 
+    def manifest(self, seq: int) -> Optional[Manifest]:
+        """One snapshot's manifest as written, unverified (None when missing or unreadable): for showing."""
+        try:
+            return self._read_manifest(seq)
+        except SnapshotError:
+            return None
+
     def load(self, seq: int) -> Snapshot:
         """Reads and verifies one snapshot (manifest, HMAC, every file's size and hash); raises SnapshotError."""
         folder = self._folder(seq)
-        try:
-            raw = (folder / MANIFEST).read_bytes()
-        except FileNotFoundError:
-            raise SnapshotError("manifest missing") from None
-        try:
-            manifest = msgspec.json.decode(raw, type=Manifest)
-        except msgspec.MsgspecError as err:
-            raise SnapshotError(f"manifest unreadable: {err}") from None
+        manifest = self._read_manifest(seq)
         self._check_signature(manifest)
         files = {}
         for entry in manifest.files:
@@ -143,13 +148,23 @@ class SnapshotStore:
             except SnapshotError as err:
                 yield seq, err
 
-    def prune(self) -> None:
-        """Keeps the newest `keep` snapshots; drops older ones and abandoned temporary folders."""
-        for seq in self.sequences()[:-self.keep]:
+    def prune(self, keep: Optional[int] = None) -> None:
+        """Keeps the newest `keep` snapshots (default: the store's); drops older ones and abandoned temporary folders."""
+        for seq in self.sequences()[:-(keep or self.keep)]:
             shutil.rmtree(self._folder(seq), ignore_errors=True)
         for tmp in self.root.glob(".tmp-*"):
             if not tmp.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _read_manifest(self, seq: int) -> Manifest:
+        try:
+            raw = (self._folder(seq) / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            raise SnapshotError("manifest missing") from None
+        try:
+            return msgspec.json.decode(raw, type=Manifest)
+        except msgspec.MsgspecError as err:
+            raise SnapshotError(f"manifest unreadable: {err}") from None
 
     def _folder(self, seq: int) -> Path:
         return self.root / f"{PREFIX}{seq:08d}"

@@ -45,6 +45,8 @@ class ServiceCollector(Collector):
 def _snapshot_metrics(snapshots: Snapshotter) -> Iterator[Metric]:
     yield _histogram("snapshot_seconds", "Duration of one snapshot write (off the learning loop).",
                      [((), snapshots.seconds.state())], [])
+    yield _histogram("snapshot_stall_seconds", "Learning-loop time one snapshot took (the fork, or serializing).",
+                     [((), snapshots.stall.state())], [])
     yield CounterMetricFamily(PREFIX + "snapshot_failures", "Snapshot writes that failed (the last good one stays).",
                               value=snapshots.failures)
     if snapshots.last_success is not None:
