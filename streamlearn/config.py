@@ -26,8 +26,11 @@ import msgspec
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Setting = Union[str, int, float, bool]
+
+EWC_LAMBDA = 100.0  # the default ewc.lambda, chosen from the sweep in bench/forgetting.py (README)
 
 # STREAMLEARN_ variables that are secrets read where they are used, not settings.
 NON_SETTING_ENV = frozenset({"STREAMLEARN_SNAPSHOT_KEY"})
@@ -70,12 +73,54 @@ class IntakeConfig(_Section):
     max_message_bytes: PositiveInt = 1 << 20
 
 
+class TrainConfig(_Section):
+    """How a torch model learns (River models ignore this section)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.0
+    batch_size: PositiveInt = 32          # examples per micro-batch (before replay is mixed in)
+    max_wait: Positive = 1.0              # seconds before a partial micro-batch is learned anyway
+    steps_per_batch: PositiveInt = 1      # gradient steps on each mixed micro-batch
+    max_classes: PositiveInt = 100        # output width: classes appear as the stream brings them
+
+
+class EncoderConfig(_Section):
+    """Feature dict -> vector columns of a torch model."""
+
+    numeric_slots: PositiveInt = 256
+    string_slots: PositiveInt = 256       # one-hot columns for the first name=value pairs seen
+    hash_buckets: PositiveInt = 256       # shared by the name=value pairs after those
+
+
+class ReplayConfig(_Section):
+    kind: Literal["reservoir", "class_balanced", "time_decayed", "none"] = "reservoir"
+    capacity: PositiveInt = 1000
+    ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3   # share of replayed examples in a mixed batch
+    half_life: Positive = 1000.0          # time_decayed: examples until a replay weight halves
+
+
+class EwcConfig(_Section):
+    lam: NonNegative = msgspec.field(default=EWC_LAMBDA, name="lambda")   # 0 turns EWC off
+    gamma: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9               # Fisher decay per consolidation
+    consolidate_every: PositiveInt = 1000                                  # examples between anchor updates
+
+
 class ModelConfig(_Section):
     model: str = "logreg"           # a built-in name or "package.module:factory"
+    kind: Literal["auto", "river", "torch"] = "auto"   # auto: torch for "mlp", River otherwise
     task: Literal["classification", "regression"] = "classification"
-    learn_mode: Literal["one", "many"] = "one"  # per example, or learn_many micro-batches
+    learn_mode: Literal["one", "many"] = "one"  # River: per example, or learn_many micro-batches
     window: PositiveInt = 1000      # examples in the rolling prequential window
-    params: dict[str, Setting] = {}  # keyword arguments for the factory
+    params: dict[str, Union[Setting, list[Setting]]] = {}  # keyword arguments for the factory
+    train: TrainConfig = msgspec.field(default_factory=TrainConfig)
+    encoder: EncoderConfig = msgspec.field(default_factory=EncoderConfig)
+    replay: ReplayConfig = msgspec.field(default_factory=ReplayConfig)
+    ewc: EwcConfig = msgspec.field(default_factory=EwcConfig)
+
+    @property
+    def is_torch(self) -> bool:
+        return self.kind == "torch" or (self.kind == "auto" and self.model == "mlp")
 
 
 class SnapshotConfig(_Section):

@@ -30,6 +30,7 @@ from streamlearn.checkpoints.snapshotter import Snapshotter, config_fingerprint
 from streamlearn.checkpoints.store import Snapshot, SnapshotStore
 from streamlearn.config import Config, ConfigError, ModelConfig
 from streamlearn.learners.models import ModelError
+from streamlearn.learners.base import Learner
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Batch, Example, IntakeStats
 from streamlearn.stream.channel import Channel, start_intake
@@ -82,6 +83,7 @@ class Service:
         content = unpack(snapshot)
         for name, learner in self.learners.items():
             learner.restore(content.learners[name])
+            learner.restore_tensors(content.tensors.get(name, {}))
         self._learning_seconds = content.figures.learning_seconds
         self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
         self.positions = dict(snapshot.manifest.offsets)
@@ -144,7 +146,8 @@ class Service:
         audit_length = self.audit.sync() if self.audit is not None else 0
         figures = ServiceFigures(self.learned, self._learning_seconds, audit_length)
         states = {name: l.state() for name, l in self.learners.items()}
-        self.snapshots.submit(lambda: pack(states, intake_state, figures), dict(self.positions),
+        tensors = {name: l.tensors() for name, l in self.learners.items()}
+        self.snapshots.submit(lambda: pack(states, tensors, intake_state, figures), dict(self.positions),
                               {"learned": float(self.learned)}, self.learned)
         self._barrier_requested = False
         self.snapshots.stall.observe(time.perf_counter() - started)
@@ -163,14 +166,17 @@ class Service:
 
     def _learn(self, batch: Batch) -> None:
         self._last_turn = time.monotonic()
-        if batch.examples:
-            started = time.perf_counter()
-            now = time.time()
-            for name, examples in _by_model(batch.examples, len(self.learners)):
-                self.learners[name].learn_batch(examples, now)
-            self._learning_seconds += time.perf_counter() - started
-            if self.audit is not None:
-                self.audit.append(ex.id for ex in batch.examples)
+        started, now = time.perf_counter(), time.time()
+        for name, examples in _by_model(batch.examples, len(self.learners)) if batch.examples else ():
+            self.learners[name].learn_batch(examples, now)
+        for learner in self.learners.values():  # a partial micro-batch is learned after its wait, or at the end
+            if batch.final:
+                learner.flush(now)
+            else:
+                learner.tick(now)
+        self._learning_seconds += time.perf_counter() - started
+        if self.audit is not None and batch.examples:
+            self.audit.append(ex.id for ex in batch.examples)
         if batch.cut:
             self.positions = batch.positions
         self.stats = batch.stats
@@ -270,9 +276,13 @@ def _usable_snapshot(store: SnapshotStore, fingerprint: str, wanted: Optional[in
     return None
 
 
-def _build_learner(name: str, model: ModelConfig, seed: int) -> RiverLearner:
+def _build_learner(name: str, model: ModelConfig, seed: int) -> Learner:
     """A learner per configured model; a model that cannot be built is a config error naming its key."""
     try:
+        if model.is_torch:
+            from streamlearn.learners.torch_learner import TorchLearner  # torch loads only when a model needs it
+
+            return TorchLearner(name, model, seed)
         return RiverLearner(name, model.model, model.task, model.learn_mode, model.window, model.params, seed)
     except ModelError as err:
         raise ConfigError(f"config error: models.{name}.{err.key}: {err}") from None

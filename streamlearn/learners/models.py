@@ -79,6 +79,11 @@ def _resolve(name: str, task: str) -> Callable[..., Any]:
         return builtins[name]
     if ":" not in name:
         raise ModelError(f"{name!r} is no built-in {task} model ({', '.join(builtins)}) nor a 'package.module:factory' path")
+    return import_factory(name)
+
+
+def import_factory(name: str) -> Callable[..., Any]:
+    """The callable named by "package.module:attribute"; a ModelError naming what failed."""
     module_name, _, attr = name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)

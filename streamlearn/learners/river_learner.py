@@ -16,73 +16,35 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from bisect import bisect_right, insort
 from typing import Optional
 
 import numpy as np
 
+from streamlearn.learners.base import Learner
 from streamlearn.learners.models import ModelError, build_model
-from streamlearn.learners.scores import PrequentialScores
 from streamlearn.records import Example
-from streamlearn.telemetry.histogram import LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 
 
-class RiverLearner:
-    """One named model: its estimator, prequential scores and learning counters."""
+class RiverLearner(Learner):
+    """One named River estimator with its prequential scores and learning counters."""
+
+    STATE = Learner.STATE + ("model",)
 
     def __init__(self, name: str, model: str = "logreg", task: str = "classification",
                  learn_mode: str = "one", window: int = 1000, params: Optional[dict] = None,
                  seed: int = 42) -> None:
-        self.name = name
-        self.task = task
+        super().__init__(name, task, window)
         self.model = build_model(model, task, params or {}, seed)
         self.learn_mode = learn_mode
         if learn_mode == "many" and not hasattr(self.model, "learn_many"):
             raise ModelError(f"{model} has no learn_many; use learn_mode = \"one\"", key="learn_mode")
-        self.scores = PrequentialScores(task, window)
-        self.learned = 0
-        self.errors = 0
-        self.update_seconds = Histogram(LATENCY_BUCKETS)
-        self.loop_latency = Histogram(LATENCY_BUCKETS)
-        self._marks: list[float] = []          # event times whose rolling score to keep, ascending
-        self._marked: dict[float, float] = {}
         self._takes_weight = "w" in _learn_parameters(self.model)
         if not self._takes_weight:
             log.info("model %s (%s) takes no sample weights: feedback weights are ignored", name, model)
 
-    def learn_batch(self, examples: list[Example], now: Optional[float] = None) -> None:
-        """Scores then learns every example, in order; a failing example is counted, not fatal."""
-        while self._marks and examples and examples[-1].ts > self._marks[0]:
-            mark = self._marks.pop(0)
-            split = bisect_right(examples, mark, key=lambda e: e.ts)  # examples come in event-time order
-            self._learn_batch(examples[:split], now)
-            self._marked[mark] = self.scores.value(self.scores.names[0], rolling=True)
-            examples = examples[split:]
-        self._learn_batch(examples, now)
-
-    STATE = ("model", "scores", "learned", "errors", "update_seconds", "loop_latency", "_marks", "_marked")
-
-    def state(self) -> dict:
-        """Everything that changes as it learns (for a snapshot; pickled, so trusted only once verified)."""
-        return {name: getattr(self, name) for name in self.STATE}
-
-    def restore(self, state: dict) -> None:
-        for name in self.STATE:
-            setattr(self, name, state[name])
-
-    def mark_score_at(self, ts: float) -> None:
-        """Keeps the rolling score of the first metric as it is once every example up to event time `ts` is learned."""
-        insort(self._marks, ts)
-
-    def score_at(self, ts: float) -> float:
-        """The score kept by `mark_score_at(ts)` (NaN if not marked, or not reached yet)."""
-        return self._marked.get(ts, float("nan"))
-
-    def _learn_batch(self, examples: list[Example], now: Optional[float]) -> None:
-        if not examples:
-            return
+    def _test_then_train(self, examples: list[Example], now: Optional[float]) -> None:
         started = time.perf_counter()
         if self.learn_mode == "many":
             self._test_then_train_many(examples)
@@ -90,9 +52,8 @@ class RiverLearner:
             self._test_then_train_classifier(examples)
         else:
             self._test_then_train_regressor(examples)
-        self.update_seconds.observe(time.perf_counter() - started)
-        now = time.time() if now is None else now
-        self.loop_latency.observe_many(now - np.fromiter((e.label_ts for e in examples), float, len(examples)))
+        label_ts = np.fromiter((e.label_ts for e in examples), float, len(examples))
+        self._observe_update(time.perf_counter() - started, label_ts, time.time() if now is None else now)
 
     def _test_then_train_classifier(self, examples: list[Example]) -> None:
         predict, learn, weighted = self.model.predict_proba_one, self.model.learn_one, self._takes_weight
@@ -161,16 +122,6 @@ class RiverLearner:
             self.scores.update_classification(correct, p_true)
         else:
             self.scores.update_regression(y.to_numpy(), np.asarray(guess, dtype=float))
-
-    def _count_error(self, ex: Example, err: Exception, what: str = "") -> None:
-        self.errors += 1
-        if self.errors <= 10 or self.errors % 1000 == 0:  # rate-limited: a poisoned stream must not flood logs
-            log.warning("model %s: %sexample %s not learned (%d so far): %s: %s",
-                        self.name, what, ex.id[:64], self.errors, type(err).__name__, err)
-
-    def summary(self) -> dict:
-        return {"model": self.name, "task": self.task, "learned": self.learned, "errors": self.errors,
-                "scores": self.scores.values()}
 
 
 def _learn_parameters(model) -> set[str]:

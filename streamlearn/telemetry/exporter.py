@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from streamlearn.checkpoints.snapshotter import Snapshotter
-from streamlearn.learners.river_learner import RiverLearner
+from streamlearn.learners.base import Learner
 from streamlearn.records import IntakeStats
 from streamlearn.telemetry.histogram import HistogramState
 
@@ -26,7 +26,7 @@ class ServiceCollector(Collector):
     """Builds every `streamlearn_*` metric from the intake's latest counters and the learners."""
 
     def __init__(self, intake_stats: Callable[[], Optional[IntakeStats]],
-                 learners: Callable[[], Iterable[RiverLearner]],
+                 learners: Callable[[], Iterable[Learner]],
                  snapshots: Callable[[], Optional[Snapshotter]] = lambda: None) -> None:
         self._intake_stats = intake_stats
         self._learners = learners
@@ -81,7 +81,7 @@ def _intake_metrics(stats: IntakeStats) -> Iterator[Metric]:
     yield lag
 
 
-def _learner_metrics(learners: list[RiverLearner]) -> Iterator[Metric]:
+def _learner_metrics(learners: list[Learner]) -> Iterator[Metric]:
     learned = CounterMetricFamily(PREFIX + "examples_learned", "Examples learned, by model.", labels=["model"])
     errors = CounterMetricFamily(PREFIX + "learn_errors", "Examples the model failed on (not learned).",
                                  labels=["model"])
@@ -98,10 +98,26 @@ def _learner_metrics(learners: list[RiverLearner]) -> Iterator[Metric]:
     yield learned
     yield errors
     yield score
+    yield from _neural_metrics(learners)
     yield _histogram("update_seconds", "Duration of one learner update (one micro-batch of examples).",
                      [((l.name,), l.update_seconds.state()) for l in learners], ["model"])
     yield _histogram("loop_latency_seconds", "Feedback event time to model updated.",
                      [((l.name,), l.loop_latency.state()) for l in learners], ["model"])
+
+
+def _neural_metrics(learners: list[Learner]) -> Iterator[Metric]:
+    replayed = [l for l in learners if l.replay_size is not None]
+    if replayed:
+        replay = GaugeMetricFamily(PREFIX + "replay_buffer_size", "Examples held in the replay buffer.",
+                                   labels=["model"])
+        for learner in replayed:
+            replay.add_metric([learner.name], learner.replay_size)
+        yield replay
+    rollbacks = CounterMetricFamily(PREFIX + "update_rollbacks", "Updates undone: loss, gradient or weights "
+                                    "not finite (the last good state was kept).", labels=["model"])
+    for learner in learners:
+        rollbacks.add_metric([learner.name], learner.rolled_back)
+    yield rollbacks
 
 
 def _histogram(name: str, documentation: str, series: list[tuple[tuple[str, ...], HistogramState]],

@@ -1,0 +1,119 @@
+"""Turns feature dicts into fixed-width vectors for a neural network, and scales them.
+
+Columns are handed out on first sight and kept: numeric features get one column
+each (up to `numeric_slots`), string values one one-hot column per `name=value`
+(up to `string_slots`), and string values beyond that share `hash_buckets`
+columns by a stable hash. The width never changes, so the network's input layer
+does not either. `vectorize` gives raw values (a missing numeric is NaN);
+`scale` standardizes numerics with running statistics from the examples learned
+and imputes missing ones with the mean (0 after scaling). Replay buffers keep
+raw rows, so a replayed example is scaled like a new one.
+
+>>> enc = FeatureEncoder(numeric_slots=2, string_slots=2, hash_buckets=2)
+>>> raw = enc.vectorize([{"x": 1.0, "colour": "red"}, {"x": 3.0}])
+>>> enc.learn(raw)
+>>> enc.scale(raw).round(2).tolist()
+[[-1.0, 0.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from streamlearn.records import Features
+
+
+class RunningMoments:
+    """Per-column running mean and variance, NaN meaning "not present" (Chan et al.'s parallel update).
+
+    >>> m = RunningMoments(1); m.update(np.array([[1.0], [3.0]])); m.update(np.array([[np.nan]]))
+    >>> m.mean.tolist(), m.standardize(np.array([[3.0]])).tolist()
+    ([2.0], [[1.0]])
+    """
+
+    def __init__(self, width: int) -> None:
+        self.count = np.zeros(width)
+        self.mean = np.zeros(width)
+        self.m2 = np.zeros(width)
+
+    def update(self, values: np.ndarray) -> None:
+        values = values.astype(np.float64)
+        present = ~np.isnan(values)
+        n = present.sum(axis=0)
+        if not n.any():
+            return
+        batch_mean = np.nansum(values, axis=0) / np.maximum(n, 1)
+        batch_m2 = np.nansum(np.where(present, (values - batch_mean) ** 2, 0.0), axis=0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        safe = np.maximum(total, 1)
+        self.mean = self.mean + delta * n / safe
+        self.m2 = self.m2 + batch_m2 + delta ** 2 * self.count * n / safe
+        self.count = total
+
+    def std(self) -> np.ndarray:
+        std = np.sqrt(self.m2 / np.maximum(self.count, 1))
+        return np.where(std > 1e-8, std, 1.0)
+
+    def standardize(self, values: np.ndarray) -> np.ndarray:
+        return ((values - self.mean) / self.std()).astype(np.float32)
+
+
+class FeatureEncoder:
+    """Feature dicts → float32 rows of width numeric_slots + string_slots + hash_buckets."""
+
+    def __init__(self, numeric_slots: int = 256, string_slots: int = 256, hash_buckets: int = 256) -> None:
+        self.numeric_slots, self.string_slots, self.hash_buckets = numeric_slots, string_slots, hash_buckets
+        self.width = numeric_slots + string_slots + hash_buckets
+        self.numeric: dict[str, int] = {}
+        self.strings: dict[str, int] = {}
+        self.moments = RunningMoments(numeric_slots)
+        self.dropped = 0   # numeric features seen after every numeric column was taken
+
+    def vectorize(self, rows: list[Features]) -> np.ndarray:
+        out = np.zeros((len(rows), self.width), dtype=np.float32)
+        out[:, :self.numeric_slots] = np.nan
+        at_row, at_col, values = [], [], []
+        for i, features in enumerate(rows):
+            for name, value in features.items():
+                if isinstance(value, str):
+                    col, value = self._string_column(name, value), 1.0
+                else:
+                    col = self._numeric_column(name)
+                if col is not None:
+                    at_row.append(i)
+                    at_col.append(col)
+                    values.append(value)
+        out[at_row, at_col] = values
+        return out
+
+    def learn(self, raw: np.ndarray) -> None:
+        """Adds a batch of raw rows to the numeric columns' running mean and variance."""
+        self.moments.update(raw[:, :self.numeric_slots])
+
+    def scale(self, raw: np.ndarray) -> np.ndarray:
+        out = raw.copy()
+        numeric = self.moments.standardize(out[:, :self.numeric_slots])
+        out[:, :self.numeric_slots] = np.nan_to_num(numeric, nan=0.0, posinf=0.0, neginf=0.0)
+        return out
+
+    def _numeric_column(self, name: str):
+        col = self.numeric.get(name)
+        if col is None:
+            if len(self.numeric) >= self.numeric_slots:
+                self.dropped += 1
+                return None
+            col = self.numeric[name] = len(self.numeric)
+        return col
+
+    def _string_column(self, name: str, value: str) -> int:
+        key = f"{name}={value}"
+        col = self.strings.get(key)
+        if col is None:
+            if len(self.strings) < self.string_slots:
+                col = self.strings[key] = self.numeric_slots + len(self.strings)
+            else:  # a stable hash (not Python's, which changes per process)
+                col = self.numeric_slots + self.string_slots + zlib.crc32(key.encode()) % self.hash_buckets
+        return col

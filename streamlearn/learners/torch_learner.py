@@ -1,0 +1,310 @@
+"""Test-then-train over a torch network: micro-batches mixed with replay, under online EWC.
+
+Each arriving example is scored by the current network, then queued; every
+`train.batch_size` queued examples (or after `train.max_wait` seconds) become a
+micro-batch, mixed with replayed ones so that they make up `replay.ratio` of it,
+and the network takes `train.steps_per_batch` gradient steps on it with the EWC
+penalty's gradient added. An update whose loss, gradient or resulting weights
+are not finite is undone (weights and optimizer state) and counted.
+
+Classes are learned as they appear (class-incremental): the output layer has
+`train.max_classes` units, and only those of the classes seen so far take part
+in the loss and the prediction.
+
+>>> from streamlearn.config import ModelConfig
+>>> from streamlearn.records import Example
+>>> config = ModelConfig(model="mlp", params={"hidden": [16]})
+>>> learner = TorchLearner("digits", config, seed=1)
+>>> batch = [Example(f"r-{i}", "digits", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(2000)]
+>>> learner.learn_batch(batch, now=3000.0); learner.flush()   # the last, partial micro-batch too
+>>> learner.learned, learner.scores.value("accuracy", rolling=True) > 0.9
+(2000, True)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from streamlearn.config import ModelConfig
+from streamlearn.learners.base import Learner
+from streamlearn.learners.encoder import FeatureEncoder, RunningMoments
+from streamlearn.learners.ewc import OnlineEWC
+from streamlearn.learners.flat import FlatParameters
+from streamlearn.learners.models import ModelError
+from streamlearn.learners.networks import build_network
+from streamlearn.records import Example
+from streamlearn.replay.class_balanced import ClassBalancedBuffer
+from streamlearn.replay.reservoir import ReservoirBuffer
+from streamlearn.replay.store import ReplayBuffer
+from streamlearn.replay.time_decayed import TimeDecayedBuffer
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class Queue:
+    """Scored examples waiting for their micro-batch, as encoded columns."""
+
+    def __init__(self, width: int) -> None:
+        self.raw = np.zeros((0, width), dtype=np.float32)
+        self.y = np.zeros(0, dtype=np.float32)
+        self.w = np.zeros(0, dtype=np.float32)
+        self.ts = np.zeros(0)
+        self.label_ts = np.zeros(0)
+        self.since: Optional[float] = None   # wall time the oldest one arrived
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def push(self, raw, y, w, ts, label_ts, now: float) -> None:
+        if not len(self):
+            self.since = now
+        self.raw, self.y, self.w = np.concatenate([self.raw, raw]), np.concatenate([self.y, y]), np.concatenate([self.w, w])
+        self.ts, self.label_ts = np.concatenate([self.ts, ts]), np.concatenate([self.label_ts, label_ts])
+
+    def pop(self, n: int) -> tuple[np.ndarray, ...]:
+        head = (self.raw[:n], self.y[:n], self.w[:n], self.ts[:n], self.label_ts[:n])
+        self.raw, self.y, self.w, self.ts, self.label_ts = (a[n:] for a in (self.raw, self.y, self.w, self.ts, self.label_ts))
+        if not len(self):
+            self.since = None
+        return head
+
+
+class TorchLearner(Learner):
+    """One named torch network with its encoder, optimizer, replay buffer and EWC state."""
+
+    STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "_since_consolidation")
+
+    def __init__(self, name: str, config: ModelConfig, seed: int = 42) -> None:
+        super().__init__(name, config.task, config.window)
+        self.config = config
+        self.generator = torch.Generator().manual_seed(seed)
+        e = config.encoder
+        self.encoder = FeatureEncoder(e.numeric_slots, e.string_slots, e.hash_buckets)
+        self.targets = RunningMoments(1)                 # regression targets are learned standardized
+        self.classes: list = []                          # label of each output unit, in order of appearance
+        outputs = config.train.max_classes if config.task == "classification" else 1
+        self.net = build_network(config.model, self.encoder.width, outputs, dict(config.params), self.generator)
+        self.flat = FlatParameters(self.net)
+        t = config.train
+        self.optimizer = OPTIMIZERS[t.optimizer]([self.flat.param], lr=t.lr, weight_decay=t.weight_decay)
+        self.ewc = OnlineEWC(self.flat.param.numel(), config.ewc.lam, config.ewc.gamma)
+        self.replay = _replay_buffer(config, self.encoder.width, seed)
+        self.queue = Queue(self.encoder.width)
+        self.rolled_back = 0
+        self._since_consolidation = 0
+        self._class_index: dict = {}
+        self._good: list[torch.Tensor] = []
+
+    # --- test, then queue --------------------------------------------------------------------------------
+
+    def _test_then_train(self, examples: list[Example], now: Optional[float]) -> None:
+        now = time.time() if now is None else now
+        size = self.config.train.batch_size
+        while examples:
+            room = size - len(self.queue)
+            self._test_and_queue(examples[:room], now)
+            examples = examples[room:]
+            if len(self.queue) >= size:
+                self._train(*self.queue.pop(size), now)
+
+    def _test_and_queue(self, examples: list[Example], now: float) -> None:
+        known = len(self.classes)
+        y = self._targets(examples)
+        keep = ~np.isnan(y)
+        if not keep.all():
+            examples = [ex for ex, k in zip(examples, keep) if k]
+            y = y[keep]
+        if not examples:
+            return
+        raw = self.encoder.vectorize([ex.features for ex in examples])
+        with torch.no_grad():
+            self.net.eval()
+            out = self.net(torch.from_numpy(self.encoder.scale(raw)))
+            self.net.train()
+        self._score(out, y, known)
+        w = np.fromiter((ex.weight for ex in examples), np.float32, len(examples))
+        ts = np.fromiter((ex.ts for ex in examples), float, len(examples))
+        label_ts = np.fromiter((ex.label_ts for ex in examples), float, len(examples))
+        self.queue.push(raw, y, w, ts, label_ts, now)
+
+    def _targets(self, examples: list[Example]) -> np.ndarray:
+        """Class indices (new classes get the next unit) or numeric targets; NaN for one that cannot be learned."""
+        y = np.empty(len(examples), dtype=np.float32)
+        for i, ex in enumerate(examples):
+            try:
+                y[i] = self._class_of(ex.label) if self.task == "classification" else float(ex.label)
+            except (ModelError, TypeError, ValueError) as err:
+                self._count_error(ex, err)
+                y[i] = np.nan
+        return y
+
+    def _class_of(self, label) -> int:
+        index = self._class_index.get(label)
+        if index is None:
+            if len(self.classes) >= self.config.train.max_classes:
+                raise ModelError(f"label {label!r} would be class {len(self.classes) + 1} of "
+                                 f"train.max_classes = {self.config.train.max_classes}")
+            index = self._class_index[label] = len(self.classes)
+            self.classes.append(label)
+        return index
+
+    def _score(self, out: torch.Tensor, y: np.ndarray, known: int) -> None:
+        if self.task == "regression":
+            guess = out[:, 0].double().numpy() * self.targets.std()[0] + self.targets.mean[0]
+            self.scores.update_regression(y.astype(float), guess)
+            return
+        n = len(y)
+        if known == 0:  # knows no class yet: every guess is a miss
+            self.scores.update_classification(np.zeros(n, dtype=bool), np.zeros(n))
+            return
+        proba = torch.softmax(out[:, :known], dim=1).numpy()
+        seen = y < known
+        p_true = np.where(seen, proba[np.arange(n), np.minimum(y.astype(int), known - 1)], 0.0)
+        correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
+        self.scores.update_classification(correct, p_true)
+
+    # --- train ---------------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        if self.queue.since is not None and now - self.queue.since >= self.config.train.max_wait:
+            self._train(*self.queue.pop(len(self.queue)), now)
+
+    def flush(self, now: Optional[float] = None) -> None:
+        if len(self.queue):
+            self._train(*self.queue.pop(len(self.queue)), time.time() if now is None else now)
+
+    def _train(self, raw, y, w, ts, label_ts, now: float) -> None:
+        started = time.perf_counter()
+        self.encoder.learn(raw)
+        if self.task == "regression":
+            self.targets.update(y.reshape(-1, 1).astype(np.float64))
+        x_all, y_all, w_all = self._mixed(raw, y, w)
+        xs = torch.from_numpy(self.encoder.scale(x_all))
+        ys = torch.from_numpy(y_all)
+        if self.task == "regression":
+            ys = torch.from_numpy(self.targets.standardize(y_all.reshape(-1, 1))[:, 0])
+        ws = torch.from_numpy(w_all)
+        for _ in range(self.config.train.steps_per_batch):
+            self._step(xs, ys, ws)
+        if self.replay is not None:
+            self.replay.add(raw, y, ts)
+        self.learned += len(y)
+        self._since_consolidation += len(y)
+        if self._since_consolidation >= self.config.ewc.consolidate_every:
+            self.consolidate()
+        self._observe_update(time.perf_counter() - started, label_ts, now)
+
+    def _mixed(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The new examples plus replayed ones, `replay.ratio` of the whole."""
+        if self.replay is None:
+            return raw, y, w
+        ratio = self.config.replay.ratio
+        rows = self.replay.sample(int(round(len(y) * ratio / (1 - ratio))))
+        store = self.replay.store
+        return (np.concatenate([raw, store.x[rows]]), np.concatenate([y, store.y[rows]]),
+                np.concatenate([w, np.ones(len(rows), dtype=np.float32)]))
+
+    def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: torch.Tensor) -> None:
+        """One gradient step; undone (and counted) if the loss, the gradient or the new weights are not finite."""
+        self.flat.zero_grad()
+        with torch.random.fork_rng(devices=[]):   # dropout draws from this learner's own generator
+            torch.set_rng_state(self.generator.get_state())
+            out = self.net(xs)
+            self.generator.set_state(torch.get_rng_state())
+        if self.task == "classification":
+            losses = F.cross_entropy(out[:, :len(self.classes)], ys.long(), reduction="none")
+        else:
+            losses = (out[:, 0] - ys) ** 2
+        loss = (losses * ws).sum() / ws.sum()
+        if not torch.isfinite(loss):
+            self.rolled_back += 1
+            return
+        loss.backward()
+        grad = self.flat.param.grad
+        if not torch.isfinite(grad).all():
+            self.rolled_back += 1
+            return
+        self.ewc.observe(grad, len(ys))
+        self.ewc.penalty_grad(self.flat.param, grad)
+        self._keep_good()
+        self.optimizer.step()
+        if not torch.isfinite(self.flat.param).all():
+            self._roll_back()
+
+    def consolidate(self) -> None:
+        """Makes the weights as they are now the EWC anchor (periodically; also when drift is detected)."""
+        self.ewc.consolidate(self.flat.param)
+        self._since_consolidation = 0
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        return [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+    def _keep_good(self) -> None:
+        current = [self.flat.param.data, *self._optimizer_tensors()]
+        if len(self._good) != len(current):
+            self._good = [t.clone() for t in current]
+        else:
+            torch._foreach_copy_(self._good, current)
+
+    def _roll_back(self) -> None:
+        torch._foreach_copy_([self.flat.param.data, *self._optimizer_tensors()], self._good)
+        self.rolled_back += 1
+
+    # --- snapshot ------------------------------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Weights, optimizer moments, EWC state, replay buffer, generators: arrays for safetensors (no pickle)."""
+        arrays = {"flat": self.flat.param.detach().numpy(),
+                  "rng": self.generator.get_state().numpy()}
+        for key, value in self.optimizer.state_dict()["state"].get(0, {}).items():
+            if torch.is_tensor(value):
+                arrays[f"optimizer.{key}"] = value.detach().reshape(-1).numpy()
+        arrays.update({k: v.numpy() for k, v in self.ewc.tensors().items()})
+        if self.replay is not None:
+            arrays.update(self.replay.arrays())
+        return arrays
+
+    def restore_tensors(self, arrays: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            self.flat.param.copy_(torch.from_numpy(arrays["flat"]))
+        self.generator.set_state(torch.from_numpy(arrays["rng"].copy()))
+        moments = {k[len("optimizer."):]: torch.from_numpy(v.copy()) for k, v in arrays.items()
+                   if k.startswith("optimizer.")}
+        if moments:
+            state = self.optimizer.state_dict()
+            shapes = {k: v.reshape(self.flat.param.shape) if v.numel() == self.flat.param.numel() else v.reshape(())
+                      for k, v in moments.items()}
+            state["state"] = {0: shapes}
+            self.optimizer.load_state_dict(state)
+        self.ewc.load({k: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("ewc.")})
+        if self.replay is not None:
+            self.replay.load(arrays)
+
+    def restore(self, state: dict) -> None:
+        super().restore(state)
+        self._class_index = {label: i for i, label in enumerate(self.classes)}
+
+    @property
+    def replay_size(self) -> Optional[int]:
+        return self.replay.store.size if self.replay is not None else None
+
+    def summary(self) -> dict:
+        return {**super().summary(), "rolled_back": self.rolled_back, "classes": len(self.classes),
+                "replay_size": self.replay_size or 0}
+
+
+def _replay_buffer(config: ModelConfig, width: int, seed: int) -> Optional[ReplayBuffer]:
+    r = config.replay
+    if r.kind == "none" or r.ratio == 0:
+        return None
+    if r.kind == "class_balanced" and config.task != "classification":
+        raise ModelError("class_balanced replay needs a classification task", key="replay.kind")
+    if r.kind == "time_decayed":
+        return TimeDecayedBuffer(r.capacity, width, r.half_life, seed)
+    kind = ClassBalancedBuffer if r.kind == "class_balanced" else ReservoirBuffer
+    return kind(r.capacity, width, seed)

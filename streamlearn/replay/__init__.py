@@ -1,0 +1,1 @@
+"""Bounded replay buffers: reservoir, class-balanced, time-decayed window."""

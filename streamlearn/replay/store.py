@@ -1,0 +1,65 @@
+"""Fixed-capacity columns of encoded examples, shared by every replay buffer.
+
+Rows are feature vectors as the encoder produced them (before scaling, so a
+replayed example is scaled with today's statistics), their label index or value,
+and their event time. The columns and the sampling generator are the buffer's
+whole state, numpy arrays only, so a snapshot stores them without pickle.
+
+>>> store = ReplayStore(capacity=3, dim=2)
+>>> store.put(0, np.array([1.0, 2.0]), 1.0, ts=10.0); store.size = 1
+>>> store.x[:store.size].tolist(), store.y[:store.size].tolist()
+([[1.0, 2.0]], [1.0])
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+import numpy as np
+
+
+class ReplayStore:
+    """`capacity` rows of (x, y, ts); rows `[0, size)` are filled."""
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.capacity = capacity
+        self.x = np.zeros((capacity, dim), dtype=np.float32)
+        self.y = np.zeros(capacity, dtype=np.float32)   # class index or regression target
+        self.ts = np.zeros(capacity, dtype=np.float64)
+        self.size = 0
+
+    def put(self, row: int, x: np.ndarray, y: float, ts: float) -> None:
+        self.x[row], self.y[row], self.ts[row] = x, y, ts
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.x": self.x, f"{prefix}.y": self.y, f"{prefix}.ts": self.ts,
+                f"{prefix}.size": np.array([self.size], dtype=np.int64)}
+
+    def load(self, arrays: dict[str, np.ndarray], prefix: str) -> None:
+        self.x, self.y, self.ts = (arrays[f"{prefix}.{k}"].copy() for k in ("x", "y", "ts"))
+        self.size = int(arrays[f"{prefix}.size"][0])
+
+
+class ReplayBuffer(Protocol):
+    """What the torch learner needs of a buffer."""
+
+    store: ReplayStore
+
+    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None: ...
+
+    def sample(self, n: int) -> np.ndarray:
+        """Row indices of `n` replayed examples (fewer when the buffer holds fewer)."""
+
+    def arrays(self) -> dict[str, np.ndarray]: ...
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None: ...
+
+
+def rng_state(rng: np.random.Generator) -> np.ndarray:
+    """A generator's exact state as bytes in an array (safetensors holds arrays, not dicts)."""
+    return np.frombuffer(json.dumps(rng.bit_generator.state).encode(), dtype=np.uint8).copy()
+
+
+def load_rng(rng: np.random.Generator, state: np.ndarray) -> None:
+    rng.bit_generator.state = json.loads(state.tobytes().decode())

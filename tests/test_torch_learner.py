@@ -1,0 +1,140 @@
+"""The torch learner: EWC maths, the non-finite guard, save/restore, class-incremental heads (no broker)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
+from streamlearn.checkpoints.store import Manifest, Snapshot
+from streamlearn.config import ModelConfig, parse_config
+from streamlearn.learners.ewc import OnlineEWC
+from streamlearn.learners.flat import FlatParameters
+from streamlearn.learners.torch_learner import TorchLearner
+from streamlearn.records import Example
+
+
+def model_config(**sections) -> ModelConfig:
+    table = {"model": "mlp", "params": {"hidden": [16], "dropout": 0.1}}
+    table.update(sections)
+    return parse_config({"models": {"m": table}}, env={}).models["m"]
+
+
+def examples(n: int, start: int = 0, classes: int = 3, seed: int = 0) -> list[Example]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(start, start + n):
+        label = i % classes
+        x = {"a": float(label + rng.normal(0, 0.3)), "b": float(rng.normal()), "colour": "red" if label else "blue"}
+        out.append(Example(f"e-{i}", "m", x, label, 1.0, float(i), float(i)))
+    return out
+
+
+def test_ewc_penalty_value_and_gradient_match_autograd_on_a_tiny_model():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    flat = FlatParameters(net)
+    ewc = OnlineEWC(flat.param.numel(), lam=3.0, gamma=0.5)
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    for _ in range(2):                                   # two batches of gradients -> the Fisher
+        flat.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        ewc.observe(flat.param.grad, batch_size=8)
+    fisher = ewc.recent / 2
+    ewc.consolidate(flat.param)
+    assert torch.allclose(ewc.fisher, fisher)
+    with torch.no_grad():
+        flat.param.add_(torch.randn_like(flat.param) * 0.1)  # move away from the anchor
+    theta = flat.param.detach().clone().requires_grad_(True)
+    reference = 3.0 / 2 * (fisher * (theta - ewc.anchor) ** 2).sum()
+    reference.backward()
+    assert ewc.penalty(flat.param) == pytest.approx(float(reference.detach()), rel=1e-6)
+    grad = ewc.penalty_grad(flat.param, torch.zeros_like(flat.param))
+    assert torch.allclose(grad, theta.grad, atol=1e-7)
+    # A second consolidation decays the old Fisher by gamma.
+    flat.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    new = flat.param.grad.clone() ** 2 * 8
+    ewc.observe(flat.param.grad, batch_size=8)
+    ewc.consolidate(flat.param)
+    assert torch.allclose(ewc.fisher, 0.5 * fisher + new)
+
+
+def test_the_layers_gradients_stay_views_of_the_flat_gradient():
+    learner = TorchLearner("m", model_config(), seed=1)
+    learner.learn_batch(examples(64))
+    learner.flat.check_views()
+    assert learner.flat.param.grad.abs().sum() > 0
+
+
+def test_a_non_finite_loss_changes_nothing_and_is_counted():
+    learner = TorchLearner("m", model_config(), seed=1)
+    learner.learn_batch(examples(64))
+    before = learner.flat.param.detach().clone()
+    moments = [t.clone() for t in learner._optimizer_tensors()]
+    xs = torch.full((4, learner.encoder.width), float("nan"))
+    learner._step(xs, torch.zeros(4), torch.ones(4))
+    assert learner.rolled_back == 1
+    assert torch.equal(learner.flat.param, before)
+    assert all(torch.equal(a, b) for a, b in zip(learner._optimizer_tensors(), moments))
+
+
+def test_weights_that_overflow_are_rolled_back_to_the_last_good_state():
+    config = model_config(train={"optimizer": "sgd", "lr": 1e38})
+    learner = TorchLearner("m", config, seed=1)
+    learner.learn_batch(examples(32, classes=2))        # one micro-batch (the first step may overflow already)
+    good = learner.flat.param.detach().clone()
+    assert torch.isfinite(good).all()
+    learner.learn_batch(examples(64, start=32, classes=2))
+    assert learner.rolled_back >= 1
+    assert torch.isfinite(learner.flat.param).all()     # never left non-finite
+    assert learner.learned == 96                        # the service keeps going
+
+
+def roundtrip(learner: TorchLearner) -> TorchLearner:
+    """Through the snapshot's own files: pickle for the small state, safetensors for the arrays."""
+    files = pack({"m": learner.state()}, {"m": learner.tensors()}, b"", ServiceFigures(0, 0.0))
+    assert "tensors.safetensors" in files
+    content = unpack(Snapshot(Manifest(1, None, 0.0, "", {}, []), files))
+    twin = TorchLearner("m", learner.config, seed=999)   # another seed: everything must come from the snapshot
+    twin.restore(content.learners["m"])
+    twin.restore_tensors(content.tensors["m"])
+    return twin
+
+
+@pytest.mark.parametrize("replay", ["reservoir", "class_balanced", "time_decayed"])
+def test_a_restored_learner_continues_bit_for_bit(replay):
+    config = model_config(replay={"kind": replay, "capacity": 64}, ewc={"consolidate_every": 100})
+    original = TorchLearner("m", config, seed=5)
+    original.learn_batch(examples(250))                 # leaves a partial micro-batch queued
+    assert len(original.queue) and original.ewc.consolidations
+    twin = roundtrip(original)
+    for learner in (original, twin):
+        learner.learn_batch(examples(300, start=250, seed=1))
+        learner.flush()
+    assert torch.equal(original.flat.param, twin.flat.param)
+    moments, restored = (l.optimizer.state_dict()["state"][0] for l in (original, twin))
+    assert moments.keys() == restored.keys() and all(torch.equal(moments[k], restored[k]) for k in moments)
+    assert torch.equal(original.ewc.fisher, twin.ewc.fisher)
+    assert original.scores.values() == twin.scores.values()
+    assert original.learned == twin.learned == 550
+
+
+def test_classes_appear_as_the_stream_brings_them():
+    learner = TorchLearner("m", model_config(train={"max_classes": 3}), seed=2)
+    learner.learn_batch(examples(96, classes=2))
+    assert learner.classes == [0, 1]
+    learner.learn_batch(examples(96, start=96, classes=3))
+    assert learner.classes == [0, 1, 2]
+    learner.learn_batch([Example("x", "m", {"a": 1.0}, 7, 1.0, 1.0, 1.0)])  # a 4th class does not fit
+    assert learner.errors == 1
+
+
+def test_regression_learns_a_linear_target():
+    learner = TorchLearner("m", model_config(task="regression", train={"lr": 0.01}), seed=3)
+    rng = np.random.default_rng(0)
+    batch = [Example(f"r-{i}", "m", {"x": float(v)}, float(3 * v + 100), 1.0, i, i)
+             for i, v in enumerate(rng.normal(size=4000))]
+    learner.learn_batch(batch)
+    assert learner.scores.value("mae", rolling=True) < 1.0   # the target's spread is 3
