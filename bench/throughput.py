@@ -3,10 +3,13 @@
 Inference logs and feedback go to the embedded broker (2 partitions each); the
 service consumes both, joins, and learns test-then-train. Next to it, in the same
 run, the bare River loop does the same work on the same examples already in
-memory (predict_proba_one + learn_one, same model). Then a fixed offered rate,
-below capacity, gives the feedback-to-learned latency.
+memory (predict_proba_one + learn_one, same model). The torch learner (an MLP)
+is measured the same way at micro-batches of 32 and 256, plain and with replay +
+EWC, against the bare torch loop of `torch_loop.py` on the same tensors. Then a
+fixed offered rate, below capacity, gives the feedback-to-learned latency.
 
-    .venv/bin/python bench/throughput.py [--examples 100000] [--repeat 3] [--rate 5000] [--seconds 10]
+    .venv/bin/python bench/throughput.py [--examples 100000] [--torch-examples 50000] [--repeat 3]
+                                         [--rate 5000] [--seconds 10]
 
 Prints a table, then one JSON line with the headline figures.
 """
@@ -25,6 +28,9 @@ from collections import deque
 
 import orjson
 
+import torch
+from torch_loop import bare_torch_loop, encoded, model_table
+
 from streamlearn.config import parse_config
 from streamlearn.learners.models import build_model
 from streamlearn.service import Service
@@ -36,6 +42,7 @@ START_TS = 1_763_800_000.0
 STEADY_SHARE = 0.95
 FEEDBACK_DELAY = 0.2  # seconds between a request and its label in the latency run
 LATENCY_TAIL_SECONDS = 5.0
+TORCH_RUNS = ((32, "plain"), (32, "replay+ewc"), (256, "plain"), (256, "replay+ewc"), (32, "ewc"))
 
 
 def make_examples(n: int, seed: int) -> list[tuple[str, dict, int]]:
@@ -87,18 +94,18 @@ def bare_loop(examples) -> float:
     return len(examples) / (time.perf_counter() - started)
 
 
-def service_config(bootstrap: str, client: str, mode: str):
+def service_config(bootstrap: str, client: str, mode: str, model: dict | None = None):
     return parse_config({
         "kafka": {"bootstrap_servers": bootstrap, "client": client, "group_id": f"bench-{uuid.uuid4().hex[:8]}",
                   "session_timeout_ms": 6000, "examples_topic": ""},
         "intake": {"mode": mode},
-        "models": {"default": {"model": MODEL}},
+        "models": {"default": model or {"model": MODEL}},
         "metrics": {"enabled": False},
         "state_dir": tempfile.mkdtemp(prefix="streamlearn-bench-"),
     }, env={})
 
 
-def service_throughput(bootstrap: str, client: str, mode: str, total: int) -> float:
+def service_throughput(bootstrap: str, client: str, mode: str, total: int, model: dict | None = None) -> float:
     """Steady-state examples/s: from the first learned batch until 95% of the backlog is learned.
 
     The group join before and the tail after are left out: at the end of a finite backlog
@@ -110,7 +117,7 @@ def service_throughput(bootstrap: str, client: str, mode: str, total: int) -> fl
         if batch.examples and (not marks or marks[-1][1] < STEADY_SHARE * total):
             marks.append((time.perf_counter(), service.learned))
 
-    Service(service_config(bootstrap, client, mode)).run(until=lambda s: s.learned >= total, on_batch=on_batch)
+    Service(service_config(bootstrap, client, mode, model)).run(until=lambda s: s.learned >= total, on_batch=on_batch)
     (t0, n0), (t1, n1) = marks[0], marks[-1]
     return (n1 - n0) / (t1 - t0)
 
@@ -176,14 +183,18 @@ SERVICE_PATHS = (("confluent-kafka", "process"), ("kafka-python", "process"), ("
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=100_000)
+    parser.add_argument("--torch-examples", type=int, default=50_000, help="examples per torch learner run")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each figure is the median of its rounds")
     parser.add_argument("--rate", type=float, default=5_000.0, help="offered examples/s for the latency run")
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
 
     examples = make_examples(args.examples, seed=1)
+    torch.set_num_threads(1)  # as the service does (torch_threads = 1): small networks lose to thread hand-offs
+    x, y = encoded(examples[:args.torch_examples])
     bare: list[float] = []
     service: dict[tuple[str, str], list[float]] = {path: [] for path in SERVICE_PATHS}
+    torch_runs: dict[tuple[int, str], dict[str, list[float]]] = {run: {"bare": [], "service": []} for run in TORCH_RUNS}
     with EmbeddedBroker() as broker:
         broker.create_topics(TOPICS, partitions=2)
         produce_backlog(broker.bootstrap_servers, examples)
@@ -191,14 +202,20 @@ def main() -> None:
             bare.append(bare_loop(examples))
             for client, mode in SERVICE_PATHS:
                 service[(client, mode)].append(service_throughput(broker.bootstrap_servers, client, mode, len(examples)))
+            for batch, config in TORCH_RUNS:
+                torch_runs[(batch, config)]["bare"].append(bare_torch_loop(x, y, batch, config))
+                torch_runs[(batch, config)]["service"].append(service_throughput(
+                    broker.bootstrap_servers, "confluent-kafka", "process", args.torch_examples,
+                    model_table(batch, config)))
 
     with EmbeddedBroker() as broker:
         broker.create_topics(TOPICS, partitions=2)
         latencies = sorted(loop_latency(broker.bootstrap_servers, args.rate, args.seconds))
-    report(args, bare, service, latencies)
+    report(args, bare, service, latencies, torch_runs)
 
 
-def report(args, bare: list[float], service: dict[tuple[str, str], list[float]], latencies: list[float]) -> None:
+def report(args, bare: list[float], service: dict[tuple[str, str], list[float]], latencies: list[float],
+           torch_runs: dict[tuple[int, str], dict[str, list[float]]]) -> None:
     bare_eps = statistics.median(bare)
     print(f"{'path':<40} {'examples/s':>11} {'min':>9} {'max':>9} {'x bare':>7}")
     print(f"{'bare River loop (in memory)':<40} {bare_eps:>11,.0f} {min(bare):>9,.0f} {max(bare):>9,.0f} {1:>7.2f}")
@@ -210,12 +227,24 @@ def report(args, bare: list[float], service: dict[tuple[str, str], list[float]],
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
     print(f"median of {args.repeat} rounds of {args.examples:,} examples; loop latency at {args.rate:,.0f} examples/s "
           f"offered: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms ({len(latencies):,} examples)")
+    print(f"\n{'torch learner (MLP 64-64, Adam)':<40} {'service':>11} {'bare loop':>11} {'x bare':>7}")
+    torch_figures = {}
+    for (batch, config), runs in torch_runs.items():
+        eps, bare_torch = statistics.median(runs["service"]), statistics.median(runs["bare"])
+        print(f"{f'batch {batch}, {config}':<40} {eps:>11,.0f} {bare_torch:>11,.0f} {eps / bare_torch:>7.2f}")
+        key = f"torch_{batch}_{config.replace('+', '_')}"
+        torch_figures.update({f"{key}_eps": round(eps), f"{key}_bare_eps": round(bare_torch),
+                              f"{key}_ratio": round(eps / bare_torch, 3)})
+    ewc_cost = 1 - torch_figures["torch_32_ewc_eps"] / torch_figures["torch_32_plain_eps"]
+    torch_figures["torch_32_ewc_cost"] = round(ewc_cost, 3)
+    print(f"EWC penalty at batch 32: {100 * ewc_cost:.1f}% of the service's throughput (ewc vs plain)")
     service_eps, kafka_python_eps, inline_eps = (medians[path] for path in SERVICE_PATHS)
     print(json.dumps({
         "service_eps": round(service_eps), "bare_eps": round(bare_eps), "ratio": round(service_eps / bare_eps, 3),
         "kafka_python_eps": round(kafka_python_eps), "kafka_python_ratio": round(kafka_python_eps / bare_eps, 3),
         "inline_eps": round(inline_eps), "inline_ratio": round(inline_eps / bare_eps, 3),
         "offered_rate": args.rate, "latency_p50_ms": round(p50 * 1000, 1), "latency_p99_ms": round(p99 * 1000, 1),
+        **torch_figures,
     }))
 
 

@@ -84,10 +84,7 @@ def demo(
 @snapshots_app.command("list")
 def snapshots_list(config: Optional[Path] = ConfigOption) -> None:
     """One line per snapshot, newest first: sequence, time, examples learned, size, and whether it is usable."""
-    from streamlearn.checkpoints.catalog import catalog
-
-    store, fingerprint = _snapshot_store(config)
-    rows = catalog(store, fingerprint)
+    rows, store = _snapshot_rows(config, only=None, required=False)
     if not rows:
         typer.echo(f"no snapshots in {store.root}")
         return
@@ -106,14 +103,7 @@ def snapshots_show(seq: int = typer.Argument(..., help="Sequence number of the s
     """The manifest of one snapshot (offsets, files with their SHA-256, figures) and whether it verifies."""
     import msgspec
 
-    from streamlearn.checkpoints.catalog import catalog
-
-    store, fingerprint = _snapshot_store(config)
-    rows = catalog(store, fingerprint, only=seq)
-    if not rows:
-        typer.echo(f"no snapshot {seq} in {store.root}", err=True)
-        raise typer.Exit(1)
-    row = rows[0]
+    row = _snapshot_rows(config, only=seq, required=True)[0][0]
     shown = msgspec.to_builtins(row.manifest) if row.manifest else {"seq": seq}
     shown["created_utc"] = _utc(row.manifest.created) if row.manifest else None
     shown["status"] = row.problem or "ok"
@@ -124,13 +114,7 @@ def snapshots_show(seq: int = typer.Argument(..., help="Sequence number of the s
 def snapshots_verify(seq: Optional[int] = typer.Argument(None, help="Only this snapshot (default: all)."),
                      config: Optional[Path] = ConfigOption) -> None:
     """Verifies checksums, sizes and the HMAC; exits 1 when any checked snapshot cannot be resumed from."""
-    from streamlearn.checkpoints.catalog import catalog
-
-    store, fingerprint = _snapshot_store(config)
-    rows = catalog(store, fingerprint, only=seq)
-    if not rows:
-        typer.echo(f"no snapshot{'' if seq is None else f' {seq}'} in {store.root}", err=True)
-        raise typer.Exit(1)
+    rows, _ = _snapshot_rows(config, only=seq, required=True)
     for row in rows:
         typer.echo(f"snapshot {row.seq}: {row.problem or 'ok'}")
     if any(row.problem for row in rows):
@@ -145,12 +129,18 @@ def _config_or_exit(path: Optional[Path]):
         raise typer.Exit(2)
 
 
-def _snapshot_store(path: Optional[Path]):
-    from streamlearn.checkpoints.catalog import open_store
+def _snapshot_rows(path: Optional[Path], only: Optional[int], required: bool):
+    """The catalog of the configured state_dir (or just `only`), and the store; exit 1 if required and none."""
+    from streamlearn.checkpoints.catalog import catalog, open_store
     from streamlearn.checkpoints.snapshotter import config_fingerprint
 
     cfg = _config_or_exit(path)
-    return open_store(cfg), config_fingerprint(cfg)
+    store = open_store(cfg)
+    rows = catalog(store, config_fingerprint(cfg), only=only)
+    if required and not rows:
+        typer.echo(f"no snapshot{'' if only is None else f' {only}'} in {store.root}", err=True)
+        raise typer.Exit(1)
+    return rows, store
 
 
 def _utc(unix: float) -> str:

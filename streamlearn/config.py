@@ -30,7 +30,7 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Setting = Union[str, int, float, bool]
 
-EWC_LAMBDA = 100.0  # the default ewc.lambda, chosen from the sweep in bench/forgetting.py (README)
+EWC_LAMBDA = 10.0  # the default ewc.lambda, chosen from the sweep in bench/forgetting.py (README)
 
 # STREAMLEARN_ variables that are secrets read where they are used, not settings.
 NON_SETTING_ENV = frozenset({"STREAMLEARN_SNAPSHOT_KEY"})
@@ -146,6 +146,7 @@ class Config(_Section):
     seed: int = 42
     state_dir: str = "state"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 1   # intra-op threads of torch learners (0: torch's default)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     join: JoinConfig = msgspec.field(default_factory=JoinConfig)
     intake: IntakeConfig = msgspec.field(default_factory=IntakeConfig)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,37 @@ def test_regression_learns_a_linear_target():
              for i, v in enumerate(rng.normal(size=4000))]
     learner.learn_batch(batch)
     assert learner.scores.value("mae", rolling=True) < 1.0   # the target's spread is 3
+
+
+def test_the_service_learns_a_torch_model_and_resumes_it_from_a_snapshot(tmp_path):
+    import orjson
+
+    from streamlearn.checkpoints.store import SnapshotStore
+    from streamlearn.service import Service
+
+    path = tmp_path / "examples.jsonl"
+    rows = examples(900)
+    path.write_bytes(b"".join(orjson.dumps({"id": e.id, "ts": e.ts, "model": "m", "features": e.features,
+                                            "label": e.label}) + b"\n" for e in rows))
+
+    def config(state: str):
+        return parse_config({"source": f"file:{path}", "state_dir": str(tmp_path / state),
+                             "intake": {"mode": "inline"}, "metrics": {"port": 0, "host": "127.0.0.1"},
+                             "models": {"m": {"model": "mlp", "params": {"hidden": [16]},
+                                              "replay": {"capacity": 100}}}}, env={})
+
+    first = Service(config("a"))
+    summary = first.run()
+    assert summary["learned"] == 900 and summary["models"]["m"]["replay_size"] == 100
+    with urllib.request.urlopen(f"http://127.0.0.1:{first.metrics.port}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    first.close()
+    assert 'streamlearn_replay_buffer_size{model="m"} 100.0' in metrics
+    assert 'streamlearn_update_rollbacks_total{model="m"} 0.0' in metrics
+    assert 'streamlearn_update_seconds_count{model="m"} 29.0' in metrics   # 28 micro-batches of 32 + the rest
+    snapshot = SnapshotStore(tmp_path / "a" / "snapshots").load(1)
+    assert "tensors.safetensors" in snapshot.files
+    resumed = Service(config("a"))            # restores snapshot 1; the file is already read to its end
+    learner = resumed.learners["m"]
+    assert torch.equal(learner.flat.param, first.learners["m"].flat.param)
+    assert learner.replay.store.size == 100 and learner.learned == 900

@@ -25,6 +25,9 @@ import numpy as np
 from streamlearn.records import Features
 
 
+MAX_LAYOUTS = 1024
+
+
 class RunningMoments:
     """Per-column running mean and variance, NaN meaning "not present" (Chan et al.'s parallel update).
 
@@ -71,23 +74,48 @@ class FeatureEncoder:
         self.strings: dict[str, int] = {}
         self.moments = RunningMoments(numeric_slots)
         self.dropped = 0   # numeric features seen after every numeric column was taken
+        self._layouts: dict[tuple, list[int]] = {}   # feature names in order -> their numeric columns
 
-    def vectorize(self, rows: list[Features]) -> np.ndarray:
+    def vectorize(self, rows: list[Features], grow: bool = True) -> np.ndarray:
+        """Raw rows; with `grow=False` (scoring only) features never seen are ignored, no column is handed out."""
         out = np.zeros((len(rows), self.width), dtype=np.float32)
         out[:, :self.numeric_slots] = np.nan
-        at_row, at_col, values = [], [], []
-        for i, features in enumerate(rows):
-            for name, value in features.items():
-                if isinstance(value, str):
-                    col, value = self._string_column(name, value), 1.0
-                else:
-                    col = self._numeric_column(name)
-                if col is not None:
-                    at_row.append(i)
-                    at_col.append(col)
-                    values.append(value)
-        out[at_row, at_col] = values
+        shapes: dict[tuple, list[int]] = {}
+        for i, features in enumerate(rows):   # rows of one schema (same names, same order) go in together
+            shapes.setdefault(tuple(features), []).append(i)
+        for names, members in shapes.items():
+            if not self._numeric_block(out, rows, names, members, grow):
+                for i in members:
+                    self._one_by_one(out, i, rows[i], grow)
         return out
+
+    def _numeric_block(self, out: np.ndarray, rows: list[Features], names: tuple, members: list[int],
+                       grow: bool) -> bool:
+        """Writes rows whose features are all numeric in one numpy op; False when they are not (or do not fit)."""
+        columns = self._layouts.get(names)
+        if columns is None:
+            if any(self.numeric.get(name) is None for name in names) and not grow:
+                return False
+            columns = [self._numeric_column(name, grow) for name in names]
+            if None in columns:
+                return False
+            if len(self._layouts) < MAX_LAYOUTS:  # bounded: a stream of ever new schemas gains nothing here
+                self._layouts[names] = columns
+        try:
+            values = np.array([list(rows[i].values()) for i in members], dtype=np.float32)
+        except (TypeError, ValueError):   # a string among the values
+            return False
+        out[np.ix_(members, columns)] = values
+        return True
+
+    def _one_by_one(self, out: np.ndarray, i: int, features: Features, grow: bool) -> None:
+        for name, value in features.items():
+            if type(value) is str:
+                col, value = self._string_column(name, value, grow), 1.0
+            else:
+                col = self._numeric_column(name, grow)
+            if col is not None:
+                out[i, col] = value
 
     def learn(self, raw: np.ndarray) -> None:
         """Adds a batch of raw rows to the numeric columns' running mean and variance."""
@@ -99,19 +127,21 @@ class FeatureEncoder:
         out[:, :self.numeric_slots] = np.nan_to_num(numeric, nan=0.0, posinf=0.0, neginf=0.0)
         return out
 
-    def _numeric_column(self, name: str):
+    def _numeric_column(self, name: str, grow: bool):
         col = self.numeric.get(name)
-        if col is None:
+        if col is None and grow:
             if len(self.numeric) >= self.numeric_slots:
                 self.dropped += 1
                 return None
             col = self.numeric[name] = len(self.numeric)
         return col
 
-    def _string_column(self, name: str, value: str) -> int:
+    def _string_column(self, name: str, value: str, grow: bool):
         key = f"{name}={value}"
         col = self.strings.get(key)
         if col is None:
+            if not grow:
+                return None
             if len(self.strings) < self.string_slots:
                 col = self.strings[key] = self.numeric_slots + len(self.strings)
             else:  # a stable hash (not Python's, which changes per process)

@@ -12,7 +12,7 @@ Classes are learned as they appear (class-incremental): the output layer has
 in the loss and the prediction.
 
 >>> from streamlearn.config import ModelConfig
->>> from streamlearn.records import Example
+>>> from streamlearn.records import Example, Features
 >>> config = ModelConfig(model="mlp", params={"hidden": [16]})
 >>> learner = TorchLearner("digits", config, seed=1)
 >>> batch = [Example(f"r-{i}", "digits", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(2000)]
@@ -23,6 +23,7 @@ in the loss and the prediction.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
@@ -37,12 +38,13 @@ from streamlearn.learners.ewc import OnlineEWC
 from streamlearn.learners.flat import FlatParameters
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.networks import build_network
-from streamlearn.records import Example
+from streamlearn.records import Example, Features
 from streamlearn.replay.class_balanced import ClassBalancedBuffer
 from streamlearn.replay.reservoir import ReservoirBuffer
 from streamlearn.replay.store import ReplayBuffer
 from streamlearn.replay.time_decayed import TimeDecayedBuffer
 
+STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
@@ -63,6 +65,8 @@ class Queue:
     def push(self, raw, y, w, ts, label_ts, now: float) -> None:
         if not len(self):
             self.since = now
+            self.raw, self.y, self.w, self.ts, self.label_ts = raw, y, w, ts, label_ts
+            return
         self.raw, self.y, self.w = np.concatenate([self.raw, raw]), np.concatenate([self.y, y]), np.concatenate([self.w, w])
         self.ts, self.label_ts = np.concatenate([self.ts, ts]), np.concatenate([self.label_ts, label_ts])
 
@@ -79,8 +83,10 @@ class TorchLearner(Learner):
 
     STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "_since_consolidation")
 
-    def __init__(self, name: str, config: ModelConfig, seed: int = 42) -> None:
+    def __init__(self, name: str, config: ModelConfig, seed: int = 42, threads: int = 0) -> None:
         super().__init__(name, config.task, config.window)
+        if threads:
+            torch.set_num_threads(threads)   # process-wide: the service passes its one torch_threads setting
         self.config = config
         self.generator = torch.Generator().manual_seed(seed)
         e = config.encoder
@@ -99,49 +105,55 @@ class TorchLearner(Learner):
         self._since_consolidation = 0
         self._class_index: dict = {}
         self._good: list[torch.Tensor] = []
+        # Dropout and batch norm behave differently in training: only then switch modes and random streams.
+        self._stochastic = any(isinstance(m, STOCHASTIC) for m in self.net.modules())
 
     # --- test, then queue --------------------------------------------------------------------------------
 
     def _test_then_train(self, examples: list[Example], now: Optional[float]) -> None:
         now = time.time() if now is None else now
-        size = self.config.train.batch_size
-        while examples:
-            room = size - len(self.queue)
-            self._test_and_queue(examples[:room], now)
-            examples = examples[room:]
-            if len(self.queue) >= size:
-                self._train(*self.queue.pop(size), now)
-
-    def _test_and_queue(self, examples: list[Example], now: float) -> None:
-        known = len(self.classes)
-        y = self._targets(examples)
+        y, known = self._targets(examples)
         keep = ~np.isnan(y)
         if not keep.all():
-            examples = [ex for ex, k in zip(examples, keep) if k]
-            y = y[keep]
+            examples, y, known = [ex for ex, k in zip(examples, keep) if k], y[keep], known[keep]
         if not examples:
             return
         raw = self.encoder.vectorize([ex.features for ex in examples])
-        with torch.no_grad():
-            self.net.eval()
-            out = self.net(torch.from_numpy(self.encoder.scale(raw)))
-            self.net.train()
-        self._score(out, y, known)
         w = np.fromiter((ex.weight for ex in examples), np.float32, len(examples))
         ts = np.fromiter((ex.ts for ex in examples), float, len(examples))
         label_ts = np.fromiter((ex.label_ts for ex in examples), float, len(examples))
-        self.queue.push(raw, y, w, ts, label_ts, now)
+        size, start = self.config.train.batch_size, 0
+        while start < len(y):  # score up to a micro-batch with the model as it is, queue, learn a full one
+            part = slice(start, min(len(y), start + size - len(self.queue)))
+            self._score(self._forward(raw[part]), y[part], int(known[start]))
+            self.queue.push(raw[part], y[part], w[part], ts[part], label_ts[part], now)
+            if len(self.queue) >= size:
+                self._train(*self.queue.pop(size), now)
+            start = part.stop
 
-    def _targets(self, examples: list[Example]) -> np.ndarray:
-        """Class indices (new classes get the next unit) or numeric targets; NaN for one that cannot be learned."""
+    def _forward(self, raw: np.ndarray) -> torch.Tensor:
+        """The network's output for raw rows, in eval mode (no dropout), without gradients."""
+        with torch.no_grad():
+            if self._stochastic:
+                self.net.eval()
+            out = self.net(torch.from_numpy(self.encoder.scale(raw)))
+            if self._stochastic:
+                self.net.train()
+        return out
+
+    def _targets(self, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices (a new class gets the next unit) or numeric targets, NaN for one that cannot be
+        learned; and how many classes were known before each example (what it can be scored against)."""
         y = np.empty(len(examples), dtype=np.float32)
+        known = np.empty(len(examples), dtype=np.int64)
         for i, ex in enumerate(examples):
+            known[i] = len(self.classes)
             try:
                 y[i] = self._class_of(ex.label) if self.task == "classification" else float(ex.label)
             except (ModelError, TypeError, ValueError) as err:
                 self._count_error(ex, err)
                 y[i] = np.nan
-        return y
+        return y, known
 
     def _class_of(self, label) -> int:
         index = self._class_index.get(label)
@@ -167,6 +179,15 @@ class TorchLearner(Learner):
         p_true = np.where(seen, proba[np.arange(n), np.minimum(y.astype(int), known - 1)], 0.0)
         correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
         self.scores.update_classification(correct, p_true)
+
+    def predict_many(self, rows: list[Features]) -> list:
+        """The most likely label of each feature dict (regression: the value); learns nothing."""
+        out = self._forward(self.encoder.vectorize(rows, grow=False))
+        if self.task == "regression":
+            return (out[:, 0].double().numpy() * self.targets.std()[0] + self.targets.mean[0]).tolist()
+        if not self.classes:
+            return [None] * len(rows)
+        return [self.classes[i] for i in out[:, :len(self.classes)].argmax(dim=1).tolist()]
 
     # --- train ---------------------------------------------------------------------------------------------
 
@@ -212,28 +233,31 @@ class TorchLearner(Learner):
     def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: torch.Tensor) -> None:
         """One gradient step; undone (and counted) if the loss, the gradient or the new weights are not finite."""
         self.flat.zero_grad()
-        with torch.random.fork_rng(devices=[]):   # dropout draws from this learner's own generator
-            torch.set_rng_state(self.generator.get_state())
+        if self._stochastic:
+            with torch.random.fork_rng(devices=[]):   # dropout draws from this learner's own generator
+                torch.set_rng_state(self.generator.get_state())
+                out = self.net(xs)
+                self.generator.set_state(torch.get_rng_state())
+        else:
             out = self.net(xs)
-            self.generator.set_state(torch.get_rng_state())
         if self.task == "classification":
             losses = F.cross_entropy(out[:, :len(self.classes)], ys.long(), reduction="none")
         else:
             losses = (out[:, 0] - ys) ** 2
         loss = (losses * ws).sum() / ws.sum()
-        if not torch.isfinite(loss):
+        if not math.isfinite(loss.item()):
             self.rolled_back += 1
             return
         loss.backward()
         grad = self.flat.param.grad
-        if not torch.isfinite(grad).all():
+        if not _finite(grad):
             self.rolled_back += 1
             return
         self.ewc.observe(grad, len(ys))
         self.ewc.penalty_grad(self.flat.param, grad)
         self._keep_good()
         self.optimizer.step()
-        if not torch.isfinite(self.flat.param).all():
+        if not _finite(self.flat.param):
             self._roll_back()
 
     def consolidate(self) -> None:
@@ -296,6 +320,11 @@ class TorchLearner(Learner):
     def summary(self) -> dict:
         return {**super().summary(), "rolled_back": self.rolled_back, "classes": len(self.classes),
                 "replay_size": self.replay_size or 0}
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """False when any element is NaN or infinite (one reduction: NaN and inf survive a sum; so does overflow)."""
+    return math.isfinite(float(t.detach().sum()))
 
 
 def _replay_buffer(config: ModelConfig, width: int, seed: int) -> Optional[ReplayBuffer]:

@@ -1,0 +1,198 @@
+"""Continual learning on scikit-learn's digits, task after task, through the service: who forgets what.
+
+Two scenarios, 5 tasks each, played as a stream of labeled examples (a JSONL
+file, the file source, the service's torch learner; nothing here trains a model
+itself):
+- split (class-incremental): tasks {0,1}, {2,3}, ... {8,9}, one 10-way head;
+- permuted (domain-incremental): all ten digits, each task under its own fixed
+  pixel permutation.
+Each task's training examples are streamed `--epochs` times (reshuffled each
+time) before the next task begins. Methods: naive fine-tuning, replay only, EWC
+only, replay + EWC (EWC over a sweep of lambda), and joint training on the
+shuffled union (the upper bound). Same MLP, same micro-batch size, same number
+of examples streamed, hence the same budget of gradient steps.
+
+After each task the model is scored on every task's held-out test split:
+final accuracy = mean over tasks at the end; forgetting of a task = its best
+accuracy after any earlier task - its final accuracy (mean over tasks 1-4).
+
+    .venv/bin/python bench/forgetting.py [--seeds 5] [--epochs 3] [--workers 2]
+
+Prints a table per scenario (mean ± std over seeds), then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+BATCH = 32
+STEPS = 3                 # gradient steps per micro-batch, every method alike
+HIDDEN = [128, 128]
+LAMBDAS = [1.0, 10.0, 100.0, 1000.0, 10000.0]
+REPLAY = {"split": {"kind": "class_balanced", "capacity": 200, "ratio": 0.5},
+          "permuted": {"kind": "reservoir", "capacity": 200, "ratio": 0.5}}
+CONSOLIDATE_EVERY = 500   # examples: EWC consolidates on its own clock, blind to task boundaries
+TASKS = 5
+
+
+def methods(scenario: str) -> list[tuple[str, dict]]:
+    none, replay = {"kind": "none"}, REPLAY[scenario]
+    out = [("naive", {"replay": none, "ewc": {"lambda": 0.0}}),
+           ("replay", {"replay": replay, "ewc": {"lambda": 0.0}})]
+    out += [(f"ewc λ={lam:g}", {"replay": none, "ewc": {"lambda": lam}}) for lam in LAMBDAS]
+    out += [(f"replay+ewc λ={lam:g}", {"replay": replay, "ewc": {"lambda": lam}}) for lam in LAMBDAS]
+    out.append(("joint", {"replay": none, "ewc": {"lambda": 0.0}}))
+    return out
+
+
+def make_tasks(scenario: str, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(train x, train y, test x, test y) per task; a 70/30 split per class, drawn with `seed`."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in range(10):
+        rows = rng.permutation(np.flatnonzero(digits.target == label))
+        cut = int(0.7 * len(rows))
+        train.append(rows[:cut])
+        test.append(rows[cut:])
+    x, y = digits.data.astype(np.float32), digits.target
+    if scenario == "split":
+        return [(x[np.concatenate(train[2 * t:2 * t + 2])], y[np.concatenate(train[2 * t:2 * t + 2])],
+                 x[np.concatenate(test[2 * t:2 * t + 2])], y[np.concatenate(test[2 * t:2 * t + 2])])
+                for t in range(TASKS)]
+    tr, te = np.concatenate(train), np.concatenate(test)
+    perms = [np.arange(64)] + [rng.permutation(64) for _ in range(TASKS - 1)]
+    return [(x[tr][:, p], y[tr], x[te][:, p], y[te]) for p in perms]
+
+
+def stream_rows(tasks, epochs: int, joint: bool, rng: np.random.Generator) -> tuple[list[tuple], list[int]]:
+    """The examples in streaming order and the stream position where each task ends (multiples of BATCH)."""
+    per_task = []
+    for x, y, _, _ in tasks:
+        rows = [(x[i], y[i]) for _ in range(epochs) for i in rng.permutation(len(y))]
+        per_task.append(rows[:len(rows) - len(rows) % BATCH])
+    if joint:
+        union = [row for rows in per_task for row in rows]
+        return [union[i] for i in rng.permutation(len(union))], [len(union)]
+    ends = list(np.cumsum([len(rows) for rows in per_task]))
+    return [row for rows in per_task for row in rows], ends
+
+
+def features(x: np.ndarray) -> dict[str, float]:
+    return {f"p{j}": float(v) for j, v in enumerate(x)}
+
+
+def run_one(job: tuple[str, str, dict, int, int]) -> dict:
+    """One method on one scenario with one seed, through the service; returns the accuracy matrix."""
+    import torch
+
+    from streamlearn.config import parse_config
+    from streamlearn.service import Service
+
+    scenario, name, overrides, seed, epochs, consolidate_every = job
+    torch.set_num_threads(1)
+    tasks = make_tasks(scenario, seed)
+    rows, ends = stream_rows(tasks, epochs, name == "joint", np.random.default_rng(seed + 1000))
+    tests = [([features(x) for x in tx], ty) for _, _, tx, ty in tasks]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "stream.jsonl")
+        with open(path, "wb") as out:
+            for i, (x, y) in enumerate(rows):
+                out.write(orjson.dumps({"id": f"e-{i}", "ts": float(i), "model": "digits", "features": features(x),
+                                        "label": int(y)}) + b"\n")
+        config = parse_config({
+            "source": f"file:{path}", "state_dir": tmp, "seed": seed,
+            "intake": {"mode": "inline", "batch_size": BATCH},
+            "snapshot": {"enabled": False}, "metrics": {"enabled": False},
+            "models": {"digits": {"model": "mlp", "params": {"hidden": HIDDEN},
+                                  "train": {"batch_size": BATCH, "steps_per_batch": STEPS, "max_wait": 3600.0,
+                                            "max_classes": 10},
+                                  **_merged(overrides, consolidate_every or 10 ** 9)}},
+        }, env={})
+        service = Service(config)
+        learner = service.learners["digits"]
+        matrix: list[list[float]] = []
+
+        def after_task(task: int) -> None:
+            if not consolidate_every and task < TASKS - 1 and name != "joint":
+                learner.consolidate()   # told that the task ends: what was learned becomes the EWC anchor
+            matrix.append([float(np.mean(np.asarray(learner.predict_many(fx)) == ty)) for fx, ty in tests])
+
+        def on_batch(service, batch) -> None:
+            while len(matrix) < len(ends) - 1 and learner.learned >= ends[len(matrix)]:
+                after_task(len(matrix))
+
+        summary = service.run(on_batch=on_batch)
+        after_task(len(matrix))
+    assert summary["learned"] == len(rows), summary
+    return {"scenario": scenario, "method": name, "seed": seed, "matrix": matrix}
+
+
+def _merged(overrides: dict, consolidate_every: int) -> dict:
+    sections = {section: dict(values) for section, values in overrides.items()}
+    sections["ewc"]["consolidate_every"] = consolidate_every
+    return sections
+
+
+def final_accuracy(matrix: list[list[float]]) -> float:
+    return float(np.mean(matrix[-1]))
+
+
+def forgetting(matrix: list[list[float]]) -> float:
+    """Mean over all but the last task of (best accuracy after an earlier task - final accuracy)."""
+    if len(matrix) < 2:
+        return float("nan")
+    final = matrix[-1]
+    return float(np.mean([max(row[j] for row in matrix[j:-1]) - final[j] for j in range(len(final) - 1)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over each task's examples")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--scenarios", default="split,permuted")
+    parser.add_argument("--consolidate-every", type=int, default=CONSOLIDATE_EVERY,
+                        help="examples between EWC consolidations; 0: at each task's end instead (told the boundary)")
+    args = parser.parse_args()
+    jobs = [(scenario, name, overrides, seed, args.epochs, args.consolidate_every) for scenario in args.scenarios.split(",")
+            for name, overrides in methods(scenario) for seed in range(args.seeds)]
+    with mp.get_context("fork").Pool(args.workers) as pool:
+        results = pool.map(run_one, jobs, chunksize=1)
+    report(args, results)
+
+
+def summarize(results: list[dict]) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
+    table: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in results:
+        row = table.setdefault((r["scenario"], r["method"]), {"acc": [], "forget": []})
+        row["acc"].append(final_accuracy(r["matrix"]))
+        row["forget"].append(forgetting(r["matrix"]))
+    return {key: {k: (float(np.mean(v)), float(np.std(v))) for k, v in row.items()} for key, row in table.items()}
+
+
+def report(args, results: list[dict]) -> None:
+    table = summarize(results)
+    for scenario in args.scenarios.split(","):
+        print(f"\n{scenario} digits, {TASKS} tasks, {args.epochs} epochs per task, MLP {HIDDEN}, batch {BATCH}, "
+              f"{args.seeds} seeds; replay {REPLAY[scenario]}")
+        print(f"  {'method':<22} {'final accuracy':>16} {'forgetting':>16}")
+        for name, _ in methods(scenario):
+            row = table[(scenario, name)]
+            fg = "—" if name == "joint" else f"{row['forget'][0]:.3f} ± {row['forget'][1]:.3f}"
+            print(f"  {name:<22} {row['acc'][0]:>8.3f} ± {row['acc'][1]:.3f} {fg:>16}")
+    print(json.dumps({f"{scenario}_{name}": {"accuracy": round(row["acc"][0], 4), "forgetting": round(row["forget"][0], 4)}
+                      for (scenario, name), row in table.items()}, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
