@@ -29,7 +29,7 @@ from collections import deque
 import orjson
 
 import torch
-from torch_loop import bare_torch_loop, encoded, model_table
+from torch_loop import bare_torch_loop, encoded, learner_loop, model_table
 
 from streamlearn.config import parse_config
 from streamlearn.learners.models import build_model
@@ -194,7 +194,8 @@ def main() -> None:
     x, y = encoded(examples[:args.torch_examples])
     bare: list[float] = []
     service: dict[tuple[str, str], list[float]] = {path: [] for path in SERVICE_PATHS}
-    torch_runs: dict[tuple[int, str], dict[str, list[float]]] = {run: {"bare": [], "service": []} for run in TORCH_RUNS}
+    torch_runs: dict[tuple[int, str], dict[str, list[float]]] = {
+        run: {"bare": [], "learner": [], "service": []} for run in TORCH_RUNS}
     with EmbeddedBroker() as broker:
         broker.create_topics(TOPICS, partitions=2)
         produce_backlog(broker.bootstrap_servers, examples)
@@ -204,6 +205,7 @@ def main() -> None:
                 service[(client, mode)].append(service_throughput(broker.bootstrap_servers, client, mode, len(examples)))
             for batch, config in TORCH_RUNS:
                 torch_runs[(batch, config)]["bare"].append(bare_torch_loop(x, y, batch, config))
+                torch_runs[(batch, config)]["learner"].append(learner_loop(examples[:args.torch_examples], batch, config))
                 torch_runs[(batch, config)]["service"].append(service_throughput(
                     broker.bootstrap_servers, "confluent-kafka", "process", args.torch_examples,
                     model_table(batch, config)))
@@ -227,17 +229,21 @@ def report(args, bare: list[float], service: dict[tuple[str, str], list[float]],
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
     print(f"median of {args.repeat} rounds of {args.examples:,} examples; loop latency at {args.rate:,.0f} examples/s "
           f"offered: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms ({len(latencies):,} examples)")
-    print(f"\n{'torch learner (MLP 64-64, Adam)':<40} {'service':>11} {'bare loop':>11} {'x bare':>7}")
+    print(f"\n{'torch learner (MLP 64-64, Adam)':<32} {'service':>9} {'learner':>9} {'bare loop':>10} "
+          f"{'service/bare':>13} {'learner/bare':>13}")
     torch_figures = {}
     for (batch, config), runs in torch_runs.items():
-        eps, bare_torch = statistics.median(runs["service"]), statistics.median(runs["bare"])
-        print(f"{f'batch {batch}, {config}':<40} {eps:>11,.0f} {bare_torch:>11,.0f} {eps / bare_torch:>7.2f}")
+        eps, alone, bare_torch = (statistics.median(runs[k]) for k in ("service", "learner", "bare"))
+        print(f"{f'batch {batch}, {config}':<32} {eps:>9,.0f} {alone:>9,.0f} {bare_torch:>10,.0f} "
+              f"{eps / bare_torch:>13.2f} {alone / bare_torch:>13.2f}")
         key = f"torch_{batch}_{config.replace('+', '_')}"
-        torch_figures.update({f"{key}_eps": round(eps), f"{key}_bare_eps": round(bare_torch),
-                              f"{key}_ratio": round(eps / bare_torch, 3)})
-    ewc_cost = 1 - torch_figures["torch_32_ewc_eps"] / torch_figures["torch_32_plain_eps"]
+        torch_figures.update({f"{key}_eps": round(eps), f"{key}_learner_eps": round(alone),
+                              f"{key}_bare_eps": round(bare_torch), f"{key}_ratio": round(eps / bare_torch, 3),
+                              f"{key}_learner_ratio": round(alone / bare_torch, 3)})
+    ewc_cost = 1 - torch_figures["torch_32_ewc_learner_eps"] / torch_figures["torch_32_plain_learner_eps"]
     torch_figures["torch_32_ewc_cost"] = round(ewc_cost, 3)
-    print(f"EWC penalty at batch 32: {100 * ewc_cost:.1f}% of the service's throughput (ewc vs plain)")
+    print(f"service: end to end through Kafka; learner: the TorchLearner alone on the same examples in memory. "
+          f"EWC penalty at batch 32: {100 * ewc_cost:.1f}% of the learner's throughput (ewc vs plain)")
     service_eps, kafka_python_eps, inline_eps = (medians[path] for path in SERVICE_PATHS)
     print(json.dumps({
         "service_eps": round(service_eps), "bare_eps": round(bare_eps), "ratio": round(service_eps / bare_eps, 3),

@@ -41,6 +41,22 @@ def model_table(batch: int, config: str) -> dict:
             "ewc": EWC if ewc else {"lambda": 0.0}}
 
 
+def learner_loop(examples, batch: int, config: str, seed: int = 42) -> float:
+    """Examples/s of the service's TorchLearner alone: the same examples as feature dicts, in memory."""
+    from streamlearn.config import parse_config
+    from streamlearn.learners.torch_learner import TorchLearner
+    from streamlearn.records import Example
+
+    model = parse_config({"models": {"default": model_table(batch, config)}}, env={}).models["default"]
+    learner = TorchLearner("default", model, seed, threads=1)
+    chunks = [[Example(rid, "default", x, y, 1.0, float(i), float(i)) for i, (rid, x, y) in
+               enumerate(examples[start:start + 1000], start)] for start in range(0, len(examples), 1000)]
+    started = time.perf_counter()
+    for chunk in chunks:
+        learner.learn_batch(chunk, now=0.0)
+    return learner.learned / (time.perf_counter() - started)
+
+
 def encoded(examples) -> tuple[torch.Tensor, torch.Tensor]:
     """All examples as the learner's encoder would give them, scaled with statistics of the whole set."""
     encoder = FeatureEncoder(**ENCODER)

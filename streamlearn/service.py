@@ -90,6 +90,11 @@ class Service:
         self.positions = dict(snapshot.manifest.offsets)
         self.restored_from = self.snapshots.parent = snapshot.manifest.seq
         log.info("restored snapshot %d: %d examples learned", self.restored_from, content.figures.learned)
+        if wanted is not None and wanted != store.latest_seq():
+            # A rollback is made the newest snapshot at once: a crash before the next one must not undo it.
+            m = snapshot.manifest
+            copy = store.write(snapshot.files, m.offsets, fingerprint, m.meta, parent=m.seq)
+            log.info("rolled back: snapshot %d is now snapshot %d", m.seq, copy.seq)
         return content.figures.audit_length
 
     def start_metrics(self) -> Optional[MetricsServer]:

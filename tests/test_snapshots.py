@@ -158,12 +158,14 @@ def test_from_snapshot_rolls_back_to_an_older_one_and_refuses_a_missing_one(stre
     Service(config(stream, tmp_path)).run()
     store = SnapshotStore(tmp_path / "snapshots")
     oldest, newest = store.sequences()[0], store.latest_seq()
+    wanted, learned = store.load(oldest), store.load(newest).manifest.meta["learned"]
     service = Service(config(stream, tmp_path), from_snapshot=oldest)
     assert service.restored_from == oldest
-    assert service.positions == store.load(oldest).manifest.offsets
-    summary = service.run()  # learns again from the older offsets on; the new snapshot's parent is the old one
-    assert store.load(newest + 1).manifest.parent == oldest
-    assert summary["learned"] == store.load(newest).manifest.meta["learned"]
+    assert service.positions == wanted.manifest.offsets
+    rollback = store.load(newest + 1)  # written at once: a crash before the next snapshot keeps the rollback
+    assert rollback.manifest.parent == oldest and rollback.files == wanted.files
+    summary = service.run()  # learns again from the older offsets on
+    assert summary["learned"] == learned
     with pytest.raises(ConfigError, match="no snapshot 999"):
         Service(config(stream, tmp_path), from_snapshot=999)
 

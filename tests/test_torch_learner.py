@@ -76,7 +76,7 @@ def test_a_non_finite_loss_changes_nothing_and_is_counted():
     before = learner.flat.param.detach().clone()
     moments = [t.clone() for t in learner._optimizer_tensors()]
     xs = torch.full((4, learner.encoder.width), float("nan"))
-    learner._step(xs, torch.zeros(4), torch.ones(4))
+    learner._step(xs, torch.zeros(4, dtype=torch.long), None)
     assert learner.rolled_back == 1
     assert torch.equal(learner.flat.param, before)
     assert all(torch.equal(a, b) for a, b in zip(learner._optimizer_tensors(), moments))

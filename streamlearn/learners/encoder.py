@@ -19,6 +19,7 @@ raw rows, so a replayed example is scaled like a new one.
 from __future__ import annotations
 
 import zlib
+from itertools import chain
 
 import numpy as np
 
@@ -42,19 +43,25 @@ class RunningMoments:
         self.m2 = np.zeros(width)
 
     def update(self, values: np.ndarray) -> None:
+        """Adds rows of `values` (columns beyond its width are left as they are)."""
+        k = values.shape[1]
         values = values.astype(np.float64)
         present = ~np.isnan(values)
-        n = present.sum(axis=0)
-        if not n.any():
-            return
-        batch_mean = np.nansum(values, axis=0) / np.maximum(n, 1)
-        batch_m2 = np.nansum(np.where(present, (values - batch_mean) ** 2, 0.0), axis=0)
-        total = self.count + n
-        delta = batch_mean - self.mean
+        if present.all():   # the common case: no value missing
+            n = np.full(k, float(len(values)))
+            batch_mean = values.mean(axis=0)
+            batch_m2 = ((values - batch_mean) ** 2).sum(axis=0)
+        else:
+            n = present.sum(axis=0)
+            batch_mean = np.nansum(values, axis=0) / np.maximum(n, 1)
+            batch_m2 = np.nansum(np.where(present, (values - batch_mean) ** 2, 0.0), axis=0)
+        count, mean = self.count[:k], self.mean[:k]
+        total = count + n
+        delta = batch_mean - mean
         safe = np.maximum(total, 1)
-        self.mean = self.mean + delta * n / safe
-        self.m2 = self.m2 + batch_m2 + delta ** 2 * self.count * n / safe
-        self.count = total
+        self.mean[:k] = mean + delta * n / safe
+        self.m2[:k] += batch_m2 + delta ** 2 * count * n / safe
+        self.count[:k] = total
 
     def std(self) -> np.ndarray:
         std = np.sqrt(self.m2 / np.maximum(self.count, 1))
@@ -75,6 +82,7 @@ class FeatureEncoder:
         self.moments = RunningMoments(numeric_slots)
         self.dropped = 0   # numeric features seen after every numeric column was taken
         self._layouts: dict[tuple, list[int]] = {}   # feature names in order -> their numeric columns
+        self._shift = self._factor = None            # scaling, as of the last learn
 
     def vectorize(self, rows: list[Features], grow: bool = True) -> np.ndarray:
         """Raw rows; with `grow=False` (scoring only) features never seen are ignored, no column is handed out."""
@@ -102,10 +110,11 @@ class FeatureEncoder:
             if len(self._layouts) < MAX_LAYOUTS:  # bounded: a stream of ever new schemas gains nothing here
                 self._layouts[names] = columns
         try:
-            values = np.array([list(rows[i].values()) for i in members], dtype=np.float32)
+            values = np.fromiter(chain.from_iterable(rows[i].values() for i in members), np.float32,
+                                 len(members) * len(names))
         except (TypeError, ValueError):   # a string among the values
             return False
-        out[np.ix_(members, columns)] = values
+        out[np.ix_(members, columns)] = values.reshape(len(members), len(names))
         return True
 
     def _one_by_one(self, out: np.ndarray, i: int, features: Features, grow: bool) -> None:
@@ -118,13 +127,20 @@ class FeatureEncoder:
                 out[i, col] = value
 
     def learn(self, raw: np.ndarray) -> None:
-        """Adds a batch of raw rows to the numeric columns' running mean and variance."""
-        self.moments.update(raw[:, :self.numeric_slots])
+        """Adds a batch of raw rows to the running mean and variance of the numeric columns in use."""
+        self.moments.update(raw[:, :len(self.numeric)])
+        self._shift = self._factor = None
 
     def scale(self, raw: np.ndarray) -> np.ndarray:
+        """Standardized numerics (missing or unused: 0), string columns as they are."""
+        if self._shift is None:   # cached between learns: scaling is on every forward pass
+            self._shift = self.moments.mean.astype(np.float32)
+            self._factor = (1.0 / self.moments.std()).astype(np.float32)
         out = raw.copy()
-        numeric = self.moments.standardize(out[:, :self.numeric_slots])
-        out[:, :self.numeric_slots] = np.nan_to_num(numeric, nan=0.0, posinf=0.0, neginf=0.0)
+        numeric = out[:, :self.numeric_slots]
+        numeric -= self._shift
+        numeric *= self._factor
+        np.copyto(numeric, 0.0, where=~np.isfinite(numeric))   # missing (NaN) -> the mean
         return out
 
     def _numeric_column(self, name: str, grow: bool):

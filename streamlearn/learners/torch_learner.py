@@ -104,7 +104,8 @@ class TorchLearner(Learner):
         self.rolled_back = 0
         self._since_consolidation = 0
         self._class_index: dict = {}
-        self._good: list[torch.Tensor] = []
+        self._good: list[torch.Tensor] = []      # the last good weights and optimizer state ...
+        self._guarded: list[torch.Tensor] = []   # ... of these tensors
         # Dropout and batch norm behave differently in training: only then switch modes and random streams.
         self._stochastic = any(isinstance(m, STOCHASTIC) for m in self.net.modules())
 
@@ -144,16 +145,21 @@ class TorchLearner(Learner):
     def _targets(self, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
         """Class indices (a new class gets the next unit) or numeric targets, NaN for one that cannot be
         learned; and how many classes were known before each example (what it can be scored against)."""
+        known = len(self.classes)
+        if self.task == "classification":
+            index = [self._class_index.get(ex.label) for ex in examples]
+            if None not in index:   # the usual case: no new class in this batch
+                return np.array(index, dtype=np.float32), np.full(len(examples), known)
         y = np.empty(len(examples), dtype=np.float32)
-        known = np.empty(len(examples), dtype=np.int64)
+        before = np.empty(len(examples), dtype=np.int64)
         for i, ex in enumerate(examples):
-            known[i] = len(self.classes)
+            before[i] = len(self.classes)
             try:
                 y[i] = self._class_of(ex.label) if self.task == "classification" else float(ex.label)
             except (ModelError, TypeError, ValueError) as err:
                 self._count_error(ex, err)
                 y[i] = np.nan
-        return y, known
+        return y, before
 
     def _class_of(self, label) -> int:
         index = self._class_index.get(label)
@@ -209,7 +215,9 @@ class TorchLearner(Learner):
         ys = torch.from_numpy(y_all)
         if self.task == "regression":
             ys = torch.from_numpy(self.targets.standardize(y_all.reshape(-1, 1))[:, 0])
-        ws = torch.from_numpy(w_all)
+        if self.task == "classification":
+            ys = ys.long()
+        ws = None if (w_all == 1.0).all() else torch.from_numpy(w_all)   # feedback weights, when any differ
         for _ in range(self.config.train.steps_per_batch):
             self._step(xs, ys, ws)
         if self.replay is not None:
@@ -230,8 +238,11 @@ class TorchLearner(Learner):
         return (np.concatenate([raw, store.x[rows]]), np.concatenate([y, store.y[rows]]),
                 np.concatenate([w, np.ones(len(rows), dtype=np.float32)]))
 
-    def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: torch.Tensor) -> None:
-        """One gradient step; undone (and counted) if the loss, the gradient or the new weights are not finite."""
+    def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor]) -> None:
+        """One gradient step; undone (and counted) if the gradient or the new weights are not finite.
+
+        A non-finite loss shows as a non-finite gradient, so the gradient check covers it.
+        """
         self.flat.zero_grad()
         if self._stochastic:
             with torch.random.fork_rng(devices=[]):   # dropout draws from this learner's own generator
@@ -240,15 +251,7 @@ class TorchLearner(Learner):
                 self.generator.set_state(torch.get_rng_state())
         else:
             out = self.net(xs)
-        if self.task == "classification":
-            losses = F.cross_entropy(out[:, :len(self.classes)], ys.long(), reduction="none")
-        else:
-            losses = (out[:, 0] - ys) ** 2
-        loss = (losses * ws).sum() / ws.sum()
-        if not math.isfinite(loss.item()):
-            self.rolled_back += 1
-            return
-        loss.backward()
+        self._loss(out, ys, ws).backward()
         grad = self.flat.param.grad
         if not _finite(grad):
             self.rolled_back += 1
@@ -260,6 +263,19 @@ class TorchLearner(Learner):
         if not _finite(self.flat.param):
             self._roll_back()
 
+    def _loss(self, out: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor]) -> torch.Tensor:
+        """Mean loss over the mixed batch, weighted by feedback weights when given; classes not seen yet left out."""
+        if self.task == "classification":
+            logits = out if len(self.classes) == out.shape[1] else out[:, :len(self.classes)]
+            if ws is None:
+                return F.cross_entropy(logits, ys)
+            losses = F.cross_entropy(logits, ys, reduction="none")
+        else:
+            if ws is None:
+                return F.mse_loss(out[:, 0], ys)
+            losses = (out[:, 0] - ys) ** 2
+        return (losses * ws).sum() / ws.sum()
+
     def consolidate(self) -> None:
         """Makes the weights as they are now the EWC anchor (periodically; also when drift is detected)."""
         self.ewc.consolidate(self.flat.param)
@@ -269,14 +285,15 @@ class TorchLearner(Learner):
         return [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
     def _keep_good(self) -> None:
-        current = [self.flat.param.data, *self._optimizer_tensors()]
-        if len(self._good) != len(current):
-            self._good = [t.clone() for t in current]
-        else:
-            torch._foreach_copy_(self._good, current)
+        """Copies the weights and optimizer state into buffers kept for undoing the coming step."""
+        if not self._good:  # the optimizer's state tensors exist after its first step, updated in place since
+            self._guarded = [self.flat.param.data, *self._optimizer_tensors()]
+            self._good = [t.clone() for t in self._guarded]
+            return
+        torch._foreach_copy_(self._good, self._guarded)
 
     def _roll_back(self) -> None:
-        torch._foreach_copy_([self.flat.param.data, *self._optimizer_tensors()], self._good)
+        torch._foreach_copy_(self._guarded, self._good)
         self.rolled_back += 1
 
     # --- snapshot ------------------------------------------------------------------------------------------
@@ -305,6 +322,7 @@ class TorchLearner(Learner):
                       for k, v in moments.items()}
             state["state"] = {0: shapes}
             self.optimizer.load_state_dict(state)
+            self._good = []   # the optimizer holds new state tensors now
         self.ewc.load({k: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("ewc.")})
         if self.replay is not None:
             self.replay.load(arrays)
