@@ -174,3 +174,16 @@ def test_the_service_learns_a_torch_model_and_resumes_it_from_a_snapshot(tmp_pat
     learner = resumed.learners["m"]
     assert torch.equal(learner.flat.param, first.learners["m"].flat.param)
     assert learner.replay.store.size == 100 and learner.learned == 900
+
+
+def test_scoring_from_the_training_pass_equals_scoring_separately():
+    """Whole micro-batches are scored by the first training forward pass; odd chunks by their own pass."""
+    config = model_config(params={"hidden": [16]}, replay={"capacity": 64})   # no dropout: one pass applies
+    whole, odd = TorchLearner("m", config, seed=4), TorchLearner("m", config, seed=4)
+    stream = examples(640)
+    for start in range(0, 640, 32):
+        whole.learn_batch(stream[start:start + 32])
+    for start in range(0, 640, 7):
+        odd.learn_batch(stream[start:start + 7])
+    assert whole.scores.values() == odd.scores.values()
+    assert torch.equal(whole.flat.param, odd.flat.param)

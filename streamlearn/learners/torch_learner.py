@@ -108,6 +108,9 @@ class TorchLearner(Learner):
         self._guarded: list[torch.Tensor] = []   # ... of these tensors
         # Dropout and batch norm behave differently in training: only then switch modes and random streams.
         self._stochastic = any(isinstance(m, STOCHASTIC) for m in self.net.modules())
+        # Scoring from the training forward pass needs the same output in both modes (and, for regression,
+        # target statistics as of before the batch): classification with a deterministic network.
+        self._one_pass = self.task == "classification" and not self._stochastic
 
     # --- test, then queue --------------------------------------------------------------------------------
 
@@ -126,10 +129,15 @@ class TorchLearner(Learner):
         size, start = self.config.train.batch_size, 0
         while start < len(y):  # score up to a micro-batch with the model as it is, queue, learn a full one
             part = slice(start, min(len(y), start + size - len(self.queue)))
-            self._score(self._forward(raw[part]), y[part], int(known[start]))
-            self.queue.push(raw[part], y[part], w[part], ts[part], label_ts[part], now)
-            if len(self.queue) >= size:
-                self._train(*self.queue.pop(size), now)
+            if not len(self.queue) and part.stop - start == size and self._one_pass:
+                # A whole micro-batch at once: the first training forward pass, before its step, is the
+                # model as it is, so it scores the batch too (one forward pass instead of two).
+                self._train(raw[part], y[part], w[part], ts[part], label_ts[part], now, known[part])
+            else:
+                self._score(self._forward(raw[part]), y[part], known[part])
+                self.queue.push(raw[part], y[part], w[part], ts[part], label_ts[part], now)
+                if len(self.queue) >= size:
+                    self._train(*self.queue.pop(size), now)
             start = part.stop
 
     def _forward(self, raw: np.ndarray) -> torch.Tensor:
@@ -171,19 +179,24 @@ class TorchLearner(Learner):
             self.classes.append(label)
         return index
 
-    def _score(self, out: torch.Tensor, y: np.ndarray, known: int) -> None:
+    def _score(self, out: torch.Tensor, y: np.ndarray, known: np.ndarray) -> None:
+        """Prequential scores of rows; row i is scored over the `known[i]` classes seen before it."""
         if self.task == "regression":
             guess = out[:, 0].double().numpy() * self.targets.std()[0] + self.targets.mean[0]
             self.scores.update_regression(y.astype(float), guess)
             return
-        n = len(y)
-        if known == 0:  # knows no class yet: every guess is a miss
+        n, top = len(y), int(known.max())
+        if top == 0:  # knows no class yet: every guess is a miss
             self.scores.update_classification(np.zeros(n, dtype=bool), np.zeros(n))
             return
-        proba = torch.softmax(out[:, :known], dim=1).numpy()
-        seen = y < known
-        p_true = np.where(seen, proba[np.arange(n), np.minimum(y.astype(int), known - 1)], 0.0)
-        correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
+        logits = out[:, :top]
+        if known.min() < top:  # a class first seen within these rows
+            logits = logits.masked_fill(torch.from_numpy(np.arange(top)[None, :] >= known[:, None]), float("-inf"))
+        with np.errstate(invalid="ignore"):
+            proba = torch.softmax(logits, dim=1).numpy()   # a row that knows no class: NaN, a miss below
+            seen = y < known
+            p_true = np.where(seen, proba[np.arange(n), np.minimum(y.astype(int), top - 1)], 0.0)
+            correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
         self.scores.update_classification(correct, p_true)
 
     def predict_many(self, rows: list[Features]) -> list:
@@ -205,21 +218,24 @@ class TorchLearner(Learner):
         if len(self.queue):
             self._train(*self.queue.pop(len(self.queue)), time.time() if now is None else now)
 
-    def _train(self, raw, y, w, ts, label_ts, now: float) -> None:
+    def _train(self, raw, y, w, ts, label_ts, now: float, score_known: Optional[np.ndarray] = None) -> None:
+        """Steps on the micro-batch mixed with replay; with `score_known`, also scores it (not scored yet)."""
         started = time.perf_counter()
-        self.encoder.learn(raw)
         if self.task == "regression":
             self.targets.update(y.reshape(-1, 1).astype(np.float64))
         x_all, y_all, w_all = self._mixed(raw, y, w)
-        xs = torch.from_numpy(self.encoder.scale(x_all))
+        xs = torch.from_numpy(self.encoder.scale(x_all))   # scaled as it was scored: statistics learn after
         ys = torch.from_numpy(y_all)
         if self.task == "regression":
             ys = torch.from_numpy(self.targets.standardize(y_all.reshape(-1, 1))[:, 0])
         if self.task == "classification":
             ys = ys.long()
         ws = None if (w_all == 1.0).all() else torch.from_numpy(w_all)   # feedback weights, when any differ
-        for _ in range(self.config.train.steps_per_batch):
-            self._step(xs, ys, ws)
+        for step in range(self.config.train.steps_per_batch):
+            out = self._step(xs, ys, ws)
+            if step == 0 and score_known is not None:
+                self._score(out[:len(y)], y, score_known)
+        self.encoder.learn(raw)
         if self.replay is not None:
             self.replay.add(raw, y, ts)
         self.learned += len(y)
@@ -238,10 +254,11 @@ class TorchLearner(Learner):
         return (np.concatenate([raw, store.x[rows]]), np.concatenate([y, store.y[rows]]),
                 np.concatenate([w, np.ones(len(rows), dtype=np.float32)]))
 
-    def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor]) -> None:
+    def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor]) -> torch.Tensor:
         """One gradient step; undone (and counted) if the gradient or the new weights are not finite.
 
-        A non-finite loss shows as a non-finite gradient, so the gradient check covers it.
+        A non-finite loss shows as a non-finite gradient, so the gradient check covers it. Returns the
+        forward pass's output (before the step), detached.
         """
         self.flat.zero_grad()
         if self._stochastic:
@@ -255,13 +272,14 @@ class TorchLearner(Learner):
         grad = self.flat.param.grad
         if not _finite(grad):
             self.rolled_back += 1
-            return
+            return out.detach()
         self.ewc.observe(grad, len(ys))
         self.ewc.penalty_grad(self.flat.param, grad)
         self._keep_good()
         self.optimizer.step()
         if not _finite(self.flat.param):
             self._roll_back()
+        return out.detach()
 
     def _loss(self, out: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor]) -> torch.Tensor:
         """Mean loss over the mixed batch, weighted by feedback weights when given; classes not seen yet left out."""
