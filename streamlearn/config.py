@@ -104,6 +104,7 @@ class EwcConfig(_Section):
     lam: NonNegative = msgspec.field(default=EWC_LAMBDA, name="lambda")   # 0 turns EWC off
     gamma: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9               # Fisher decay per consolidation
     consolidate_every: PositiveInt = 1000                                  # examples between anchor updates
+    on_drift: bool = True                                                  # also consolidate when drift is detected
 
 
 class ModelConfig(_Section):
@@ -135,6 +136,16 @@ class SnapshotConfig(_Section):
     serialize: Literal["fork", "inline"] = "fork"
 
 
+class DriftConfig(_Section):
+    """Drift detection on every model's prequential error (drift_detected_total{model,detector})."""
+
+    detectors: list[Literal["adwin", "page_hinkley"]] = msgspec.field(default_factory=lambda: ["adwin"])  # [] = off
+    adwin_delta: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.002   # smaller: fewer, surer detections
+    page_hinkley_delta: NonNegative = 0.005     # error increase tolerated before it accumulates
+    page_hinkley_threshold: Positive = 50.0
+    grace: PositiveInt = 30                     # examples before a detector may fire
+
+
 class MetricsConfig(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
@@ -152,6 +163,7 @@ class Config(_Section):
     intake: IntakeConfig = msgspec.field(default_factory=IntakeConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
+    drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=lambda: {"default": ModelConfig()})
 
     @property

@@ -49,8 +49,7 @@ class Service:
     def __init__(self, config: Config, registry: Optional[CollectorRegistry] = None,
                  from_snapshot: Optional[int] = None) -> None:
         self.config = config
-        self.learners = {name: _build_learner(name, m, config.seed, config.torch_threads)
-                         for name, m in config.models.items()}
+        self.learners = {name: _build_learner(name, m, config) for name, m in config.models.items()}
         self.stats: Optional[IntakeStats] = None
         self.positions: dict[str, int] = {}
         self.snapshots: Optional[Snapshotter] = None
@@ -282,13 +281,14 @@ def _usable_snapshot(store: SnapshotStore, fingerprint: str, wanted: Optional[in
     return None
 
 
-def _build_learner(name: str, model: ModelConfig, seed: int, threads: int) -> Learner:
+def _build_learner(name: str, model: ModelConfig, config: Config) -> Learner:
     """A learner per configured model; a model that cannot be built is a config error naming its key."""
     try:
         if model.is_torch:
             from streamlearn.learners.torch_learner import TorchLearner  # torch loads only when a model needs it
 
-            return TorchLearner(name, model, seed, threads)
-        return RiverLearner(name, model.model, model.task, model.learn_mode, model.window, model.params, seed)
+            return TorchLearner(name, model, config.seed, config.torch_threads, config.drift)
+        return RiverLearner(name, model.model, model.task, model.learn_mode, model.window, model.params,
+                            config.seed, config.drift)
     except ModelError as err:
         raise ConfigError(f"config error: models.{name}.{err.key}: {err}") from None

@@ -167,6 +167,7 @@ def test_the_service_learns_a_torch_model_and_resumes_it_from_a_snapshot(tmp_pat
     first.close()
     assert 'streamlearn_replay_buffer_size{model="m"} 100.0' in metrics
     assert 'streamlearn_update_rollbacks_total{model="m"} 0.0' in metrics
+    assert 'streamlearn_drift_detected_total{detector="adwin",model="m"}' in metrics
     assert 'streamlearn_update_seconds_count{model="m"} 29.0' in metrics   # 28 micro-batches of 32 + the rest
     snapshot = SnapshotStore(tmp_path / "a" / "snapshots").load(1)
     assert "tensors.safetensors" in snapshot.files

@@ -191,6 +191,7 @@ def demo_summary(summary: dict, service: Service, generator: TrafficGenerator, p
         "accuracy_after_recovery": _round(learner.scores.value("accuracy", rolling=True)),
         "accuracy_overall": _round(learner.scores.value("accuracy", rolling=False)),
         "drift_ts": totals.drift_ts,
+        "drift_detected": [{"detector": e.detector, "at_example": e.position} for e in learner.drift.last],
         "elapsed_seconds": summary["elapsed_seconds"],
     }
 
@@ -205,6 +206,8 @@ def print_summary(result: dict) -> None:
           f"examples learned {result['learned']}")
     print(f"  rolling accuracy before the drift {result['accuracy_before_drift']}, "
           f"at the end {result['accuracy_after_recovery']}")
+    detected = ", ".join(f"{d['detector']} at example {d['at_example']:,}" for d in result["drift_detected"])
+    print(f"  drift detected    {detected or 'none'} (the traffic's concept changes halfway)")
     print(f"  malformed sent    {result['malformed_sent']}")
     print(f"  dead-lettered     {result['dead_letters']}")
     print(f"  join outcomes     {result['join']} (pending {result['join_pending']})")

@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from streamlearn.config import DriftConfig
+from streamlearn.learners.drift import DriftEvent, DriftMonitor
 from streamlearn.learners.scores import PrequentialScores
 from streamlearn.records import Example
 from streamlearn.telemetry.histogram import LATENCY_BUCKETS, Histogram
@@ -23,13 +25,15 @@ log = logging.getLogger(__name__)
 class Learner:
     """One named model's scores and counters; subclasses bring the model."""
 
-    STATE: tuple[str, ...] = ("scores", "learned", "errors", "update_seconds", "loop_latency", "_marks", "_marked")
+    STATE: tuple[str, ...] = ("scores", "drift", "learned", "errors", "update_seconds", "loop_latency", "_marks",
+                              "_marked")
     rolled_back = 0   # updates undone because they made the model non-finite (torch learners)
 
-    def __init__(self, name: str, task: str, window: int) -> None:
+    def __init__(self, name: str, task: str, window: int, drift: Optional[DriftConfig] = None) -> None:
         self.name = name
         self.task = task
         self.scores = PrequentialScores(task, window)
+        self.drift = DriftMonitor(drift or DriftConfig())
         self.learned = 0
         self.errors = 0
         self.update_seconds = Histogram(LATENCY_BUCKETS)   # one model update (one micro-batch)
@@ -85,6 +89,23 @@ class Learner:
     def score_at(self, ts: float) -> float:
         """The score kept by `mark_score_at(ts)` (NaN if not marked, or not reached yet)."""
         return self._marked.get(ts, float("nan"))
+
+    def _scored_classification(self, correct, p_true) -> None:
+        """Adds scored examples to the prequential scores and their errors to the drift detectors."""
+        self.scores.update_classification(correct, p_true)
+        self._watch(1.0 - np.asarray(correct, dtype=float))
+
+    def _scored_regression(self, y_true, y_pred) -> None:
+        self.scores.update_regression(y_true, y_pred)
+        self._watch(np.abs(np.asarray(y_true, dtype=float) - np.asarray(y_pred, dtype=float)))
+
+    def _watch(self, errors: np.ndarray) -> None:
+        for event in self.drift.update(errors):
+            log.info("model %s: drift detected by %s at example %d", self.name, event.detector, event.position)
+            self.on_drift(event)
+
+    def on_drift(self, event: DriftEvent) -> None:
+        """What the learner itself does about a drift (the torch learner consolidates)."""
 
     def _observe_update(self, seconds: float, label_ts: np.ndarray, now: float) -> None:
         self.update_seconds.observe(seconds)

@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from streamlearn.config import DriftConfig
 from streamlearn.learners.base import Learner
 from streamlearn.learners.models import ModelError, build_model
 from streamlearn.records import Example
@@ -34,8 +35,8 @@ class RiverLearner(Learner):
 
     def __init__(self, name: str, model: str = "logreg", task: str = "classification",
                  learn_mode: str = "one", window: int = 1000, params: Optional[dict] = None,
-                 seed: int = 42) -> None:
-        super().__init__(name, task, window)
+                 seed: int = 42, drift: Optional[DriftConfig] = None) -> None:
+        super().__init__(name, task, window, drift)
         self.model = build_model(model, task, params or {}, seed)
         self.learn_mode = learn_mode
         if learn_mode == "many" and not hasattr(self.model, "learn_many"):
@@ -77,7 +78,7 @@ class RiverLearner(Learner):
         # Correct when the true label has the highest probability; an empty or uniform proba
         # (a model that knows nothing yet) is a miss.
         correct = (p >= np.asarray(p_best)) & (p * np.asarray(n_classes) > 1.0)
-        self.scores.update_classification(correct, p)
+        self._scored_classification(correct, p)
 
     def _test_then_train_regressor(self, examples: list[Example]) -> None:
         predict, learn = self.model.predict_one, self.model.learn_one
@@ -96,7 +97,7 @@ class RiverLearner(Learner):
             y_true.append(y)
             y_pred.append(guess if guess is not None else 0.0)
         self.learned += len(y_true)
-        self.scores.update_regression(y_true, y_pred)
+        self._scored_regression(y_true, y_pred)
 
     def _test_then_train_many(self, examples: list[Example]) -> None:
         import pandas as pd
@@ -119,9 +120,9 @@ class RiverLearner(Learner):
             return
         self.learned += len(examples)
         if self.task == "classification":
-            self.scores.update_classification(correct, p_true)
+            self._scored_classification(correct, p_true)
         else:
-            self.scores.update_regression(y.to_numpy(), np.asarray(guess, dtype=float))
+            self._scored_regression(y.to_numpy(), np.asarray(guess, dtype=float))
 
 
 def _learn_parameters(model) -> set[str]:

@@ -11,7 +11,7 @@ Classes are learned as they appear (class-incremental): the output layer has
 `train.max_classes` units, and only those of the classes seen so far take part
 in the loss and the prediction.
 
->>> from streamlearn.config import ModelConfig
+>>> from streamlearn.config import DriftConfig, ModelConfig
 >>> from streamlearn.records import Example, Features
 >>> config = ModelConfig(model="mlp", params={"hidden": [16]})
 >>> learner = TorchLearner("digits", config, seed=1)
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamlearn.config import ModelConfig
+from streamlearn.config import DriftConfig, ModelConfig
 from streamlearn.learners.base import Learner
+from streamlearn.learners.drift import DriftEvent
 from streamlearn.learners.encoder import FeatureEncoder, RunningMoments
 from streamlearn.learners.ewc import OnlineEWC
 from streamlearn.learners.flat import FlatParameters
@@ -83,8 +84,9 @@ class TorchLearner(Learner):
 
     STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "_since_consolidation")
 
-    def __init__(self, name: str, config: ModelConfig, seed: int = 42, threads: int = 0) -> None:
-        super().__init__(name, config.task, config.window)
+    def __init__(self, name: str, config: ModelConfig, seed: int = 42, threads: int = 0,
+                 drift: Optional[DriftConfig] = None) -> None:
+        super().__init__(name, config.task, config.window, drift)
         if threads:
             torch.set_num_threads(threads)   # process-wide: the service passes its one torch_threads setting
         self.config = config
@@ -183,11 +185,11 @@ class TorchLearner(Learner):
         """Prequential scores of rows; row i is scored over the `known[i]` classes seen before it."""
         if self.task == "regression":
             guess = out[:, 0].double().numpy() * self.targets.std()[0] + self.targets.mean[0]
-            self.scores.update_regression(y.astype(float), guess)
+            self._scored_regression(y.astype(float), guess)
             return
         n, top = len(y), int(known.max())
         if top == 0:  # knows no class yet: every guess is a miss
-            self.scores.update_classification(np.zeros(n, dtype=bool), np.zeros(n))
+            self._scored_classification(np.zeros(n, dtype=bool), np.zeros(n))
             return
         logits = out[:, :top]
         if known.min() < top:  # a class first seen within these rows
@@ -197,7 +199,7 @@ class TorchLearner(Learner):
             seen = y < known
             p_true = np.where(seen, proba[np.arange(n), np.minimum(y.astype(int), top - 1)], 0.0)
             correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
-        self.scores.update_classification(correct, p_true)
+        self._scored_classification(correct, p_true)
 
     def predict_many(self, rows: list[Features]) -> list:
         """The most likely label of each feature dict (regression: the value); learns nothing."""
@@ -293,6 +295,10 @@ class TorchLearner(Learner):
                 return F.mse_loss(out[:, 0], ys)
             losses = (out[:, 0] - ys) ** 2
         return (losses * ws).sum() / ws.sum()
+
+    def on_drift(self, event: DriftEvent) -> None:
+        if self.config.ewc.on_drift:
+            self.consolidate()   # what was learned before the change becomes what to keep
 
     def consolidate(self) -> None:
         """Makes the weights as they are now the EWC anchor (periodically; also when drift is detected)."""

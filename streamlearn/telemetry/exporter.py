@@ -95,9 +95,15 @@ def _learner_metrics(learners: list[Learner]) -> Iterator[Metric]:
                 value = learner.scores.value(metric, rolling)
                 if not math.isnan(value):
                     score.add_metric([learner.name, metric, window], value)
+    drifts = CounterMetricFamily(PREFIX + "drift_detected", "Drifts detected on the model's prequential error.",
+                                 labels=["model", "detector"])
+    for learner in learners:
+        for detector, n in learner.drift.detected.items():
+            drifts.add_metric([learner.name, detector], n)
     yield learned
     yield errors
     yield score
+    yield drifts
     yield from _neural_metrics(learners)
     yield _histogram("update_seconds", "Duration of one learner update (one micro-batch of examples).",
                      [((l.name,), l.update_seconds.state()) for l in learners], ["model"])
