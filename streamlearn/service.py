@@ -29,8 +29,8 @@ from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
 from streamlearn.checkpoints.snapshotter import Snapshotter, config_fingerprint
 from streamlearn.checkpoints.store import Snapshot, SnapshotStore
 from streamlearn.config import Config, ConfigError, ModelConfig
-from streamlearn.learners.models import ModelError
 from streamlearn.learners.base import Learner
+from streamlearn.learners.models import ModelError
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Batch, Example, IntakeStats
 from streamlearn.stream.channel import Channel, start_intake

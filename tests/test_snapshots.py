@@ -289,3 +289,15 @@ def test_cli_lists_shows_and_verifies(stream, tmp_path):
     rolled_back = cli("run", "--from-snapshot", str(newest))
     assert rolled_back.returncode == 2
     assert "snapshot " + str(newest) + " cannot be used: intake.msgpack checksum mismatch" in rolled_back.stderr
+
+
+def test_a_failing_fork_serializes_in_the_loop_instead(stream, tmp_path, monkeypatch, caplog):
+    def no_fork():
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with caplog.at_level(logging.WARNING, logger="streamlearn.checkpoints.snapshotter"):
+        summary = Service(config(stream, tmp_path)).run()
+    assert "cannot fork a writer" in caplog.text
+    store = SnapshotStore(tmp_path / "snapshots")
+    assert store.load(store.latest_seq()).manifest.meta["learned"] == summary["learned"]

@@ -79,9 +79,13 @@ class Snapshotter:
         self._idle.clear()
         self._last_examples, self._last_time = learned, time.monotonic()
         started = time.perf_counter()
+        wait = None
         if self.settings.serialize == "fork":
-            wait = self._fork_writer(serialize, dict(offsets), meta)
-        else:
+            try:
+                wait = self._fork_writer(serialize, dict(offsets), meta)
+            except OSError as err:  # no memory or processes left for a child: serialize here this time
+                log.warning("snapshot: cannot fork a writer (%s); serializing in the loop", err)
+        if wait is None:
             state = _serialized_now(serialize)
             wait = lambda: self._write(state, offsets, meta)  # noqa: E731
         threading.Thread(target=self._finish, args=(wait, offsets, started), name="snapshot-writer",
@@ -106,7 +110,12 @@ class Snapshotter:
         """Forks a child that serializes and writes; returns how to wait for its outcome."""
         read_end, write_end = os.pipe()
         parent_pid = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
         if pid == 0:  # the child: only pickling and file I/O from here, then _exit
             code = 1
             try:

@@ -11,8 +11,8 @@ Classes are learned as they appear (class-incremental): the output layer has
 `train.max_classes` units, and only those of the classes seen so far take part
 in the loss and the prediction.
 
->>> from streamlearn.config import DriftConfig, ModelConfig
->>> from streamlearn.records import Example, Features
+>>> from streamlearn.config import ModelConfig
+>>> from streamlearn.records import Example
 >>> config = ModelConfig(model="mlp", params={"hidden": [16]})
 >>> learner = TorchLearner("digits", config, seed=1)
 >>> batch = [Example(f"r-{i}", "digits", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(2000)]
