@@ -4,7 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+# Debian's prometheus package gives the tests (tests/test_ops.py) `prometheus` and `promtool`.
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
+APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -y -qq -o=Dpkg::Use-Pty=0
+
+.PHONY: install prometheus demo test bench clean
 
 install: $(STAMP)
 
@@ -14,10 +18,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,embedded]'
 	touch $(STAMP)
 
+# Installs only when a binary is missing; the package index is refreshed only when the plain install fails.
+# Its postinst may start a daemon (systemd or init.d, unless policy-rc.d forbids it): stop and disable it,
+# since the tests start their own server on loopback.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  $(APT) install --no-install-recommends prometheus >/dev/null \
+	    || { $(APT) update && $(APT) install --no-install-recommends prometheus >/dev/null; } || exit 1; \
+	  if pgrep -u prometheus -x prometheus >/dev/null; then \
+	    $(SUDO) systemctl disable --now prometheus 2>/dev/null \
+	      || { $(SUDO) invoke-rc.d prometheus stop; $(SUDO) update-rc.d prometheus disable; } >/dev/null 2>&1; \
+	    ! pgrep -u prometheus -x prometheus >/dev/null || { echo "prometheus daemon still running" >&2; exit 1; }; \
+	  fi; }
+
 demo: $(STAMP)
 	$(BIN)/streamlearn demo
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -40,6 +40,11 @@ REPLAY = {"split": {"kind": "class_balanced", "capacity": 200, "ratio": 0.5},
           "permuted": {"kind": "reservoir", "capacity": 200, "ratio": 0.5}}
 CONSOLIDATE_EVERY = 500   # examples: EWC consolidates on its own clock, blind to task boundaries
 TASKS = 5
+# Live forgetting (--live): the service's own probes, a tenth of each segment held out, 15 to 16 segments per
+# stream (split digits streams about 3,700 examples, permuted about 18,800), all of them kept and scored.
+LIVE_EVAL = {"split": {"segment_size": 250, "probe_size": 25, "every": 250, "segments": 16, "history": False},
+             "permuted": {"segment_size": 1250, "probe_size": 125, "every": 250, "segments": 16, "history": False}}
+LIVE_METHODS = ("naive", "replay", "replay+ewc λ=10")
 
 
 def methods(scenario: str) -> list[tuple[str, dict]]:
@@ -91,14 +96,18 @@ def features(x: np.ndarray) -> dict[str, float]:
     return {f"p{j}": float(v) for j, v in enumerate(x)}
 
 
-def run_one(job: tuple[str, str, dict, int, int]) -> dict:
-    """One method on one scenario with one seed, through the service; returns the accuracy matrix."""
+def run_one(job: tuple[str, str, dict, int, int, int, bool]) -> dict:
+    """One method on one scenario with one seed, through the service; returns the accuracy matrix.
+
+    With `live`, the service also holds out probes per segment of its stream and
+    the result carries its exported `streamlearn_forgetting` after each task.
+    """
     import torch
 
     from streamlearn.config import parse_config
     from streamlearn.service import Service
 
-    scenario, name, overrides, seed, epochs, consolidate_every = job
+    scenario, name, overrides, seed, epochs, consolidate_every, live = job
     torch.set_num_threads(1)
     tasks = make_tasks(scenario, seed)
     rows, ends = stream_rows(tasks, epochs, name == "joint", np.random.default_rng(seed + 1000))
@@ -113,6 +122,7 @@ def run_one(job: tuple[str, str, dict, int, int]) -> dict:
             "source": f"file:{path}", "state_dir": tmp, "seed": seed,
             "intake": {"mode": "inline", "batch_size": BATCH},
             "snapshot": {"enabled": False}, "metrics": {"enabled": False},
+            "eval": LIVE_EVAL[scenario] if live else {"probe_size": 0, "history": False},
             "models": {"digits": {"model": "mlp", "params": {"hidden": HIDDEN},
                                   "train": {"batch_size": BATCH, "steps_per_batch": STEPS, "max_wait": 3600.0,
                                             "max_classes": 10},
@@ -121,25 +131,29 @@ def run_one(job: tuple[str, str, dict, int, int]) -> dict:
         service = Service(config)
         learner = service.learners["digits"]
         matrix: list[list[float]] = []
+        exported: list[float] = []   # the live metric, as Prometheus would scrape it at each task's end
 
         def after_task(task: int) -> None:
             if not consolidate_every and task < TASKS - 1 and name != "joint":
                 learner.consolidate()   # told that the task ends: what was learned becomes the EWC anchor
             matrix.append([float(np.mean(np.asarray(learner.predict_many(fx)) == ty)) for fx, ty in tests])
+            value = service.registry.get_sample_value("streamlearn_forgetting", {"model": "digits"})
+            exported.append(float("nan") if value is None else value)
 
         def on_batch(service, batch) -> None:
-            while len(matrix) < len(ends) - 1 and learner.learned >= ends[len(matrix)]:
+            taken = learner.learned + (learner.probes.held_out if learner.probes else 0)
+            while len(matrix) < len(ends) - 1 and taken >= ends[len(matrix)]:
                 after_task(len(matrix))
 
         summary = service.run(on_batch=on_batch)
         after_task(len(matrix))
-    assert summary["learned"] == len(rows), summary
-    return {"scenario": scenario, "method": name, "seed": seed, "matrix": matrix}
+    assert summary["learned"] + summary["held_out"] == len(rows), summary
+    return {"scenario": scenario, "method": name, "seed": seed, "matrix": matrix, "exported": exported}
 
 
 def _merged(overrides: dict, consolidate_every: int) -> dict:
     sections = {section: dict(values) for section, values in overrides.items()}
-    sections["ewc"]["consolidate_every"] = consolidate_every
+    sections["ewc"]["consolidate"] = {"every_examples": consolidate_every, "on_drift": True}
     return sections
 
 
@@ -163,12 +177,16 @@ def main() -> None:
     parser.add_argument("--scenarios", default="split,permuted")
     parser.add_argument("--consolidate-every", type=int, default=CONSOLIDATE_EVERY,
                         help="examples between EWC consolidations; 0: at each task's end instead (told the boundary)")
+    parser.add_argument("--live", action="store_true",
+                        help="instead of the table: the service's exported forgetting metric (its own probes) "
+                             "for naive, replay and replay+EWC, next to the offline figure of the same runs")
     args = parser.parse_args()
-    jobs = [(scenario, name, overrides, seed, args.epochs, args.consolidate_every) for scenario in args.scenarios.split(",")
-            for name, overrides in methods(scenario) for seed in range(args.seeds)]
+    jobs = [(scenario, name, overrides, seed, args.epochs, args.consolidate_every, args.live)
+            for scenario in args.scenarios.split(",") for name, overrides in methods(scenario)
+            if not args.live or name in LIVE_METHODS for seed in range(args.seeds)]
     with mp.get_context("fork").Pool(args.workers) as pool:
         results = pool.map(run_one, jobs, chunksize=1)
-    report(args, results)
+    (report_live if args.live else report)(args, results)
 
 
 def summarize(results: list[dict]) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
@@ -192,6 +210,25 @@ def report(args, results: list[dict]) -> None:
             print(f"  {name:<22} {row['acc'][0]:>8.3f} ± {row['acc'][1]:.3f} {fg:>16}")
     print(json.dumps({f"{scenario}_{name}": {"accuracy": round(row["acc"][0], 4), "forgetting": round(row["forget"][0], 4)}
                       for (scenario, name), row in table.items()}, ensure_ascii=False))
+
+
+def report_live(args, results: list[dict]) -> None:
+    """Exported `streamlearn_forgetting` at the end of the stream (and its mean over task ends) per method."""
+    rows: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in results:
+        row = rows.setdefault((r["scenario"], r["method"]), {"live": [], "live_mean": [], "offline": []})
+        row["live"].append(r["exported"][-1])
+        row["live_mean"].append(float(np.nanmean(r["exported"][1:])))
+        row["offline"].append(forgetting(r["matrix"]))
+    sizes = ", ".join(f"{s} {e['probe_size']} of every {e['segment_size']}" for s, e in LIVE_EVAL.items())
+    print(f"\nlive forgetting: exported streamlearn_forgetting (probes: {sizes} examples), {args.seeds} seeds")
+    print(f"  {'scenario':<9} {'method':<18} {'exported, end':>16} {'exported, mean':>16} {'offline table':>16}")
+    out = {}
+    for (scenario, method), row in rows.items():
+        cells = {k: (float(np.mean(v)), float(np.std(v))) for k, v in row.items()}
+        print(f"  {scenario:<9} {method:<18}" + "".join(f" {m:>8.3f} ± {sd:.3f}" for m, sd in cells.values()))
+        out[f"{scenario}_{method}"] = {k: round(m, 4) for k, (m, _) in cells.items()}
+    print(json.dumps(out, ensure_ascii=False))
 
 
 if __name__ == "__main__":

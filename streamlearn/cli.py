@@ -81,6 +81,28 @@ def demo(
         print_summary(result)
 
 
+@app.command()
+def report(
+    state: Path = typer.Option(..., "--state", metavar="DIR", help="The service's state folder (holds history.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Where to write (default: DIR/report)."),
+    summary: Optional[Path] = typer.Option(None, "--summary", metavar="FILE",
+                                           help="The run's summary JSON, for the table of final figures."),
+) -> None:
+    """Draw the history of a state folder: scores, probe accuracy, latency as PNGs and one HTML page."""
+    from streamlearn.report import ReportError, build_report
+
+    _setup_logging("warning")  # skipped history lines are reported as warnings
+    try:
+        result = build_report(state, out, summary)
+    except ReportError as err:
+        typer.echo(f"report: {err}", err=True)
+        raise typer.Exit(2)
+    for note in result.notes:
+        typer.echo(f"report: {note}", err=True)
+    for path in result.written:
+        typer.echo(str(path))
+
+
 @snapshots_app.command("list")
 def snapshots_list(config: Optional[Path] = ConfigOption) -> None:
     """One line per snapshot, newest first: sequence, time, examples learned, size, and whether it is usable."""

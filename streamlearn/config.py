@@ -26,6 +26,7 @@ import msgspec
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Setting = Union[str, int, float, bool]
@@ -100,11 +101,23 @@ class ReplayConfig(_Section):
     half_life: Positive = 1000.0          # time_decayed: examples until a replay weight halves
 
 
+class TriggerConfig(_Section):
+    """When an action fires; any condition that holds fires it, and each firing is counted by its reason."""
+
+    every_examples: NonNegativeInt = 0     # after this many examples since the last firing (0: never)
+    every_seconds: NonNegative = 0.0       # after this many seconds since the last firing (0: never)
+    on_drift: bool = False                 # when a drift detector fires
+    score_below: Optional[float] = None    # when the rolling prequential score falls below this (once per fall)
+
+
+def _consolidation() -> TriggerConfig:
+    return TriggerConfig(every_examples=1000, on_drift=True)
+
+
 class EwcConfig(_Section):
     lam: NonNegative = msgspec.field(default=EWC_LAMBDA, name="lambda")   # 0 turns EWC off
     gamma: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9               # Fisher decay per consolidation
-    consolidate_every: PositiveInt = 1000                                  # examples between anchor updates
-    on_drift: bool = True                                                  # also consolidate when drift is detected
+    consolidate: TriggerConfig = msgspec.field(default_factory=_consolidation)   # when the anchor moves
 
 
 class ModelConfig(_Section):
@@ -124,10 +137,12 @@ class ModelConfig(_Section):
         return self.kind == "torch" or (self.kind == "auto" and self.model == "mlp")
 
 
-class SnapshotConfig(_Section):
+class SnapshotConfig(TriggerConfig):
+    """Snapshots: when (the trigger fields, and always at clean shutdown), where and how."""
+
     enabled: bool = True
-    every_examples: PositiveInt = 100_000    # snapshot after this many examples learned ...
-    every_seconds: Positive = 60.0           # ... or this many seconds, whichever comes first
+    every_examples: NonNegativeInt = 100_000  # snapshot after this many examples learned ...
+    every_seconds: NonNegative = 60.0         # ... or this many seconds, whichever comes first
     keep: PositiveInt = 5                    # newest snapshots kept; older ones are pruned
     max_age_seconds: Positive = 600.0        # /readyz fails when the newest good snapshot is older
     audit_log: str = ""                      # file of learned example ids, kept exact across restores
@@ -144,6 +159,16 @@ class DriftConfig(_Section):
     page_hinkley_delta: NonNegative = 0.005     # error increase tolerated before it accumulates
     page_hinkley_threshold: Positive = 50.0
     grace: PositiveInt = 30                     # examples before a detector may fire
+
+
+class EvalConfig(_Section):
+    """Live forgetting: held-out probes per segment of each model's stream, scored every `every` examples."""
+
+    segment_size: PositiveInt = 10_000   # examples per segment of a model's stream
+    probe_size: NonNegativeInt = 100     # examples of each segment held out as its probe set (0: none)
+    every: PositiveInt = 10_000          # examples between evaluations (and history lines)
+    segments: PositiveInt = 10           # the most recent complete segments whose probes are kept
+    history: bool = True                 # append each evaluation to STATE_DIR/history.jsonl (for `report`)
 
 
 class MetricsConfig(_Section):
@@ -164,6 +189,7 @@ class Config(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
+    eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=lambda: {"default": ModelConfig()})
 
     @property
@@ -223,6 +249,9 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: source: must be \"kafka\" or \"file:PATH\"")
     if not config.models:
         raise ConfigError("config error: models: at least one model must be configured")
+    if config.eval.probe_size > config.eval.segment_size // 2:
+        raise ConfigError("config error: eval.probe_size: at most half of eval.segment_size "
+                          f"({config.eval.segment_size // 2}); the rest is learned")
     if config.join.early_ttl > config.join.ttl * 10:
         raise ConfigError("config error: join.early_ttl: should not exceed 10 x join.ttl")
 

@@ -32,6 +32,7 @@ class Example(msgspec.Struct, array_like=True):
     weight: float
     ts: float        # event time of the example (the later of inference and feedback)
     label_ts: float  # event time the label became known: the start of the feedback loop
+    consumed: float = 0.0  # wall time the intake read the message that completed it (0: unknown)
 
 
 class IntakeStats(msgspec.Struct):
@@ -43,6 +44,7 @@ class IntakeStats(msgspec.Struct):
     join_pending: int = 0
     feedback_delay: Union[HistogramState, None] = None
     consumer_lag: dict[tuple[str, int], int] = {}  # (topic, partition) -> messages behind
+    queueing: dict[str, HistogramState] = {}       # topic -> seconds from broker timestamp to consumed
     watermark: float = 0.0                         # event time up to which the join has emitted
     assigned: list[str] = []                       # position keys this intake currently reads
     caught_up: bool = False                        # every partition idle and all input released

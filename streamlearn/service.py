@@ -19,6 +19,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry
@@ -36,6 +37,7 @@ from streamlearn.records import Batch, Example, IntakeStats
 from streamlearn.stream.channel import Channel, start_intake
 from streamlearn.stream.intake import Resume
 from streamlearn.telemetry.exporter import ServiceCollector
+from streamlearn.telemetry.history import HistoryRecorder, HistoryWriter
 from streamlearn.telemetry.server import MetricsServer
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Service:
                  from_snapshot: Optional[int] = None) -> None:
         self.config = config
         self.learners = {name: _build_learner(name, m, config) for name, m in config.models.items()}
+        self.history = _history_recorder(config)
         self.stats: Optional[IntakeStats] = None
         self.positions: dict[str, int] = {}
         self.snapshots: Optional[Snapshotter] = None
@@ -71,6 +74,9 @@ class Service:
         self._last_turn = time.monotonic()
         self._started = 0.0
         self._barrier_requested = False
+        self._drifts_seen = self._drifts()   # detections the snapshot trigger has taken into account
+        for learner in self.learners.values():
+            learner.on_evaluation = self._record_evaluation
 
     def _restore(self, wanted: Optional[int]) -> Optional[int]:
         """Loads the newest snapshot that verifies (or exactly `wanted`); returns its audit length."""
@@ -85,6 +91,7 @@ class Service:
             learner.restore(content.learners[name])
             learner.restore_tensors(content.tensors.get(name, {}))
         self._learning_seconds = content.figures.learning_seconds
+        self.snapshots.trigger.fired.update(content.figures.snapshot_triggers)
         self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
         self.positions = dict(snapshot.manifest.offsets)
         self.restored_from = self.snapshots.parent = snapshot.manifest.seq
@@ -127,7 +134,7 @@ class Service:
                 if not stopping and (self._stop.is_set() or (until is not None and until(self))):
                     self._channel.request_stop()  # the intake drains and sends a final batch (with a barrier)
                     stopping = True
-                elif self.snapshots is not None and not self._barrier_requested and self.snapshots.due(self.learned):
+                elif self._snapshot_due():
                     self._channel.request_barrier()
                     self._barrier_requested = True
                 if time.monotonic() - last_commit >= COMMIT_SECONDS:
@@ -141,19 +148,39 @@ class Service:
             restore()
         return self.summary()
 
+    def _snapshot_due(self) -> bool:
+        """Whether to ask the intake for a barrier now (the snapshot trigger; none while a write is in flight)."""
+        if self.snapshots is None or self._barrier_requested or not self.snapshots.idle:
+            return False
+        drifts = self._drifts()
+        score = min((l.watched_score for l in self.learners.values()), default=float("nan"))
+        reason = self.snapshots.trigger.check(self.learned, time.monotonic(), drifts > self._drifts_seen, score)
+        if reason is not None:
+            self._drifts_seen = drifts
+        return reason is not None
+
+    def _drifts(self) -> int:
+        return sum(sum(l.drift.detected.values()) for l in self.learners.values())
+
+    def _record_evaluation(self, learner: Learner) -> None:
+        if self.history is not None:
+            self.history.record(learner, self.stats, time.time())
+
     def _committable(self) -> dict[str, int]:
         """Offsets for the consumer group: those of the newest durable snapshot, when snapshots are on."""
         return self.snapshots.durable_offsets if self.snapshots is not None else self.positions
 
-    def _snapshot(self, intake_state: bytes) -> None:
+    def _snapshot(self, intake_state: bytes, final: bool) -> None:
         """At a barrier: hands the whole state as it is now to the snapshot writer."""
         started = time.perf_counter()
+        if final:
+            self.snapshots.trigger.fire("shutdown", self.learned, time.monotonic())
         audit_length = self.audit.sync() if self.audit is not None else 0
-        figures = ServiceFigures(self.learned, self._learning_seconds, audit_length)
+        figures = ServiceFigures(self.learned, self._learning_seconds, audit_length, dict(self.snapshots.trigger.fired))
         states = {name: l.state() for name, l in self.learners.items()}
         tensors = {name: l.tensors() for name, l in self.learners.items()}
         self.snapshots.submit(lambda: pack(states, tensors, intake_state, figures), dict(self.positions),
-                              {"learned": float(self.learned)}, self.learned)
+                              {"learned": float(self.learned)})
         self._barrier_requested = False
         self.snapshots.stall.observe(time.perf_counter() - started)
 
@@ -168,6 +195,8 @@ class Service:
             self.metrics = None
         if self.audit is not None:
             self.audit.close()
+        if self.history is not None:
+            self.history.close()
 
     def _learn(self, batch: Batch) -> None:
         self._last_turn = time.monotonic()
@@ -186,11 +215,16 @@ class Service:
             self.positions = batch.positions
         self.stats = batch.stats
         if batch.barrier is not None and self.snapshots is not None:
-            self._snapshot(batch.barrier)
+            self._snapshot(batch.barrier, batch.final)
 
     @property
     def learned(self) -> int:
         return sum(l.learned for l in self.learners.values())
+
+    @property
+    def held_out(self) -> int:
+        """Examples kept aside as forgetting probes: taken from the stream but never learned."""
+        return sum(l.probes.held_out for l in self.learners.values() if l.probes is not None)
 
     def health(self) -> tuple[bool, str]:
         stalled = time.monotonic() - self._last_turn
@@ -225,6 +259,7 @@ class Service:
             "join": dict(sorted(stats.join.items())),
             "join_pending": stats.join_pending,
             "learned": self.learned,
+            "held_out": self.held_out,
             "models": {name: l.summary() for name, l in self.learners.items()},
             "positions": dict(sorted(self.positions.items())),
             "elapsed_seconds": round(elapsed, 3),
@@ -287,8 +322,14 @@ def _build_learner(name: str, model: ModelConfig, config: Config) -> Learner:
         if model.is_torch:
             from streamlearn.learners.torch_learner import TorchLearner  # torch loads only when a model needs it
 
-            return TorchLearner(name, model, config.seed, config.torch_threads, config.drift)
+            return TorchLearner(name, model, config.seed, config.torch_threads, config.drift, config.eval)
         return RiverLearner(name, model.model, model.task, model.learn_mode, model.window, model.params,
-                            config.seed, config.drift)
+                            config.seed, config.drift, config.eval)
     except ModelError as err:
         raise ConfigError(f"config error: models.{name}.{err.key}: {err}") from None
+
+
+def _history_recorder(config: Config) -> Optional[HistoryRecorder]:
+    if not config.eval.history:
+        return None
+    return HistoryRecorder(HistoryWriter(Path(config.state_dir) / "history.jsonl"))

@@ -54,8 +54,9 @@ def test_the_torch_learner_consolidates_when_drift_is_detected():
     from streamlearn.learners.torch_learner import TorchLearner
 
     model = parse_config({"models": {"m": {"model": "mlp", "params": {"hidden": [16]},
-                                           "ewc": {"consolidate_every": 10 ** 9}}}}, env={}).models["m"]
+                                           "ewc": {"consolidate": {"on_drift": True}}}}}, env={}).models["m"]
     learner = TorchLearner("m", model, seed=1)
     learner.learn_batch(sea_with_abrupt_drift(seed=1))
     assert learner.drift.detected["adwin"] >= 1
     assert learner.ewc.consolidations == learner.drift.detected["adwin"]
+    assert dict(learner.consolidation.fired) == {"drift": learner.drift.detected["adwin"]}

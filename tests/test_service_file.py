@@ -34,8 +34,9 @@ def test_examples_are_routed_to_their_model(tmp_path, mode):
     write_lines(path, events)
     models = {"a": {"model": "logreg"}, "b": {"model": "hoeffding_tree"}}
     summary = Service(file_config(path, models=models, intake={"mode": mode})).run()
-    assert summary["models"]["a"]["learned"] == 400
-    assert summary["models"]["b"]["learned"] == 200
+    for model, taken in (("a", 400), ("b", 200)):   # 1 in 100 is held out as a probe (eval.probe_size)
+        assert summary["models"][model]["learned"] + summary["models"][model]["held_out"] == taken
+        assert summary["models"][model]["held_out"] == taken // 100
     assert summary["dead_letters"] == {"unknown_model": 1}
     assert summary["models"]["a"]["scores"]["accuracy_rolling"] > 0.9
 
@@ -69,7 +70,7 @@ def test_learn_many_end_to_end(tmp_path):
     write_lines(path, [{"id": f"e-{i}", "ts": i, "features": {"x": float(i % 2), "c": "ab"[i % 2]},
                         "label": i % 2} for i in range(3000)])
     summary = Service(file_config(path, models={"default": {"model": "logreg", "learn_mode": "many"}})).run()
-    assert summary["learned"] == 3000
+    assert summary["learned"] == 2970 and summary["models"]["default"]["held_out"] == 30
     assert summary["models"]["default"]["scores"]["accuracy_rolling"] > 0.9
 
 

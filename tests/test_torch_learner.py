@@ -107,7 +107,7 @@ def roundtrip(learner: TorchLearner) -> TorchLearner:
 
 @pytest.mark.parametrize("replay", ["reservoir", "class_balanced", "time_decayed"])
 def test_a_restored_learner_continues_bit_for_bit(replay):
-    config = model_config(replay={"kind": replay, "capacity": 64}, ewc={"consolidate_every": 100})
+    config = model_config(replay={"kind": replay, "capacity": 64}, ewc={"consolidate": {"every_examples": 100}})
     original = TorchLearner("m", config, seed=5)
     original.learn_batch(examples(250))                 # leaves a partial micro-batch queued
     assert len(original.queue) and original.ewc.consolidations
@@ -156,25 +156,31 @@ def test_the_service_learns_a_torch_model_and_resumes_it_from_a_snapshot(tmp_pat
     def config(state: str):
         return parse_config({"source": f"file:{path}", "state_dir": str(tmp_path / state),
                              "intake": {"mode": "inline"}, "metrics": {"port": 0, "host": "127.0.0.1"},
+                             "eval": {"segment_size": 300, "probe_size": 10, "every": 300},
                              "models": {"m": {"model": "mlp", "params": {"hidden": [16]},
                                               "replay": {"capacity": 100}}}}, env={})
 
     first = Service(config("a"))
     summary = first.run()
-    assert summary["learned"] == 900 and summary["models"]["m"]["replay_size"] == 100
+    model = summary["models"]["m"]
+    assert summary["learned"] == 870 and model["held_out"] == 30 and model["replay_size"] == 100
+    assert sorted(model["probe_accuracy"]) == ["0", "1", "2"]
     with urllib.request.urlopen(f"http://127.0.0.1:{first.metrics.port}/metrics", timeout=10) as response:
         metrics = response.read().decode()
     first.close()
     assert 'streamlearn_replay_buffer_size{model="m"} 100.0' in metrics
     assert 'streamlearn_update_rollbacks_total{model="m"} 0.0' in metrics
     assert 'streamlearn_drift_detected_total{detector="adwin",model="m"}' in metrics
-    assert 'streamlearn_update_seconds_count{model="m"} 29.0' in metrics   # 28 micro-batches of 32 + the rest
+    assert 'streamlearn_update_seconds_count{model="m"} 28.0' in metrics   # 27 micro-batches of 32 + the rest
+    assert 'streamlearn_probe_accuracy{model="m",segment="2"}' in metrics
+    assert f'streamlearn_forgetting{{model="m"}} {model["forgetting"]}' in metrics
     snapshot = SnapshotStore(tmp_path / "a" / "snapshots").load(1)
     assert "tensors.safetensors" in snapshot.files
     resumed = Service(config("a"))            # restores snapshot 1; the file is already read to its end
     learner = resumed.learners["m"]
     assert torch.equal(learner.flat.param, first.learners["m"].flat.param)
-    assert learner.replay.store.size == 100 and learner.learned == 900
+    assert learner.replay.store.size == 100 and learner.learned == 870
+    assert learner.probes.accuracies() == first.learners["m"].probes.accuracies()
 
 
 def test_scoring_from_the_training_pass_equals_scoring_separately():

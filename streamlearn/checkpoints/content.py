@@ -29,6 +29,7 @@ class ServiceFigures(msgspec.Struct):
     learned: int
     learning_seconds: float
     audit_length: int = 0   # bytes of the audit log that belong to this state
+    snapshot_triggers: dict[str, int] = {}   # reason -> snapshots it fired, up to this one
 
 
 class Content(msgspec.Struct):

@@ -28,6 +28,7 @@ import msgspec
 from streamlearn.checkpoints.store import Manifest, SnapshotStore
 from streamlearn.config import Config, SnapshotConfig
 from streamlearn.telemetry.histogram import LATENCY_BUCKETS, Histogram
+from streamlearn.triggers import Trigger
 
 log = logging.getLogger(__name__)
 Serialize = Callable[[], dict[str, bytes]]   # the state as files, called where the writing happens
@@ -50,7 +51,7 @@ class WriteOutcome(msgspec.Struct):
 
 
 class Snapshotter:
-    """Snapshot triggers (every N examples, every T seconds) and the off-loop writer."""
+    """The snapshot trigger (examples, seconds, drift, score; see `triggers`) and the off-loop writer."""
 
     def __init__(self, settings: SnapshotConfig, store: SnapshotStore, fingerprint: str) -> None:
         self.settings = settings
@@ -62,22 +63,20 @@ class Snapshotter:
         self.last_success: Optional[float] = None   # unix time of the newest durable snapshot
         self.durable_offsets: dict[str, int] = {}
         self.parent: Optional[int] = None           # the restored snapshot the next one grows from
-        self._last_examples = 0
-        self._last_time = time.monotonic()
+        self.trigger = Trigger("snapshot", settings, time.monotonic())   # and always at clean shutdown
         self._idle = threading.Event()
         self._idle.set()
         self._die_with_parent = _parent_death_signal()  # resolved here: the child must not import
 
-    def due(self, learned: int) -> bool:
-        s = self.settings
-        return self._idle.is_set() and (learned - self._last_examples >= s.every_examples
-                                        or time.monotonic() - self._last_time >= s.every_seconds)
+    @property
+    def idle(self) -> bool:
+        """No write in flight (a new snapshot may be asked for)."""
+        return self._idle.is_set()
 
-    def submit(self, serialize: Serialize, offsets: dict[str, int], meta: dict[str, float], learned: int) -> None:
+    def submit(self, serialize: Serialize, offsets: dict[str, int], meta: dict[str, float]) -> None:
         """Starts writing the state `serialize` returns; waits first if the previous write is still going."""
         self._idle.wait()
         self._idle.clear()
-        self._last_examples, self._last_time = learned, time.monotonic()
         started = time.perf_counter()
         wait = None
         if self.settings.serialize == "fork":

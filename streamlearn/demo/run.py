@@ -187,6 +187,8 @@ def demo_summary(summary: dict, service: Service, generator: TrafficGenerator, p
         "join_balance": {"valid_inputs": valid.get("inference-logs", 0) + valid.get("feedback", 0),
                          "accounted": accounted},
         "learned": summary["learned"],
+        "held_out": summary["held_out"],
+        "forgetting": learner.summary().get("forgetting"),
         "accuracy_before_drift": _round(learner.score_at(totals.drift_ts)),
         "accuracy_after_recovery": _round(learner.scores.value("accuracy", rolling=True)),
         "accuracy_overall": _round(learner.scores.value("accuracy", rolling=False)),
@@ -203,9 +205,10 @@ def _round(value: float) -> Optional[float]:
 def print_summary(result: dict) -> None:
     print("streamlearn demo: summary")
     print(f"  requests {result['requests']}, messages sent {result['messages_sent']}, "
-          f"examples learned {result['learned']}")
+          f"examples learned {result['learned']}, held out as forgetting probes {result['held_out']}")
     print(f"  rolling accuracy before the drift {result['accuracy_before_drift']}, "
           f"at the end {result['accuracy_after_recovery']}")
+    print(f"  forgetting        {result['forgetting']} (best earlier probe accuracy minus now, recent segments)")
     detected = ", ".join(f"{d['detector']} at example {d['at_example']:,}" for d in result["drift_detected"])
     print(f"  drift detected    {detected or 'none'} (the traffic's concept changes halfway)")
     print(f"  malformed sent    {result['malformed_sent']}")

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from streamlearn.config import DriftConfig
+from streamlearn.config import DriftConfig, EvalConfig
 from streamlearn.learners.base import Learner
 from streamlearn.learners.models import ModelError, build_model
 from streamlearn.records import Example
@@ -35,8 +35,8 @@ class RiverLearner(Learner):
 
     def __init__(self, name: str, model: str = "logreg", task: str = "classification",
                  learn_mode: str = "one", window: int = 1000, params: Optional[dict] = None,
-                 seed: int = 42, drift: Optional[DriftConfig] = None) -> None:
-        super().__init__(name, task, window, drift)
+                 seed: int = 42, drift: Optional[DriftConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
+        super().__init__(name, task, window, drift, evaluation, seed)
         self.model = build_model(model, task, params or {}, seed)
         self.learn_mode = learn_mode
         if learn_mode == "many" and not hasattr(self.model, "learn_many"):
@@ -54,7 +54,17 @@ class RiverLearner(Learner):
         else:
             self._test_then_train_regressor(examples)
         label_ts = np.fromiter((e.label_ts for e in examples), float, len(examples))
-        self._observe_update(time.perf_counter() - started, label_ts, time.time() if now is None else now)
+        consumed = np.fromiter((e.consumed for e in examples), float, len(examples))
+        self._observe_update(time.perf_counter() - started, label_ts, consumed, time.time() if now is None else now)
+
+    def _predict_labels(self, examples: list[Example]) -> list:
+        predicted = []
+        for ex in examples:
+            try:
+                predicted.append(self.model.predict_one(ex.features))
+            except Exception:   # as in learning: a probe the model cannot take counts as a miss
+                predicted.append(None)
+        return predicted
 
     def _test_then_train_classifier(self, examples: list[Example]) -> None:
         predict, learn, weighted = self.model.predict_proba_one, self.model.learn_one, self._takes_weight

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamlearn.config import DriftConfig, ModelConfig
+from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
 from streamlearn.learners.base import Learner
 from streamlearn.learners.drift import DriftEvent
 from streamlearn.learners.encoder import FeatureEncoder, RunningMoments
@@ -44,6 +44,7 @@ from streamlearn.replay.class_balanced import ClassBalancedBuffer
 from streamlearn.replay.reservoir import ReservoirBuffer
 from streamlearn.replay.store import ReplayBuffer
 from streamlearn.replay.time_decayed import TimeDecayedBuffer
+from streamlearn.triggers import Trigger
 
 STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -58,35 +59,40 @@ class Queue:
         self.w = np.zeros(0, dtype=np.float32)
         self.ts = np.zeros(0)
         self.label_ts = np.zeros(0)
+        self.consumed = np.zeros(0)
         self.since: Optional[float] = None   # wall time the oldest one arrived
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def push(self, raw, y, w, ts, label_ts, now: float) -> None:
+    def push(self, columns: tuple[np.ndarray, ...], now: float) -> None:
+        """Appends rows given as (raw, y, w, ts, label_ts, consumed) columns."""
         if not len(self):
             self.since = now
-            self.raw, self.y, self.w, self.ts, self.label_ts = raw, y, w, ts, label_ts
+            self.raw, self.y, self.w, self.ts, self.label_ts, self.consumed = columns
             return
-        self.raw, self.y, self.w = np.concatenate([self.raw, raw]), np.concatenate([self.y, y]), np.concatenate([self.w, w])
-        self.ts, self.label_ts = np.concatenate([self.ts, ts]), np.concatenate([self.label_ts, label_ts])
+        self.raw, self.y, self.w, self.ts, self.label_ts, self.consumed = (
+            np.concatenate([old, new]) for old, new in zip(self._columns(), columns))
 
     def pop(self, n: int) -> tuple[np.ndarray, ...]:
-        head = (self.raw[:n], self.y[:n], self.w[:n], self.ts[:n], self.label_ts[:n])
-        self.raw, self.y, self.w, self.ts, self.label_ts = (a[n:] for a in (self.raw, self.y, self.w, self.ts, self.label_ts))
+        columns = self._columns()
+        self.raw, self.y, self.w, self.ts, self.label_ts, self.consumed = (a[n:] for a in columns)
         if not len(self):
             self.since = None
-        return head
+        return tuple(a[:n] for a in columns)
+
+    def _columns(self) -> tuple[np.ndarray, ...]:
+        return self.raw, self.y, self.w, self.ts, self.label_ts, self.consumed
 
 
 class TorchLearner(Learner):
     """One named torch network with its encoder, optimizer, replay buffer and EWC state."""
 
-    STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "_since_consolidation")
+    STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "consolidation")
 
     def __init__(self, name: str, config: ModelConfig, seed: int = 42, threads: int = 0,
-                 drift: Optional[DriftConfig] = None) -> None:
-        super().__init__(name, config.task, config.window, drift)
+                 drift: Optional[DriftConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
+        super().__init__(name, config.task, config.window, drift, evaluation, seed)
         if threads:
             torch.set_num_threads(threads)   # process-wide: the service passes its one torch_threads setting
         self.config = config
@@ -104,7 +110,7 @@ class TorchLearner(Learner):
         self.replay = _replay_buffer(config, self.encoder.width, seed)
         self.queue = Queue(self.encoder.width)
         self.rolled_back = 0
-        self._since_consolidation = 0
+        self.consolidation = Trigger("consolidate", config.ewc.consolidate, time.time())
         self._class_index: dict = {}
         self._good: list[torch.Tensor] = []      # the last good weights and optimizer state ...
         self._guarded: list[torch.Tensor] = []   # ... of these tensors
@@ -126,18 +132,18 @@ class TorchLearner(Learner):
             return
         raw = self.encoder.vectorize([ex.features for ex in examples])
         w = np.fromiter((ex.weight for ex in examples), np.float32, len(examples))
-        ts = np.fromiter((ex.ts for ex in examples), float, len(examples))
-        label_ts = np.fromiter((ex.label_ts for ex in examples), float, len(examples))
+        columns = (raw, y, w, *(np.fromiter((getattr(ex, key) for ex in examples), float, len(examples))
+                                for key in ("ts", "label_ts", "consumed")))
         size, start = self.config.train.batch_size, 0
         while start < len(y):  # score up to a micro-batch with the model as it is, queue, learn a full one
             part = slice(start, min(len(y), start + size - len(self.queue)))
             if not len(self.queue) and part.stop - start == size and self._one_pass:
                 # A whole micro-batch at once: the first training forward pass, before its step, is the
                 # model as it is, so it scores the batch too (one forward pass instead of two).
-                self._train(raw[part], y[part], w[part], ts[part], label_ts[part], now, known[part])
+                self._train(*(c[part] for c in columns), now, known[part])
             else:
                 self._score(self._forward(raw[part]), y[part], known[part])
-                self.queue.push(raw[part], y[part], w[part], ts[part], label_ts[part], now)
+                self.queue.push(tuple(c[part] for c in columns), now)
                 if len(self.queue) >= size:
                     self._train(*self.queue.pop(size), now)
             start = part.stop
@@ -201,6 +207,9 @@ class TorchLearner(Learner):
             correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
         self._scored_classification(correct, p_true)
 
+    def _predict_labels(self, examples: list[Example]) -> list:
+        return self.predict_many([ex.features for ex in examples])
+
     def predict_many(self, rows: list[Features]) -> list:
         """The most likely label of each feature dict (regression: the value); learns nothing."""
         out = self._forward(self.encoder.vectorize(rows, grow=False))
@@ -220,7 +229,7 @@ class TorchLearner(Learner):
         if len(self.queue):
             self._train(*self.queue.pop(len(self.queue)), time.time() if now is None else now)
 
-    def _train(self, raw, y, w, ts, label_ts, now: float, score_known: Optional[np.ndarray] = None) -> None:
+    def _train(self, raw, y, w, ts, label_ts, consumed, now: float, score_known: Optional[np.ndarray] = None) -> None:
         """Steps on the micro-batch mixed with replay; with `score_known`, also scores it (not scored yet)."""
         started = time.perf_counter()
         if self.task == "regression":
@@ -241,10 +250,9 @@ class TorchLearner(Learner):
         if self.replay is not None:
             self.replay.add(raw, y, ts)
         self.learned += len(y)
-        self._since_consolidation += len(y)
-        if self._since_consolidation >= self.config.ewc.consolidate_every:
+        if self.consolidation.check(self.learned, now, score=self.watched_score):
             self.consolidate()
-        self._observe_update(time.perf_counter() - started, label_ts, now)
+        self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
 
     def _mixed(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The new examples plus replayed ones, `replay.ratio` of the whole."""
@@ -297,13 +305,13 @@ class TorchLearner(Learner):
         return (losses * ws).sum() / ws.sum()
 
     def on_drift(self, event: DriftEvent) -> None:
-        if self.config.ewc.on_drift:
-            self.consolidate()   # what was learned before the change becomes what to keep
+        if self.consolidation.config.on_drift:   # what was learned before the change becomes what to keep
+            self.consolidation.fire("drift", self.learned, time.time())
+            self.consolidate()
 
     def consolidate(self) -> None:
-        """Makes the weights as they are now the EWC anchor (periodically; also when drift is detected)."""
+        """Makes the weights as they are now the EWC anchor (when `ewc.consolidate` fires, or when called)."""
         self.ewc.consolidate(self.flat.param)
-        self._since_consolidation = 0
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         return [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
@@ -354,6 +362,9 @@ class TorchLearner(Learner):
     def restore(self, state: dict) -> None:
         super().restore(state)
         self._class_index = {label: i for i, label in enumerate(self.classes)}
+
+    def triggers(self) -> list[Trigger]:
+        return [self.consolidation]
 
     @property
     def replay_size(self) -> Optional[int]:

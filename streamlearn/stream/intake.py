@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Callable, Iterator, Optional
 
 import msgspec
+import numpy as np
 
 from streamlearn.config import Config
 from streamlearn.records import Batch, Example, IntakeStats
@@ -25,7 +26,7 @@ from streamlearn.stream.events import EXAMPLES_TOPIC, FEEDBACK_TOPIC, INFERENCE_
 from streamlearn.stream.join import FeedbackJoiner, JoinerState
 from streamlearn.stream.source import Chunk, Source
 from streamlearn.stream.watermark import NEVER, PartitionWatermarks
-from streamlearn.telemetry.histogram import DELAY_BUCKETS, Histogram
+from streamlearn.telemetry.histogram import DELAY_BUCKETS, WAIT_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 0.5  # an empty batch at least this often keeps the counters on the learner side fresh
@@ -67,6 +68,7 @@ class Intake:
         self.events: Counter[tuple[str, str]] = Counter()
         self.dead: Counter[tuple[str, str]] = Counter()
         self.feedback_delay = Histogram(DELAY_BUCKETS)
+        self.queueing: dict[str, Histogram] = {}   # per topic: broker timestamp -> read here
         self._watermark = NEVER
         k = config.kafka
         self._kinds = {k.inference_topic: INFERENCE_TOPIC, k.feedback_topic: FEEDBACK_TOPIC,
@@ -90,6 +92,7 @@ class Intake:
         self.dead.update(state.stats.dead_letters)
         if state.stats.feedback_delay is not None:
             self.feedback_delay = Histogram.from_state(state.stats.feedback_delay)
+        self.queueing = {topic: Histogram.from_state(h) for topic, h in state.stats.queueing.items()}
 
     def batches(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
         """Yields batches until the source is exhausted or `should_stop()`; the last one is `final`."""
@@ -126,7 +129,11 @@ class Intake:
     def poll(self, timeout: float) -> list[Example]:
         """One poll of the source: decodes, joins, and returns the examples the watermark released."""
         now = self.clock()
-        for chunk in self.source.poll(self.poll_records, timeout):
+        chunks = self.source.poll(self.poll_records, timeout)
+        self.joiner.read_at = read_at = time.time()
+        for chunk in chunks:
+            if chunk.timestamps:
+                self._queueing(chunk.topic).observe_many(read_at - np.asarray(chunk.timestamps))
             newest = self._take(chunk)
             if newest > NEVER:
                 self.watermarks.observe(chunk.partition, newest, now)
@@ -134,6 +141,12 @@ class Intake:
         self._track_assignment(now)
         self._watermark = self.watermarks.current(now)
         return self.joiner.advance(self._watermark)
+
+    def _queueing(self, topic: str) -> Histogram:
+        histogram = self.queueing.get(topic)
+        if histogram is None:
+            histogram = self.queueing[topic] = Histogram(WAIT_BUCKETS)
+        return histogram
 
     def finish(self) -> list[Example]:
         """End of input: everything seen has arrived, so the watermark moves to the newest event."""
@@ -178,7 +191,8 @@ class Intake:
         return IntakeStats(
             events=dict(self.events), dead_letters=dict(self.dead), join=dict(self.joiner.outcomes),
             join_pending=self.joiner.pending, feedback_delay=self.feedback_delay.state(),
-            consumer_lag=self.source.lag(), watermark=self._watermark, assigned=sorted(self._known_partitions),
+            consumer_lag=self.source.lag(), queueing={t: h.state() for t, h in self.queueing.items()},
+            watermark=self._watermark, assigned=sorted(self._known_partitions),
             caught_up=self._watermark >= self.watermarks.newest() and not self.joiner.held,
         )
 

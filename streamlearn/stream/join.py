@@ -54,6 +54,7 @@ class FeedbackJoiner:
         self.regression_models = regression_models
         self.outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self.delays: list[float] = []  # feedback ts - log ts of new matches; the caller drains it
+        self.read_at = 0.0             # wall time the messages being added were read (set by the caller)
         self._logs: dict[str, LogEntry] = {}
         self._early: dict[str, LabelEntry] = {}
         self._closed: dict[str, tuple[float, bool]] = {}  # id -> (close time, matched?) for dups/late
@@ -126,6 +127,7 @@ class FeedbackJoiner:
 
     def add_example(self, example: Example) -> None:
         """Queues an example joined upstream, to be released in event-time order with the rest."""
+        example.consumed = self.read_at
         heapq.heappush(self._ready, (example.ts, example.id, example))
 
     def advance(self, watermark: float) -> list[Example]:
@@ -156,7 +158,8 @@ class FeedbackJoiner:
             self._close(log.request_id, feedback.ts, "invalid_label", matched=True)
             return
         ts = max(log.ts, feedback.ts)
-        example = Example(log.request_id, log.model, log.features, label, feedback.weight, ts, feedback.ts)
+        example = Example(log.request_id, log.model, log.features, label, feedback.weight, ts, feedback.ts,
+                          self.read_at)
         heapq.heappush(self._ready, (ts, log.request_id, example))
         self.delays.append(feedback.ts - log.ts)
         self._close(log.request_id, ts, "matched", matched=True)

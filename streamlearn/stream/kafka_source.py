@@ -82,9 +82,12 @@ class ConfluentSource:
             if here != where:  # messages come in runs per partition: look the chunk up once a run
                 where, chunk = here, chunks.get(here)
                 if chunk is None:
-                    chunk = chunks[here] = Chunk(here[0], position_key(*here), [], [], 0)
+                    chunk = chunks[here] = Chunk(here[0], position_key(*here), [], [], 0, [])
             chunk.values.append(msg.value() or b"")
             chunk.offsets.append(msg.offset())
+            kind, millis = msg.timestamp()
+            if kind:   # 0: TIMESTAMP_NOT_AVAILABLE
+                chunk.timestamps.append(millis / 1000)
         for chunk in chunks.values():
             chunk.next_offset = chunk.offsets[-1] + 1
         return list(chunks.values())
@@ -165,7 +168,9 @@ class KafkaPythonSource:
         for tp, batch in records.items():
             values = [r.value or b"" for r in batch]
             offsets = [r.offset for r in batch]
-            chunks.append(Chunk(tp.topic, position_key(tp.topic, tp.partition), values, offsets, offsets[-1] + 1))
+            stamps = [r.timestamp / 1000 for r in batch if r.timestamp is not None and r.timestamp >= 0]
+            chunks.append(Chunk(tp.topic, position_key(tp.topic, tp.partition), values, offsets, offsets[-1] + 1,
+                                stamps))
         return chunks
 
     def partitions(self) -> list[str]:

@@ -19,6 +19,7 @@ class Chunk(msgspec.Struct):
     values: list[bytes]
     offsets: list[int]
     next_offset: int
+    timestamps: list[float] = []   # broker timestamps in seconds (append or create time); empty: unknown
 
 
 class Source(Protocol):

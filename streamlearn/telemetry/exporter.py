@@ -9,6 +9,7 @@ outcomes and configured model names, never a request id.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Callable, Iterable, Iterator, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -18,6 +19,7 @@ from streamlearn.checkpoints.snapshotter import Snapshotter
 from streamlearn.learners.base import Learner
 from streamlearn.records import IntakeStats
 from streamlearn.telemetry.histogram import HistogramState
+from streamlearn.triggers import Trigger
 
 PREFIX = "streamlearn_"
 
@@ -37,9 +39,47 @@ class ServiceCollector(Collector):
         learners = list(self._learners())
         yield from _intake_metrics(stats)
         yield from _learner_metrics(learners)
+        yield from _probe_metrics(learners)
         snapshots = self._snapshots()
         if snapshots is not None:
             yield from _snapshot_metrics(snapshots)
+        triggers = [t for l in learners for t in l.triggers()] + ([snapshots.trigger] if snapshots else [])
+        yield _trigger_metric(triggers)
+
+
+def _trigger_metric(triggers: list[Trigger]) -> Metric:
+    fired: Counter[tuple[str, str]] = Counter()
+    for trigger in triggers:
+        for reason, n in trigger.fired.items():
+            fired[(trigger.action, reason)] += n
+    family = CounterMetricFamily(PREFIX + "triggers_fired", "Trigger firings, by action (snapshot, consolidate) "
+                                 "and reason (examples, seconds, drift, score, shutdown).", labels=["action", "reason"])
+    for labels, n in sorted(fired.items()):
+        family.add_metric(list(labels), n)
+    return family
+
+
+def _probe_metrics(learners: list[Learner]) -> Iterator[Metric]:
+    """Live forgetting: accuracy on the probe sets of recent segments (labelled by age: 0 is the newest)."""
+    probe = GaugeMetricFamily(PREFIX + "probe_accuracy", "Accuracy now on the held-out probes of a recent segment "
+                              "(segment=0 the newest complete one, 1 the one before, ...).", labels=["model", "segment"])
+    forgetting = GaugeMetricFamily(PREFIX + "forgetting", "Mean over recent segments of best earlier probe "
+                                   "accuracy minus accuracy now.", labels=["model"])
+    transfer = GaugeMetricFamily(PREFIX + "backward_transfer", "Mean over recent segments of probe accuracy now "
+                                 "minus just after the segment.", labels=["model"])
+    for learner in learners:
+        probes = learner.probes
+        if probes is None:
+            continue
+        for age, segment in enumerate(reversed(probes.segments)):
+            if segment.now is not None:
+                probe.add_metric([learner.name, str(age)], segment.now)
+        for family, value in ((forgetting, probes.forgetting), (transfer, probes.backward_transfer)):
+            if not math.isnan(value):
+                family.add_metric([learner.name], value)
+    yield probe
+    yield forgetting
+    yield transfer
 
 
 def _snapshot_metrics(snapshots: Snapshotter) -> Iterator[Metric]:
@@ -74,6 +114,8 @@ def _intake_metrics(stats: IntakeStats) -> Iterator[Metric]:
     if stats.feedback_delay is not None:
         yield _histogram("feedback_delay_seconds", "Feedback event time minus inference event time.",
                          [((), stats.feedback_delay)], [])
+    yield _histogram("queueing_seconds", "Broker timestamp of a message to the intake reading it.",
+                     [((topic,), state) for topic, state in sorted(stats.queueing.items())], ["topic"])
     lag = GaugeMetricFamily(PREFIX + "consumer_lag", "Messages behind the partition's end (approximate on Tansu).",
                             labels=["topic", "partition"])
     for (topic, partition), n in sorted(stats.consumer_lag.items()):
@@ -109,6 +151,9 @@ def _learner_metrics(learners: list[Learner]) -> Iterator[Metric]:
                      [((l.name,), l.update_seconds.state()) for l in learners], ["model"])
     yield _histogram("loop_latency_seconds", "Feedback event time to model updated.",
                      [((l.name,), l.loop_latency.state()) for l in learners], ["model"])
+    yield _histogram("processing_seconds", "Intake read the message completing an example to model updated "
+                     "(join wait, hand-off, micro-batch wait, update).",
+                     [((l.name,), l.processing.state()) for l in learners], ["model"])
 
 
 def _neural_metrics(learners: list[Learner]) -> Iterator[Metric]:

@@ -19,6 +19,9 @@ import msgspec
 import numpy as np
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Time spent waiting (in the broker, in the join): milliseconds when keeping up, hours when replaying a backlog.
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                21600.0, 86400.0)
 DELAY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 
 
@@ -64,6 +67,13 @@ class Histogram:
         h = cls(state.bounds)
         h.counts = list(state.counts)
         h.total = state.total
+        return h
+
+    def since(self, earlier: "HistogramState") -> "Histogram":
+        """The observations made after `earlier` (a state of this same histogram)."""
+        h = Histogram(self.bounds)
+        h.counts = [now - then for now, then in zip(self.counts, earlier.counts)]
+        h.total = self.total - earlier.total
         return h
 
     def quantile(self, q: float) -> float:

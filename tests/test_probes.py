@@ -1,0 +1,145 @@
+"""Live forgetting: which examples are held out, that they are never learned, and what the figures say."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from streamlearn.config import EvalConfig
+from streamlearn.learners.probes import ProbeSets
+from streamlearn.learners.river_learner import RiverLearner
+from streamlearn.records import Example
+from streamlearn.telemetry.history import read_history
+
+EVAL = EvalConfig(segment_size=1000, probe_size=50, every=500, segments=10)
+
+
+def stream(n: int, flip_at: int = 10 ** 9, seed: int = 0) -> list[Example]:
+    """x in [-1, 1]; the label is x > 0, reversed from `flip_at` on (an abrupt concept change)."""
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(-1, 1, n)
+    return [Example(f"e-{i}", "m", {"x": float(x), "uid": float(i)}, int((x > 0) != (i >= flip_at)), 1.0, i, i)
+            for i, x in enumerate(xs)]
+
+
+def held_out_ids(probes: ProbeSets) -> list[str]:
+    return [ex.id for segment in probes.segments for ex in segment.probes] + [ex.id for ex in probes.filling]
+
+
+def test_each_segment_holds_out_probe_size_examples_spread_over_it():
+    probes = ProbeSets("m", EVAL, seed=3)
+    learned = [ex for piece, _ in probes.split(stream(4000)) for ex in piece]
+    assert [len(s.probes) for s in probes.segments] == [50, 50, 50, 50]
+    assert len(learned) == 4000 - 200 == 4000 - probes.held_out
+    for segment in probes.segments:
+        positions = [int(ex.id[2:]) - 1000 * segment.number for ex in segment.probes]
+        assert [p // 20 for p in positions] == list(range(50))   # one in each stretch of 20 examples
+
+
+def test_the_same_examples_are_held_out_however_the_stream_is_cut_into_batches():
+    whole, pieces = ProbeSets("m", EVAL, seed=3), ProbeSets("m", EVAL, seed=3)
+    examples = stream(3500)
+    list(whole.split(examples))
+    rng = np.random.default_rng(1)
+    start = 0
+    while start < len(examples):
+        size = int(rng.integers(1, 700))
+        list(pieces.split(examples[start:start + size]))
+        start += size
+    assert held_out_ids(whole) == held_out_ids(pieces)
+    other = ProbeSets("m", EVAL, seed=4)
+    list(other.split(examples))
+    assert held_out_ids(other) != held_out_ids(whole)   # the seed decides
+
+
+def test_evaluations_come_every_n_examples_across_batch_boundaries():
+    probes = ProbeSets("m", EVAL, seed=0)
+    evaluations = []
+    for size in (300, 300, 700, 1, 1199):
+        for _, evaluate in probes.split(stream(size)):
+            if evaluate:
+                evaluations.append(probes.position)
+    assert evaluations == [500, 1000, 1500, 2000, 2500]
+
+
+class Recorder:
+    """Wraps a River model and records which examples it learned from (by their `uid` feature)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.learned = model, set()
+
+    def predict_one(self, x):
+        return self.model.predict_one(x)
+
+    def predict_proba_one(self, x):
+        return self.model.predict_proba_one(x)
+
+    def learn_one(self, x, y):
+        self.learned.add(int(x["uid"]))
+        self.model.learn_one(x, y)
+
+
+def test_probes_are_never_learned():
+    learner = RiverLearner("m", "logreg", evaluation=EVAL)
+    learner.model = recorder = Recorder(learner.model)
+    examples = stream(5000)
+    for start in range(0, 5000, 333):
+        learner.learn_batch(examples[start:start + 333])
+    probe_uids = {int(ex.features["uid"]) for s in learner.probes.segments for ex in s.probes}
+    probe_uids |= {int(ex.features["uid"]) for ex in learner.probes.filling}
+    assert len(probe_uids) == learner.probes.held_out == 250
+    assert recorder.learned.isdisjoint(probe_uids)
+    assert len(recorder.learned) == learner.learned == 5000 - 250
+
+
+def test_forgetting_and_backward_transfer_follow_their_definitions():
+    probes = ProbeSets("m", EvalConfig(segment_size=10, probe_size=2, every=10, segments=3), seed=0)
+    list(probes.split(stream(20)))                 # two complete segments
+    probes.record([0.9, 0.6])                      # first evaluation of both
+    assert math.isnan(probes.forgetting) and math.isnan(probes.backward_transfer)
+    probes.record([0.7, 0.8])
+    assert probes.forgetting == pytest.approx(((0.9 - 0.7) + (0.6 - 0.8)) / 2)
+    assert probes.backward_transfer == pytest.approx(((0.7 - 0.9) + (0.8 - 0.6)) / 2)
+    probes.record([0.5, 0.8])
+    assert probes.forgetting == pytest.approx(((0.9 - 0.5) + (0.8 - 0.8)) / 2)   # best earlier, not first
+    assert probes.accuracies() == {0: 0.5, 1: 0.8}
+
+
+def test_only_the_last_segments_are_kept():
+    probes = ProbeSets("m", EvalConfig(segment_size=10, probe_size=2, every=10, segments=3), seed=0)
+    list(probes.split(stream(60)))
+    assert [s.number for s in probes.segments] == [3, 4, 5]
+
+
+def test_live_forgetting_shows_a_concept_change_and_stays_low_without_one():
+    stationary = RiverLearner("m", "logreg", evaluation=EVAL)
+    changed = RiverLearner("m", "logreg", evaluation=EVAL)
+    stationary.learn_batch(stream(8000))
+    changed.learn_batch(stream(8000, flip_at=4000))
+    assert stationary.probes.forgetting < 0.05
+    assert changed.probes.forgetting > 0.5                  # the segments before the change are now wrong
+    assert changed.probes.backward_transfer < -0.5
+    assert min(changed.probes.accuracies().values()) < 0.2
+
+
+def test_the_service_writes_a_history_line_per_evaluation(tmp_path):
+    import orjson
+
+    from streamlearn.config import parse_config
+    from streamlearn.service import Service
+
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(orjson.dumps({"id": e.id, "ts": e.ts, "features": e.features, "label": e.label}) + b"\n"
+                              for e in stream(6000, flip_at=3000)))
+    config = parse_config({"source": f"file:{path}", "state_dir": str(tmp_path / "state"),
+                           "metrics": {"enabled": False}, "intake": {"mode": "inline"},
+                           "eval": {"segment_size": 1000, "probe_size": 50, "every": 500}}, env={})
+    summary = Service(config).run()
+    lines = read_history(tmp_path / "state" / "history.jsonl")
+    assert [r.position for r in lines] == list(range(500, 6001, 500))
+    assert lines[-1].learned == summary["learned"] == 6000 - 300
+    assert lines[-1].forgetting == summary["models"]["default"]["forgetting"] > 0.3
+    assert any(r.drifts for r in lines)                      # the change is detected, and in the history
+    assert all("loop_p50" in r.latency and "processing_p99" in r.latency for r in lines)
