@@ -24,7 +24,7 @@ from streamlearn.replay.reservoir import ReservoirBuffer
 HIDDEN = [64, 64]
 ENCODER = {"numeric_slots": 16, "string_slots": 16, "hash_buckets": 16}
 REPLAY = {"kind": "reservoir", "capacity": 1000, "ratio": 0.3}
-EWC = {"lambda": 10.0, "gamma": 0.9, "consolidate_every": 1000}
+EWC = {"lambda": 10.0, "gamma": 0.9, "consolidate": {"every_examples": 1000, "on_drift": False}}
 CONFIGS = {  # name -> (replay, ewc) on or off
     "plain": (False, False),
     "ewc": (False, True),
@@ -95,7 +95,7 @@ def bare_torch_loop(x: torch.Tensor, y: torch.Tensor, batch: int, config: str, s
             buffer.add(x[start:start + batch].numpy(), y[start:start + batch].numpy().astype(np.float32),
                        np.zeros(batch))
         since += batch
-        if since >= EWC["consolidate_every"]:
+        if since >= EWC["consolidate"]["every_examples"]:
             ewc.consolidate(flat.param)
             since = 0
     return (len(y) // batch * batch) / (time.perf_counter() - started)

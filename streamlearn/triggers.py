@@ -39,6 +39,11 @@ class Trigger:
         self._time = now
         self._below = False          # the score is under its bound and has fired for this fall
 
+    @property
+    def watches_score(self) -> bool:
+        """Whether a score bound is configured (callers may skip computing the score otherwise)."""
+        return self.config.score_below is not None
+
     def check(self, examples: int, now: float, drifted: bool = False, score: float = math.nan) -> Optional[str]:
         """The reason the action is due now (and counts it), or None; `examples` is a running total."""
         reason = self._reason(examples, now, drifted, score)

@@ -184,13 +184,30 @@ def test_the_service_learns_a_torch_model_and_resumes_it_from_a_snapshot(tmp_pat
 
 
 def test_scoring_from_the_training_pass_equals_scoring_separately():
-    """Whole micro-batches are scored by the first training forward pass; odd chunks by their own pass."""
+    """Queued examples are scored by their micro-batch's first training forward pass, which sees the network
+    they arrived to: the same scores and weights as scoring each chunk on arrival, however chunks fall."""
     config = model_config(params={"hidden": [16]}, replay={"capacity": 64})   # no dropout: one pass applies
-    whole, odd = TorchLearner("m", config, seed=4), TorchLearner("m", config, seed=4)
+    one_pass, separate = TorchLearner("m", config, seed=4), TorchLearner("m", config, seed=4)
+    assert one_pass._one_pass
+    separate._one_pass = False   # a forward pass of its own for each chunk, as it arrives
     stream = examples(640)
-    for start in range(0, 640, 32):
-        whole.learn_batch(stream[start:start + 32])
     for start in range(0, 640, 7):
-        odd.learn_batch(stream[start:start + 7])
-    assert whole.scores.values() == odd.scores.values()
-    assert torch.equal(whole.flat.param, odd.flat.param)
+        one_pass.learn_batch(stream[start:start + 7])
+    for start in range(0, 640, 32):
+        separate.learn_batch(stream[start:start + 32])
+    assert one_pass.scores.values() == pytest.approx(separate.scores.values(), rel=1e-6)
+    assert torch.equal(one_pass.flat.param, separate.flat.param)
+
+
+def test_a_score_read_mid_batch_scores_the_queued_examples_first():
+    """A score mark between micro-batches sees every example up to it, though they wait to be learned."""
+    config = model_config(params={"hidden": [16]}, train={"batch_size": 64})
+    learner = TorchLearner("m", config, seed=2)
+    stream = examples(100)
+    learner.mark_score_at(stream[39].ts)
+    learner.learn_batch(stream)
+    assert learner.scores.count == 100 - 36   # the last 36 wait, unscored, for their micro-batch
+    reference = TorchLearner("m", config, seed=2)
+    reference._one_pass = False
+    reference.learn_batch(stream[:40])
+    assert learner.score_at(stream[39].ts) == pytest.approx(reference.scores.value("accuracy", rolling=True))

@@ -83,6 +83,7 @@ class Learner:
             split = bisect_right(examples, mark, key=lambda e: e.ts)  # examples come in event-time order
             if split:
                 self._test_then_train(examples[:split], now)
+            self.settle()
             self._marked[mark] = self.scores.value(self.scores.names[0], rolling=True)
             examples = examples[split:]
         if examples:
@@ -90,6 +91,9 @@ class Learner:
 
     def _test_then_train(self, examples: list[Example], now: Optional[float]) -> None:
         raise NotImplementedError
+
+    def settle(self) -> None:
+        """Scores whatever was taken but not scored yet (a learner that scores in its training pass)."""
 
     def tick(self, now: float) -> None:
         """Called on every turn of the loop, examples or not (a learner with a timer flushes here)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import zlib
 from itertools import chain
+from typing import Optional
 
 import numpy as np
 
@@ -46,12 +47,12 @@ class RunningMoments:
         """Adds rows of `values` (columns beyond its width are left as they are)."""
         k = values.shape[1]
         values = values.astype(np.float64)
-        present = ~np.isnan(values)
-        if present.all():   # the common case: no value missing
-            n = np.full(k, float(len(values)))
-            batch_mean = values.mean(axis=0)
+        if not np.isnan(values.sum()):   # the common case: no value missing (the decoder refuses infinities)
+            n = float(len(values))
+            batch_mean = values.sum(axis=0) / n   # (cheaper than .mean on small arrays)
             batch_m2 = ((values - batch_mean) ** 2).sum(axis=0)
         else:
+            present = ~np.isnan(values)
             n = present.sum(axis=0)
             batch_mean = np.nansum(values, axis=0) / np.maximum(n, 1)
             batch_m2 = np.nansum(np.where(present, (values - batch_mean) ** 2, 0.0), axis=0)
@@ -88,18 +89,23 @@ class FeatureEncoder:
         """Raw rows; with `grow=False` (scoring only) features never seen are ignored, no column is handed out."""
         out = np.zeros((len(rows), self.width), dtype=np.float32)
         out[:, :self.numeric_slots] = np.nan
-        shapes: dict[tuple, list[int]] = {}
-        for i, features in enumerate(rows):   # rows of one schema (same names, same order) go in together
-            shapes.setdefault(tuple(features), []).append(i)
-        for names, members in shapes.items():
+        schemas = list(map(tuple, rows))   # rows of one schema (same names, same order) go in together
+        if schemas and schemas.count(schemas[0]) == len(schemas):   # the usual case: one schema
+            groups: dict[tuple, Optional[list[int]]] = {schemas[0]: None}
+        else:
+            groups = {}
+            for i, names in enumerate(schemas):
+                groups.setdefault(names, []).append(i)
+        for names, members in groups.items():
             if not self._numeric_block(out, rows, names, members, grow):
-                for i in members:
+                for i in members if members is not None else range(len(rows)):
                     self._one_by_one(out, i, rows[i], grow)
         return out
 
-    def _numeric_block(self, out: np.ndarray, rows: list[Features], names: tuple, members: list[int],
+    def _numeric_block(self, out: np.ndarray, rows: list[Features], names: tuple, members: Optional[list[int]],
                        grow: bool) -> bool:
-        """Writes rows whose features are all numeric in one numpy op; False when they are not (or do not fit)."""
+        """Writes rows (`members`, or all) whose features are all numeric in one numpy op; False when they are
+        not (or do not fit)."""
         columns = self._layouts.get(names)
         if columns is None:
             if any(self.numeric.get(name) is None for name in names) and not grow:
@@ -109,12 +115,16 @@ class FeatureEncoder:
                 return False
             if len(self._layouts) < MAX_LAYOUTS:  # bounded: a stream of ever new schemas gains nothing here
                 self._layouts[names] = columns
+        chosen = rows if members is None else [rows[i] for i in members]
         try:
-            values = np.fromiter(chain.from_iterable(rows[i].values() for i in members), np.float32,
-                                 len(members) * len(names))
+            values = np.fromiter(chain.from_iterable(map(dict.values, chosen)), np.float32, len(chosen) * len(names))
         except (TypeError, ValueError):   # a string among the values
             return False
-        out[np.ix_(members, columns)] = values.reshape(len(members), len(names))
+        values = values.reshape(len(chosen), len(names))
+        if members is None:
+            out[:, columns] = values
+        else:
+            out[np.ix_(members, columns)] = values
         return True
 
     def _one_by_one(self, out: np.ndarray, i: int, features: Features, grow: bool) -> None:

@@ -60,7 +60,7 @@ class PrequentialScores:
 
     def update_classification(self, correct, p_true) -> None:
         correct = np.asarray(correct, dtype=float)
-        loss = -np.log(np.clip(np.asarray(p_true, dtype=float), EPS, 1.0))
+        loss = -np.log(np.maximum(np.asarray(p_true, dtype=float), EPS))   # probabilities: at most 1
         self._add(correct, loss)
 
     def update_regression(self, y_true, y_pred) -> None:

@@ -1,8 +1,8 @@
 """Test-then-train over a torch network: micro-batches mixed with replay, under online EWC.
 
-Each arriving example is scored by the current network, then queued; every
-`train.batch_size` queued examples (or after `train.max_wait` seconds) become a
-micro-batch, mixed with replayed ones so that they make up `replay.ratio` of it,
+Each arriving example is queued, to be scored by the network as it is before it
+learns that example; every `train.batch_size` queued examples (or after
+`train.max_wait` seconds) become a micro-batch, mixed with replayed ones so that they make up `replay.ratio` of it,
 and the network takes `train.steps_per_batch` gradient steps on it with the EWC
 penalty's gradient added. An update whose loss, gradient or resulting weights
 are not finite is undone (weights and optimizer state) and counted.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from operator import attrgetter
 from typing import Optional
 
 import numpy as np
@@ -47,42 +48,46 @@ from streamlearn.replay.time_decayed import TimeDecayedBuffer
 from streamlearn.triggers import Trigger
 
 STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
+FEATURES, LABEL, WEIGHT = attrgetter("features"), attrgetter("label"), attrgetter("weight")
+TIMES = (attrgetter("ts"), attrgetter("label_ts"), attrgetter("consumed"))   # the Queue's float columns
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 class Queue:
-    """Scored examples waiting for their micro-batch, as encoded columns."""
+    """Examples waiting for their micro-batch, as encoded columns.
+
+    Columns: raw rows, targets, weights, event times, label times, read times, and `known`: the
+    classes known when each arrived. The first `scored` rows were scored already; the others are scored
+    by the training pass that learns them (the network does not change while they wait).
+    """
 
     def __init__(self, width: int) -> None:
-        self.raw = np.zeros((0, width), dtype=np.float32)
-        self.y = np.zeros(0, dtype=np.float32)
-        self.w = np.zeros(0, dtype=np.float32)
-        self.ts = np.zeros(0)
-        self.label_ts = np.zeros(0)
-        self.consumed = np.zeros(0)
+        self.columns: tuple[np.ndarray, ...] = (np.zeros((0, width), dtype=np.float32), np.zeros(0, np.float32),
+                                                np.zeros(0, np.float32), np.zeros(0), np.zeros(0), np.zeros(0),
+                                                np.zeros(0, np.int64))
+        self.scored = 0
         self.since: Optional[float] = None   # wall time the oldest one arrived
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.columns[1])
 
-    def push(self, columns: tuple[np.ndarray, ...], now: float) -> None:
-        """Appends rows given as (raw, y, w, ts, label_ts, consumed) columns."""
+    def push(self, columns: tuple[np.ndarray, ...], now: float, scored: bool) -> None:
+        """Appends rows given as columns (in the order above); `scored`: they were scored on arrival."""
         if not len(self):
-            self.since = now
-            self.raw, self.y, self.w, self.ts, self.label_ts, self.consumed = columns
-            return
-        self.raw, self.y, self.w, self.ts, self.label_ts, self.consumed = (
-            np.concatenate([old, new]) for old, new in zip(self._columns(), columns))
+            self.since, self.columns = now, columns
+        else:
+            self.columns = tuple(np.concatenate([old, new]) for old, new in zip(self.columns, columns))
+        if scored:
+            self.scored = len(self)
 
-    def pop(self, n: int) -> tuple[np.ndarray, ...]:
-        columns = self._columns()
-        self.raw, self.y, self.w, self.ts, self.label_ts, self.consumed = (a[n:] for a in columns)
+    def pop(self, n: int) -> tuple[tuple[np.ndarray, ...], int]:
+        """The first `n` rows' columns, and how many of them were scored already."""
+        columns, scored = self.columns, min(n, self.scored)
+        self.columns = tuple(a[n:] for a in columns)
+        self.scored -= scored
         if not len(self):
             self.since = None
-        return tuple(a[:n] for a in columns)
-
-    def _columns(self) -> tuple[np.ndarray, ...]:
-        return self.raw, self.y, self.w, self.ts, self.label_ts, self.consumed
+        return tuple(a[:n] for a in columns), scored
 
 
 class TorchLearner(Learner):
@@ -130,23 +135,35 @@ class TorchLearner(Learner):
             examples, y, known = [ex for ex, k in zip(examples, keep) if k], y[keep], known[keep]
         if not examples:
             return
-        raw = self.encoder.vectorize([ex.features for ex in examples])
-        w = np.fromiter((ex.weight for ex in examples), np.float32, len(examples))
-        columns = (raw, y, w, *(np.fromiter((getattr(ex, key) for ex in examples), float, len(examples))
-                                for key in ("ts", "label_ts", "consumed")))
-        size, start = self.config.train.batch_size, 0
-        while start < len(y):  # score up to a micro-batch with the model as it is, queue, learn a full one
-            part = slice(start, min(len(y), start + size - len(self.queue)))
-            if not len(self.queue) and part.stop - start == size and self._one_pass:
-                # A whole micro-batch at once: the first training forward pass, before its step, is the
-                # model as it is, so it scores the batch too (one forward pass instead of two).
-                self._train(*(c[part] for c in columns), now, known[part])
-            else:
-                self._score(self._forward(raw[part]), y[part], known[part])
-                self.queue.push(tuple(c[part] for c in columns), now)
-                if len(self.queue) >= size:
-                    self._train(*self.queue.pop(size), now)
+        n = len(examples)
+        raw = self.encoder.vectorize(list(map(FEATURES, examples)))
+        w = np.fromiter(map(WEIGHT, examples), np.float32, n)
+        columns = (raw, y, w, *(np.fromiter(map(get, examples), float, n) for get in TIMES), known)
+        size = self.config.train.batch_size
+        if self._one_pass:
+            # The network only changes when a micro-batch is learned, so an example waiting in the queue
+            # would be scored by the same network as the one that learns it: the training pass's first
+            # forward, before its step, scores the whole micro-batch (one forward pass, not two).
+            self.queue.push(columns, now, scored=False)
+            while len(self.queue) >= size:
+                self._learn_queued(size, now)
+            return
+        start = 0
+        while start < n:  # score up to a micro-batch with the network as it is, queue, learn a full one
+            part = slice(start, min(n, start + size - len(self.queue)))
+            self._score(self._forward(raw[part]), y[part], known[part])
+            self.queue.push(tuple(c[part] for c in columns), now, scored=True)
+            if len(self.queue) >= size:
+                self._learn_queued(size, now)
             start = part.stop
+
+    def settle(self) -> None:
+        """Scores the queued examples that wait for their training pass (for a score read mid-batch)."""
+        unscored = slice(self.queue.scored, None)
+        if len(self.queue) > self.queue.scored:
+            raw, y, known = (self.queue.columns[i][unscored] for i in (0, 1, 6))
+            self._score(self._forward(raw), y, known)
+            self.queue.scored = len(self.queue)
 
     def _forward(self, raw: np.ndarray) -> torch.Tensor:
         """The network's output for raw rows, in eval mode (no dropout), without gradients."""
@@ -161,11 +178,10 @@ class TorchLearner(Learner):
     def _targets(self, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
         """Class indices (a new class gets the next unit) or numeric targets, NaN for one that cannot be
         learned; and how many classes were known before each example (what it can be scored against)."""
-        known = len(self.classes)
         if self.task == "classification":
-            index = [self._class_index.get(ex.label) for ex in examples]
+            index = list(map(self._class_index.get, map(LABEL, examples)))
             if None not in index:   # the usual case: no new class in this batch
-                return np.array(index, dtype=np.float32), np.full(len(examples), known)
+                return np.array(index, dtype=np.float32), np.full(len(examples), len(self.classes))
         y = np.empty(len(examples), dtype=np.float32)
         before = np.empty(len(examples), dtype=np.int64)
         for i, ex in enumerate(examples):
@@ -193,17 +209,19 @@ class TorchLearner(Learner):
             guess = out[:, 0].double().numpy() * self.targets.std()[0] + self.targets.mean[0]
             self._scored_regression(y.astype(float), guess)
             return
-        n, top = len(y), int(known.max())
+        n, top = len(y), int(known[-1])   # classes only ever grow: the last row knows the most
         if top == 0:  # knows no class yet: every guess is a miss
             self._scored_classification(np.zeros(n, dtype=bool), np.zeros(n))
             return
         logits = out[:, :top]
-        if known.min() < top:  # a class first seen within these rows
+        if known[0] < top:  # a class first seen within these rows
             logits = logits.masked_fill(torch.from_numpy(np.arange(top)[None, :] >= known[:, None]), float("-inf"))
+        proba = torch.softmax(logits, dim=1).numpy()   # a row that knows no class: NaN, a miss below
+        classes = y.astype(np.intp)
+        seen = classes < known
+        p_true = proba[np.arange(n), np.minimum(classes, top - 1)]
+        p_true[~seen] = 0.0
         with np.errstate(invalid="ignore"):
-            proba = torch.softmax(logits, dim=1).numpy()   # a row that knows no class: NaN, a miss below
-            seen = y < known
-            p_true = np.where(seen, proba[np.arange(n), np.minimum(y.astype(int), top - 1)], 0.0)
             correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
         self._scored_classification(correct, p_true)
 
@@ -223,14 +241,19 @@ class TorchLearner(Learner):
 
     def tick(self, now: float) -> None:
         if self.queue.since is not None and now - self.queue.since >= self.config.train.max_wait:
-            self._train(*self.queue.pop(len(self.queue)), now)
+            self._learn_queued(len(self.queue), now)
 
     def flush(self, now: Optional[float] = None) -> None:
         if len(self.queue):
-            self._train(*self.queue.pop(len(self.queue)), time.time() if now is None else now)
+            self._learn_queued(len(self.queue), time.time() if now is None else now)
 
-    def _train(self, raw, y, w, ts, label_ts, consumed, now: float, score_known: Optional[np.ndarray] = None) -> None:
-        """Steps on the micro-batch mixed with replay; with `score_known`, also scores it (not scored yet)."""
+    def _learn_queued(self, n: int, now: float) -> None:
+        columns, scored = self.queue.pop(n)
+        self._train(*columns, scored, now)
+
+    def _train(self, raw, y, w, ts, label_ts, consumed, known, scored: int, now: float) -> None:
+        """Steps on the micro-batch mixed with replay, scoring in its first pass the rows after the first
+        `scored` (scored on arrival or by `settle`)."""
         started = time.perf_counter()
         if self.task == "regression":
             self.targets.update(y.reshape(-1, 1).astype(np.float64))
@@ -244,13 +267,14 @@ class TorchLearner(Learner):
         ws = None if (w_all == 1.0).all() else torch.from_numpy(w_all)   # feedback weights, when any differ
         for step in range(self.config.train.steps_per_batch):
             out = self._step(xs, ys, ws)
-            if step == 0 and score_known is not None:
-                self._score(out[:len(y)], y, score_known)
+            if step == 0 and scored < len(y):
+                self._score(out[scored:len(y)], y[scored:], known[scored:])
         self.encoder.learn(raw)
         if self.replay is not None:
             self.replay.add(raw, y, ts)
         self.learned += len(y)
-        if self.consolidation.check(self.learned, now, score=self.watched_score):
+        score = self.watched_score if self.consolidation.watches_score else math.nan
+        if self.consolidation.check(self.learned, now, score=score):
             self.consolidate()
         self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
 

@@ -55,8 +55,9 @@ class Histogram:
         if arr.size == 0:
             return
         idx = np.searchsorted(self._edges, arr, side="left")
-        for i, n in enumerate(np.bincount(idx, minlength=len(self.counts)).tolist()):
-            self.counts[i] += n
+        counts = np.bincount(idx, minlength=len(self.counts))
+        for i in np.flatnonzero(counts).tolist():   # most values fall in a few buckets
+            self.counts[i] += int(counts[i])
         self.total += float(arr.sum())
 
     def state(self) -> HistogramState:
