@@ -113,11 +113,14 @@ def service_throughput(bootstrap: str, client: str, mode: str, total: int, model
     """
     marks: list[tuple[float, int]] = []
 
+    def taken(service: Service) -> int:   # learned, or held out as a forgetting probe (scored, never learned)
+        return service.learned + service.held_out
+
     def on_batch(service: Service, batch) -> None:
         if batch.examples and (not marks or marks[-1][1] < STEADY_SHARE * total):
-            marks.append((time.perf_counter(), service.learned))
+            marks.append((time.perf_counter(), taken(service)))
 
-    Service(service_config(bootstrap, client, mode, model)).run(until=lambda s: s.learned >= total, on_batch=on_batch)
+    Service(service_config(bootstrap, client, mode, model)).run(until=lambda s: taken(s) >= total, on_batch=on_batch)
     (t0, n0), (t1, n1) = marks[0], marks[-1]
     return (n1 - n0) / (t1 - t0)
 

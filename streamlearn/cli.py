@@ -1,4 +1,4 @@
-"""The `streamlearn` command line: `run` the service, play the embedded `demo`, inspect `snapshots`."""
+"""The `streamlearn` command line: `run` the service, play the `demo`, inspect `snapshots`, hand `models` to serving."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import typer
 
@@ -16,6 +16,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Keeps production ML models current from their own feedback.")
 snapshots_app = typer.Typer(no_args_is_help=True, help="List, show and verify the service's snapshots.")
 app.add_typer(snapshots_app, name="snapshots")
+models_app = typer.Typer(no_args_is_help=True,
+                         help="The model registry: list, show, diff, promote and roll back versions.")
+app.add_typer(models_app, name="models")
+ModelOption = typer.Option(None, "--model", "-m", help="Model name (default: the only configured model).")
+T = TypeVar("T")
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (env STREAMLEARN_* overrides).")
 
 
@@ -143,12 +148,23 @@ def snapshots_verify(seq: Optional[int] = typer.Argument(None, help="Only this s
         raise typer.Exit(1)
 
 
-def _config_or_exit(path: Optional[Path]):
+def _or_exit(make: Callable[..., T], *args) -> T:
+    """`make(*args)`, or exit 2 with its one-line config error."""
     try:
-        return load_config(path)
+        return make(*args)
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2)
+
+
+def _config_or_exit(path: Optional[Path]):
+    return _or_exit(load_config, path)
+
+
+def _registry(cfg):
+    from streamlearn.deploy.registry import open_registry
+
+    return _or_exit(open_registry, cfg)
 
 
 def _snapshot_rows(path: Optional[Path], only: Optional[int], required: bool):
@@ -169,3 +185,110 @@ def _utc(unix: float) -> str:
     from datetime import datetime, timezone
 
     return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@models_app.command("list")
+def models_list(model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model (default: all)."),
+                config: Optional[Path] = ConfigOption) -> None:
+    """One line per version, newest first: status, lineage, stream position, gate scores (vs production), reason."""
+    from streamlearn.deploy.views import HEADER, row
+
+    cfg = _config_or_exit(config)
+    registry = _registry(cfg)
+    records = registry.versions(model)
+    if not records:
+        typer.echo(f"no versions in {registry.path}")
+        return
+    typer.echo(HEADER)
+    for record in records:
+        typer.echo(row(record))
+
+
+@models_app.command("show")
+def models_show(version: int = typer.Argument(..., help="Version number."), model: Optional[str] = ModelOption,
+                config: Optional[Path] = ConfigOption) -> None:
+    """One version in full (scores, reasons, checksums, history) and whether its artifact verifies."""
+    from streamlearn.deploy.artifacts import ArtifactError, open_artifacts
+    from streamlearn.deploy.views import shown
+
+    cfg = _config_or_exit(config)
+    name = _model_name(cfg, model)
+    registry = _registry(cfg)
+    record = _version_or_exit(registry, name, version)
+    try:
+        _or_exit(open_artifacts, cfg).load(name, version, record.manifest_sha256)   # checks, never unpickles
+        check = "ok"
+    except ArtifactError as err:
+        check = str(err)
+    typer.echo(json.dumps(shown(record, registry.changes(name), check), indent=2))
+
+
+@models_app.command("diff")
+def models_diff(a: int = typer.Argument(..., help="Version from."), b: int = typer.Argument(..., help="Version to."),
+                model: Optional[str] = ModelOption, config: Optional[Path] = ConfigOption) -> None:
+    """What changed from version A to version B: status, lineage, examples, offsets, gate scores, files."""
+    from streamlearn.deploy.views import diff_lines
+
+    cfg = _config_or_exit(config)
+    name = _model_name(cfg, model)
+    registry = _registry(cfg)
+    for line in diff_lines(_version_or_exit(registry, name, a), _version_or_exit(registry, name, b)):
+        typer.echo(line)
+
+
+@models_app.command("promote")
+def models_promote(version: int = typer.Argument(..., help="Version to make production."),
+                   model: Optional[str] = ModelOption, config: Optional[Path] = ConfigOption) -> None:
+    """Make VERSION production (over the gate's verdict), re-point serving and emit the model-updates event."""
+    _change_production(config, model, lambda publisher, name: publisher.promote(
+        name, version, "promote", "operator", reasons=["promoted by an operator"]))
+
+
+@models_app.command("rollback")
+def models_rollback(to: Optional[int] = typer.Option(None, "--to", metavar="VERSION",
+                                                     help="Version to go back to (default: the previous production)."),
+                    model: Optional[str] = ModelOption, config: Optional[Path] = ConfigOption) -> None:
+    """Re-point production to an earlier version and emit the event; no artifact is ever deleted."""
+    _change_production(config, model, lambda publisher, name: publisher.rollback(name, to))
+
+
+def _change_production(path: Optional[Path], model: Optional[str], change) -> None:
+    """Repairs what a crash may have left (pointers, unsent events), makes the change, reports it."""
+    from streamlearn.deploy.artifacts import ArtifactError
+    from streamlearn.deploy.publisher import open_publisher
+    from streamlearn.deploy.registry import RegistryError
+
+    cfg = _config_or_exit(path)
+    name = _model_name(cfg, model)
+    _setup_logging("warning")
+    publisher = _or_exit(open_publisher, cfg)
+    try:
+        publisher.reconcile(cfg.models)
+        publisher.deliver()
+        event = change(publisher, name)
+        unsent = publisher.registry.unsent()
+    except (RegistryError, ArtifactError) as err:
+        typer.echo(f"models: {err}", err=True)
+        raise typer.Exit(1)
+    finally:
+        publisher.close()
+    sent = "not delivered yet (retried at the next change or start)" if unsent else "sent"
+    was = f" (was v{event.previous})" if event.previous is not None else ""
+    typer.echo(f"{name} v{event.version} is production{was}; model-updates event {sent}")
+
+
+def _model_name(cfg, model: Optional[str]) -> str:
+    if model is None and len(cfg.models) == 1:
+        return next(iter(cfg.models))
+    if model not in cfg.models:
+        typer.echo(f"config error: --model: one of {', '.join(sorted(cfg.models))}", err=True)
+        raise typer.Exit(2)
+    return model
+
+
+def _version_or_exit(registry, model: str, version: int):
+    record = registry.get(model, version)
+    if record is None:
+        typer.echo(f"models: {model} has no version {version} in {registry.path}", err=True)
+        raise typer.Exit(1)
+    return record

@@ -33,8 +33,9 @@ Setting = Union[str, int, float, bool]
 
 EWC_LAMBDA = 10.0  # the default ewc.lambda, chosen from the sweep in bench/forgetting.py (README)
 
-# STREAMLEARN_ variables that are secrets read where they are used, not settings.
-NON_SETTING_ENV = frozenset({"STREAMLEARN_SNAPSHOT_KEY"})
+# STREAMLEARN_ variables that are not settings: a secret read where it is used, and the crash tests'
+# pause point inside a promotion (streamlearn/deploy/faults.py).
+NON_SETTING_ENV = frozenset({"STREAMLEARN_SNAPSHOT_KEY", "STREAMLEARN_DEPLOY_PAUSE"})
 
 
 class ConfigError(ValueError):
@@ -151,6 +152,29 @@ class SnapshotConfig(TriggerConfig):
     serialize: Literal["fork", "inline"] = "fork"
 
 
+class PublishConfig(TriggerConfig):
+    """Candidate versions for serving: when one is made (the trigger fields), and where versions are kept."""
+
+    enabled: bool = False
+    every_examples: NonNegativeInt = 100_000  # a candidate after this many examples of a model ...
+    every_seconds: NonNegative = 3600.0       # ... or this many seconds (and, if set, on drift or a low score)
+    registry: str = ""                        # SQLite file of versions; "" = STATE_DIR/registry.sqlite
+    artifacts: str = ""                       # folder or fsspec URL of version artifacts; "" = STATE_DIR/artifacts
+    topic: str = "model-updates"              # Kafka topic of promotions (file source: STATE_DIR/model-updates.jsonl)
+
+
+class GateConfig(_Section):
+    """When a candidate may replace production. Scores are accuracies (regression: minus the MAE)."""
+
+    min_recent_score: Optional[float] = None       # on the recent held-out examples (None: no minimum)
+    min_historical_score: Optional[float] = None   # mean over the probe sets of older segments
+    min_shadow_score: Optional[float] = None       # on the examples scored side by side while it waited
+    regression_tolerance: NonNegative = 0.02       # how far below production the candidate may score, on each
+    holdout_every: NonNegativeInt = 20             # 1 in this many of a model's examples is held out (0: none)
+    holdout_size: PositiveInt = 1000               # the most recent held-out examples the gate scores
+    min_shadow_examples: NonNegativeInt = 1000     # examples scored side by side before the gate decides
+
+
 class DriftConfig(_Section):
     """Drift detection on every model's prequential error (drift_detected_total{model,detector})."""
 
@@ -169,6 +193,7 @@ class EvalConfig(_Section):
     every: PositiveInt = 10_000          # examples between evaluations (and history lines)
     segments: PositiveInt = 10           # the most recent complete segments whose probes are kept
     history: bool = True                 # append each evaluation to STATE_DIR/history.jsonl (for `report`)
+    served_versions: PositiveInt = 5     # serving versions whose scores are kept per model (from inference logs)
 
 
 class MetricsConfig(_Section):
@@ -190,6 +215,8 @@ class Config(_Section):
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
+    publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
+    gate: GateConfig = msgspec.field(default_factory=GateConfig)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=lambda: {"default": ModelConfig()})
 
     @property
@@ -254,6 +281,27 @@ def _check(config: Config) -> None:
                           f"({config.eval.segment_size // 2}); the rest is learned")
     if config.join.early_ttl > config.join.ttl * 10:
         raise ConfigError("config error: join.early_ttl: should not exceed 10 x join.ttl")
+    if config.gate.holdout_every == 1:
+        raise ConfigError("config error: gate.holdout_every: 1 would hold out every example; 0 (none) or >= 2")
+    if config.publish.enabled:
+        _check_publish(config.publish)
+
+
+def _check_publish(publish: PublishConfig) -> None:
+    """Registry and artifact locations this build can open (fsspec for URLs other than file://)."""
+    if "://" in publish.registry:
+        raise ConfigError("config error: publish.registry: a SQLite file path (the built-in registry), "
+                          f"not {publish.registry.split('://')[0]}://")
+    scheme = publish.artifacts.split("://")[0] if "://" in publish.artifacts else "file"
+    if scheme != "file":
+        try:
+            import fsspec
+
+            fsspec.get_filesystem_class(scheme)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(f"config error: publish.artifacts: cannot open {scheme}:// URLs: {err}") from None
+    if not publish.topic:
+        raise ConfigError("config error: publish.topic: must not be empty")
 
 
 def _with_env_overrides(data: dict, env: Mapping[str, str]) -> dict:

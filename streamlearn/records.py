@@ -33,6 +33,8 @@ class Example(msgspec.Struct, array_like=True):
     ts: float        # event time of the example (the later of inference and feedback)
     label_ts: float  # event time the label became known: the start of the feedback loop
     consumed: float = 0.0  # wall time the intake read the message that completed it (0: unknown)
+    model_version: str = ""            # the serving version that made the prediction ("": not logged)
+    served: Union[Label, None] = None  # what that version predicted (the log's prediction, or its likeliest class)
 
 
 class IntakeStats(msgspec.Struct):

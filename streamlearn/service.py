@@ -33,6 +33,7 @@ from streamlearn.config import Config, ConfigError, ModelConfig
 from streamlearn.learners.base import Learner
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.river_learner import RiverLearner
+from streamlearn.learners.served import ServedScores
 from streamlearn.records import Batch, Example, IntakeStats
 from streamlearn.stream.channel import Channel, start_intake
 from streamlearn.stream.intake import Resume
@@ -52,6 +53,7 @@ class Service:
                  from_snapshot: Optional[int] = None) -> None:
         self.config = config
         self.learners = {name: _build_learner(name, m, config) for name, m in config.models.items()}
+        self.served = {name: ServedScores(m.task, config.eval.served_versions) for name, m in config.models.items()}
         self.history = _history_recorder(config)
         self.stats: Optional[IntakeStats] = None
         self.positions: dict[str, int] = {}
@@ -59,15 +61,17 @@ class Service:
         self.restored_from: Optional[int] = None
         self._learning_seconds = 0.0
         self._resume = Resume()
+        self._deploy_state: Optional[bytes] = None
         audit_length = None
         if config.snapshot.enabled:
             audit_length = self._restore(from_snapshot)
         elif from_snapshot is not None:
             raise ConfigError("config error: snapshot.enabled: --from-snapshot needs snapshots enabled")
+        self.handoff = _handoff(config, self.learners, self._deploy_state)
         self.audit = AuditLog(config.snapshot.audit_log, audit_length) if config.snapshot.audit_log else None
         self.registry = registry or CollectorRegistry()
         self.registry.register(ServiceCollector(lambda: self.stats, lambda: self.learners.values(),
-                                                lambda: self.snapshots))
+                                                lambda: self.snapshots, lambda: self.served, lambda: self.handoff))
         self.metrics: Optional[MetricsServer] = None
         self._channel: Optional[Channel] = None
         self._stop = threading.Event()
@@ -91,6 +95,11 @@ class Service:
             learner.restore(content.learners[name])
             learner.restore_tensors(content.tensors.get(name, {}))
         self._learning_seconds = content.figures.learning_seconds
+        for name, tallies in content.figures.served.items():
+            if name in self.served:
+                model = self.config.models[name]
+                self.served[name] = ServedScores(model.task, self.config.eval.served_versions, tallies)
+        self._deploy_state = content.deploy
         self.snapshots.trigger.fired.update(content.figures.snapshot_triggers)
         self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
         self.positions = dict(snapshot.manifest.offsets)
@@ -176,10 +185,12 @@ class Service:
         if final:
             self.snapshots.trigger.fire("shutdown", self.learned, time.monotonic())
         audit_length = self.audit.sync() if self.audit is not None else 0
-        figures = ServiceFigures(self.learned, self._learning_seconds, audit_length, dict(self.snapshots.trigger.fired))
+        figures = ServiceFigures(self.learned, self._learning_seconds, audit_length, dict(self.snapshots.trigger.fired),
+                                 {name: served.state() for name, served in self.served.items()})
         states = {name: l.state() for name, l in self.learners.items()}
         tensors = {name: l.tensors() for name, l in self.learners.items()}
-        self.snapshots.submit(lambda: pack(states, tensors, intake_state, figures), dict(self.positions),
+        handoff = self.handoff.state if self.handoff is not None else lambda: None   # serialized where the writer runs
+        self.snapshots.submit(lambda: pack(states, tensors, intake_state, figures, handoff()), dict(self.positions),
                               {"learned": float(self.learned)})
         self._barrier_requested = False
         self.snapshots.stall.observe(time.perf_counter() - started)
@@ -197,11 +208,16 @@ class Service:
             self.audit.close()
         if self.history is not None:
             self.history.close()
+        if self.handoff is not None:
+            self.handoff.close()
 
     def _learn(self, batch: Batch) -> None:
         self._last_turn = time.monotonic()
         started, now = time.perf_counter(), time.time()
         for name, examples in _by_model(batch.examples, len(self.learners)) if batch.examples else ():
+            self.served[name].observe(examples)
+            if self.handoff is not None:   # shadow scoring, and the gate's held-out share
+                examples = self.handoff.before_learning(name, examples)
             self.learners[name].learn_batch(examples, now)
         for learner in self.learners.values():  # a partial micro-batch is learned after its wait, or at the end
             if batch.final:
@@ -213,9 +229,14 @@ class Service:
             self.audit.append(ex.id for ex in batch.examples)
         if batch.cut:
             self.positions = batch.positions
+        if self.handoff is not None:
+            self.handoff.after_learning(self.positions, self._newest_snapshot)
         self.stats = batch.stats
         if batch.barrier is not None and self.snapshots is not None:
             self._snapshot(batch.barrier, batch.final)
+
+    def _newest_snapshot(self) -> Optional[int]:
+        return self.snapshots.store.latest_seq() if self.snapshots is not None else None
 
     @property
     def learned(self) -> int:
@@ -223,8 +244,9 @@ class Service:
 
     @property
     def held_out(self) -> int:
-        """Examples kept aside as forgetting probes: taken from the stream but never learned."""
-        return sum(l.probes.held_out for l in self.learners.values() if l.probes is not None)
+        """Examples kept aside as forgetting probes or for the gate: taken from the stream but never learned."""
+        probes = sum(l.probes.held_out for l in self.learners.values() if l.probes is not None)
+        return probes + (self.handoff.held_out if self.handoff is not None else 0)
 
     def health(self) -> tuple[bool, str]:
         stalled = time.monotonic() - self._last_turn
@@ -260,11 +282,13 @@ class Service:
             "join_pending": stats.join_pending,
             "learned": self.learned,
             "held_out": self.held_out,
-            "models": {name: l.summary() for name, l in self.learners.items()},
+            "models": {name: {**l.summary(), "served_versions": self.served[name].summary()}
+                       for name, l in self.learners.items()},
             "positions": dict(sorted(self.positions.items())),
             "elapsed_seconds": round(elapsed, 3),
             "learning_seconds": round(self._learning_seconds, 3),
             "examples_per_second": round(self.learned / elapsed, 1) if elapsed else 0.0,
+            **({"deploy": self.handoff.summary()} if self.handoff is not None else {}),
         }
 
 
@@ -327,6 +351,15 @@ def _build_learner(name: str, model: ModelConfig, config: Config) -> Learner:
                             config.seed, config.drift, config.eval)
     except ModelError as err:
         raise ConfigError(f"config error: models.{name}.{err.key}: {err}") from None
+
+
+def _handoff(config: Config, learners: dict[str, Learner], state: Optional[bytes]):
+    """Candidates, gate and publishing, when `publish.enabled` (imported only then)."""
+    if not config.publish.enabled:
+        return None
+    from streamlearn.deploy.handoff import Handoff
+
+    return Handoff(config, learners, state)
 
 
 def _history_recorder(config: Config) -> Optional[HistoryRecorder]:

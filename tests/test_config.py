@@ -34,6 +34,9 @@ def test_file_and_env_overrides(tmp_path):
     config = load_config(path, env=env)
     assert (config.seed, config.join.ttl, config.metrics.port, config.kafka.group_id) == (9, 250.0, 0, "g2")
     assert (config.models["fraud"].model, config.models["fraud"].window) == ("hoeffding_tree", 50)
+    published = load_config(path, env={"STREAMLEARN_PUBLISH_ENABLED": "true",
+                                       "STREAMLEARN_GATE_REGRESSION_TOLERANCE": "0.05"})
+    assert (published.publish.enabled, published.gate.regression_tolerance) == (True, 0.05)
 
 
 @pytest.mark.parametrize("data, env, key", [
@@ -47,6 +50,12 @@ def test_file_and_env_overrides(tmp_path):
     ({"source": "s3://bucket"}, {}, "source"),
     ({}, {"STREAMLEARN_JOIN_MAX_PENDING": "many"}, "join.max_pending"),
     ({}, {"STREAMLEARN_JOIN_NOPE": "1"}, "STREAMLEARN_JOIN_NOPE: no such setting"),
+    ({"gate": {"regression_tolerance": -0.1}}, {}, "gate.regression_tolerance"),
+    ({"gate": {"holdout_every": 1}}, {}, "gate.holdout_every: 1 would hold out every example"),
+    ({"gate": {"min_shadow_score": "high"}}, {}, "gate.min_shadow_score"),
+    ({"publish": {"enabled": True, "artifacts": "nope://bucket"}}, {}, "publish.artifacts: cannot open nope://"),
+    ({"publish": {"enabled": True, "registry": "postgresql://db/registry"}}, {}, "publish.registry"),
+    ({}, {"STREAMLEARN_PUBLISH_EVERY_EXAMPLES": "-5"}, "publish.every_examples"),
 ])
 def test_bad_settings_name_their_key(data, env, key):
     assert error_of(data, env).startswith(f"config error: {key}")

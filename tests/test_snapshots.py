@@ -172,14 +172,14 @@ def test_from_snapshot_rolls_back_to_an_older_one_and_refuses_a_missing_one(stre
 
 def failing_writes(monkeypatch, failing: list[bool]):
     """Makes every snapshot file write fail with ENOSPC while `failing[0]` is true."""
-    real = store_module._write_durably
+    real = store_module.write_durably
 
     def write(path, data):
         if failing[0]:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
-    monkeypatch.setattr(store_module, "_write_durably", write)
+    monkeypatch.setattr(store_module, "write_durably", write)
 
 
 def scrape(service, path: str) -> tuple[int, str]:

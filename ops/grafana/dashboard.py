@@ -167,7 +167,8 @@ def latency(layout: Layout) -> list:
 def quality(layout: Layout) -> list:
     return [
         graph(layout, "Prequential score", "Test-then-train score, cumulative (window=all) and rolling.",
-              [(f"streamlearn_prequential_score{{{MODEL}}}", "{{model}} {{metric}} window={{window}}")],
+              [(f'streamlearn_prequential_score{{{MODEL}, model_version=""}}',
+                "{{model}} {{metric}} window={{window}}")],
               width=12, minimum=None),
         graph(layout, "Forgetting and backward transfer", "Forgetting: best earlier probe accuracy minus now "
               "(higher is worse). Backward transfer: probe accuracy now minus just after the segment.",
@@ -211,9 +212,25 @@ def snapshots(layout: Layout) -> list:
     ]
 
 
+def handoff(layout: Layout) -> list:
+    return [
+        graph(layout, "Production version", "The version serving should load, per model (from the registry).",
+              [(f"streamlearn_model_version{{{MODEL}}}", "{{model}}")], minimum=None),
+        graph(layout, "Gate decisions", "Candidate versions promoted or rejected by the gate, and publishing "
+              "failures (registry, artifact store, event sink), per interval.",
+              [(f"sum by (model, outcome) (increase(streamlearn_gate_decisions_total{{{MODEL}}}[{RATE}]))",
+                "{{model}} {{outcome}}"),
+               (f"sum(increase(streamlearn_publish_failures_total[{RATE}]))", "publishing failures")], bars=True),
+        graph(layout, "Score by serving version", "How the predictions each serving version made fared once "
+              "their labels came (inference logs' model_version; the last few versions).",
+              [(f'streamlearn_prequential_score{{{MODEL}, model_version!=""}}', "{{model}} v{{model_version}} "
+                "{{metric}}")], minimum=None),
+    ]
+
+
 SECTIONS = [("Overview", overview), ("Throughput and dead letters", throughput), ("Join and lag", joins),
             ("Latency", latency), ("Learning quality", quality), ("Neural learners", neural),
-            ("Snapshots", snapshots)]
+            ("Snapshots", snapshots), ("Handoff to serving", handoff)]
 
 
 def variables() -> list:
@@ -236,7 +253,8 @@ def build() -> dict:
     """The dashboard as the JSON object Grafana imports."""
     layout = Layout()
     board = (dashboard.Dashboard("streamlearn").uid(UID).tags(["streamlearn"]).editable()
-             .description("Throughput, joins, latency, forgetting, drift and snapshots of a streamlearn service.")
+             .description("Throughput, joins, latency, forgetting, drift, snapshots and the handoff to serving of a "
+                          "streamlearn service.")
              .time("now-6h", "now").refresh("30s").timezone("browser").tooltip(DashboardCursorSync.CROSSHAIR)
              .variables(variables()).annotation(drift_annotation()))
     for title, section in SECTIONS:

@@ -38,10 +38,14 @@ class SnapshotInfo(msgspec.Struct):
         return sum(f.size for f in self.manifest.files) if self.manifest is not None else 0
 
 
+def signing_key() -> Optional[bytes]:
+    """The HMAC key of snapshots and version artifacts, from `STREAMLEARN_SNAPSHOT_KEY` (None when unset)."""
+    return os.environ.get(KEY_ENV, "").encode() or None
+
+
 def open_store(config: Config) -> SnapshotStore:
     """The store under `state_dir/snapshots`, keyed from the environment when a key is set."""
-    key = os.environ.get(KEY_ENV, "").encode() or None
-    return SnapshotStore(Path(config.state_dir) / "snapshots", config.snapshot.keep, key)
+    return SnapshotStore(Path(config.state_dir) / "snapshots", config.snapshot.keep, signing_key())
 
 
 def problem_with(found: Snapshot | SnapshotError, fingerprint: str) -> Optional[str]:

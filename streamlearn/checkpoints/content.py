@@ -6,23 +6,28 @@ checksums and, when keyed, the HMAC). `tensors.safetensors` holds the arrays of
 torch learners (weights, optimizer moments, EWC state, replay buffers) without
 pickle, keyed `<model>/<name>`. `intake.msgpack` is the intake's own state
 as its barrier carried it (pending joins, watermarks, positions, counters).
-`service.json` holds the learner side's small figures.
+`service.json` holds the learner side's small figures (and the scores by serving
+version). `deploy.msgpack`, only with publishing on, is the handoff's own state as it
+gave it (held-out examples, the publish trigger, a waiting candidate's shadow totals).
 """
 
 from __future__ import annotations
 
 import pickle
+from typing import Optional
 
 import msgspec
 import numpy as np
 import safetensors.numpy
 
 from streamlearn.checkpoints.store import Snapshot
+from streamlearn.learners.served import VersionTally
 
 LEARNERS = "learners.pkl"
 INTAKE = "intake.msgpack"
 SERVICE = "service.json"
 TENSORS = "tensors.safetensors"
+DEPLOY = "deploy.msgpack"
 
 
 class ServiceFigures(msgspec.Struct):
@@ -30,6 +35,7 @@ class ServiceFigures(msgspec.Struct):
     learning_seconds: float
     audit_length: int = 0   # bytes of the audit log that belong to this state
     snapshot_triggers: dict[str, int] = {}   # reason -> snapshots it fired, up to this one
+    served: dict[str, list[VersionTally]] = {}   # model -> scores of its serving versions
 
 
 class Content(msgspec.Struct):
@@ -37,12 +43,15 @@ class Content(msgspec.Struct):
     tensors: dict[str, dict[str, np.ndarray]]
     intake_state: bytes
     figures: ServiceFigures
+    deploy: Optional[bytes] = None
 
 
 def pack(learners: dict[str, dict], tensors: dict[str, dict[str, np.ndarray]], intake_state: bytes,
-         figures: ServiceFigures) -> dict[str, bytes]:
+         figures: ServiceFigures, deploy: Optional[bytes] = None) -> dict[str, bytes]:
     files = {LEARNERS: pickle.dumps(learners, protocol=pickle.HIGHEST_PROTOCOL),
              INTAKE: intake_state, SERVICE: msgspec.json.encode(figures)}
+    if deploy is not None:
+        files[DEPLOY] = deploy
     flat = {f"{model}/{key}": np.ascontiguousarray(array) for model, arrays in tensors.items()
             for key, array in arrays.items()}
     if flat:
@@ -59,4 +68,4 @@ def unpack(snapshot: Snapshot) -> Content:
             model, _, key = name.partition("/")
             tensors.setdefault(model, {})[key] = array
     return Content(pickle.loads(files[LEARNERS]), tensors, files[INTAKE],
-                   msgspec.json.decode(files[SERVICE], type=ServiceFigures))
+                   msgspec.json.decode(files[SERVICE], type=ServiceFigures), files.get(DEPLOY))

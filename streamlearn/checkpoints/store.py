@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import msgspec
 
@@ -77,16 +77,16 @@ class SnapshotStore:
         latest = self.latest_seq()
         seq = (latest or 0) + 1
         parent = latest if parent is None else parent
-        entries = [FileEntry(name, hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()]
-        manifest = self._signed(Manifest(seq, parent, time.time(), fingerprint, offsets, entries, meta or {}))
+        entries = file_entries(files)
+        manifest = signed(Manifest(seq, parent, time.time(), fingerprint, offsets, entries, meta or {}), self.key)
         tmp = self.root / f".tmp-{seq}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             for name, data in files.items():
-                _write_durably(tmp / name, data)
-            _write_durably(tmp / MANIFEST, msgspec.json.encode(manifest))
-            _fsync_dir(tmp)
+                write_durably(tmp / name, data)
+            write_durably(tmp / MANIFEST, msgspec.json.encode(manifest))
+            fsync_dir(tmp)
             os.rename(tmp, self._folder(seq))
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -94,8 +94,8 @@ class SnapshotStore:
                 # Durable progress matters more than rollback history: keep only the newest to make room.
                 self.prune(keep=1)
             raise
-        _fsync_dir(self.root)
-        self._point_latest(seq)
+        fsync_dir(self.root)
+        replace_durably(self.root / "LATEST", f"{seq}\n".encode())
         self.prune()
         return manifest
 
@@ -124,19 +124,8 @@ class SnapshotStore:
         """Reads and verifies one snapshot (manifest, HMAC, every file's size and hash); raises SnapshotError."""
         folder = self._folder(seq)
         manifest = self._read_manifest(seq)
-        self._check_signature(manifest)
-        files = {}
-        for entry in manifest.files:
-            try:
-                data = (folder / entry.name).read_bytes()
-            except FileNotFoundError:
-                raise SnapshotError(f"{entry.name} missing") from None
-            if len(data) != entry.size:
-                raise SnapshotError(f"{entry.name} truncated: {len(data)} of {entry.size} bytes")
-            if hashlib.sha256(data).hexdigest() != entry.sha256:
-                raise SnapshotError(f"{entry.name} checksum mismatch")
-            files[entry.name] = data
-        return Snapshot(manifest, files)
+        check_signature(manifest, self.key)
+        return Snapshot(manifest, verified_files(manifest.files, lambda name: (folder / name).read_bytes()))
 
     def newest_valid(self, at_most: Optional[int] = None) -> Iterator[tuple[int, Snapshot | SnapshotError]]:
         """Newest first: each snapshot (up to `at_most`) with its content or why it does not verify."""
@@ -169,37 +158,78 @@ class SnapshotStore:
     def _folder(self, seq: int) -> Path:
         return self.root / f"{PREFIX}{seq:08d}"
 
-    def _point_latest(self, seq: int) -> None:
-        _write_durably(self.root / "LATEST.tmp", f"{seq}\n".encode())
-        os.replace(self.root / "LATEST.tmp", self.root / "LATEST")
-        _fsync_dir(self.root)
 
-    def _signed(self, manifest: Manifest) -> Manifest:
-        if self.key is None:
-            return manifest
-        return msgspec.structs.replace(manifest, hmac=self._mac(manifest))
-
-    def _mac(self, manifest: Manifest) -> str:
-        body = msgspec.json.encode(msgspec.structs.replace(manifest, hmac=""))
-        return hmac.new(self.key, body, hashlib.sha256).hexdigest()
-
-    def _check_signature(self, manifest: Manifest) -> None:
-        if self.key is None:
-            return
-        if not manifest.hmac:
-            raise SnapshotError("not signed, and STREAMLEARN_SNAPSHOT_KEY is set")
-        if not hmac.compare_digest(manifest.hmac, self._mac(manifest)):
-            raise SnapshotError("HMAC does not verify (tampered, or another key)")
+Signable = TypeVar("Signable", bound=msgspec.Struct)   # a manifest with an `hmac: str` field
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def file_entries(files: dict[str, bytes]) -> list[FileEntry]:
+    """Each file's name, SHA-256 and size, for a manifest."""
+    return [FileEntry(name, hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()]
+
+
+def verified_files(entries: list[FileEntry], read: Callable[[str], bytes]) -> dict[str, bytes]:
+    """Reads every listed file with `read(name)` and checks its size and SHA-256; raises SnapshotError.
+
+    >>> entries = file_entries({"a": b"12"})
+    >>> verified_files(entries, {"a": b"12"}.__getitem__)
+    {'a': b'12'}
+    >>> verified_files(entries, {"a": b"13"}.__getitem__)
+    Traceback (most recent call last):
+    ...
+    streamlearn.checkpoints.store.SnapshotError: a checksum mismatch
+    """
+    files = {}
+    for entry in entries:
+        try:
+            data = read(entry.name)
+        except (FileNotFoundError, KeyError):
+            raise SnapshotError(f"{entry.name} missing") from None
+        if len(data) != entry.size:
+            raise SnapshotError(f"{entry.name} truncated: {len(data)} of {entry.size} bytes")
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise SnapshotError(f"{entry.name} checksum mismatch")
+        files[entry.name] = data
+    return files
+
+
+def signed(manifest: Signable, key: Optional[bytes]) -> Signable:
+    """The manifest with its HMAC-SHA256 filled in (unchanged without a key)."""
+    if key is None:
+        return manifest
+    return msgspec.structs.replace(manifest, hmac=_mac(manifest, key))
+
+
+def check_signature(manifest: msgspec.Struct, key: Optional[bytes]) -> None:
+    """Raises SnapshotError when a key is set and the manifest is unsigned or signed otherwise."""
+    if key is None:
+        return
+    if not manifest.hmac:
+        raise SnapshotError("not signed, and STREAMLEARN_SNAPSHOT_KEY is set")
+    if not hmac.compare_digest(manifest.hmac, _mac(manifest, key)):
+        raise SnapshotError("HMAC does not verify (tampered, or another key)")
+
+
+def _mac(manifest: msgspec.Struct, key: bytes) -> str:
+    body = msgspec.json.encode(msgspec.structs.replace(manifest, hmac=""))
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def replace_durably(path: Path, data: bytes) -> None:
+    """Replaces `path` atomically: a crash leaves the old content or the new one, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_durably(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as out:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -39,6 +39,8 @@ class LogEntry(msgspec.Struct):
     ts: float
     model: str
     features: Features
+    model_version: str = ""                         # the serving version that predicted ("": not logged)
+    served: Union[bool, float, str, None] = None    # its prediction, for scores by version
 
 
 class LabelEntry(msgspec.Struct):
@@ -71,7 +73,8 @@ class EventDecoder:
             e = self._parse(self._log, raw)
             _check_id(e.request_id, "request_id")
             self._check_model(e.model)
-            return LogEntry(e.request_id, _event_time(e.ts), e.model, _clean_features(e.features))
+            return LogEntry(e.request_id, _event_time(e.ts), e.model, _clean_features(e.features),
+                            _version(e.model_version), _served(e.prediction, e.proba))
         except _Invalid as bad:
             return bad.letter
 
@@ -153,6 +156,18 @@ def _event_time(ts: float | str) -> float:
             raise _Invalid("schema", f"ts {ts[:40]!r} is neither unix seconds nor RFC 3339")
         return when.timestamp()
     return ts
+
+
+def _version(version: Union[str, int, None]) -> str:
+    """The serving version as a short string: it becomes a (bounded) metric label."""
+    return "" if version is None else str(version)[:64]
+
+
+def _served(prediction, proba: Union[dict[str, float], None]):
+    """What serving predicted: the logged prediction, else the class it gave the highest probability."""
+    if prediction is not None or not proba:
+        return prediction
+    return max(proba, key=proba.__getitem__)
 
 
 def _clean_features(features: dict) -> Features:

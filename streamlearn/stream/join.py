@@ -159,7 +159,7 @@ class FeedbackJoiner:
             return
         ts = max(log.ts, feedback.ts)
         example = Example(log.request_id, log.model, log.features, label, feedback.weight, ts, feedback.ts,
-                          self.read_at)
+                          self.read_at, log.model_version, log.served)
         heapq.heappush(self._ready, (ts, log.request_id, example))
         self.delays.append(feedback.ts - log.ts)
         self._close(log.request_id, ts, "matched", matched=True)

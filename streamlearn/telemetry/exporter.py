@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from streamlearn.checkpoints.snapshotter import Snapshotter
 from streamlearn.learners.base import Learner
+from streamlearn.learners.served import ServedScores
 from streamlearn.records import IntakeStats
 from streamlearn.telemetry.histogram import HistogramState
 from streamlearn.triggers import Trigger
+
+if TYPE_CHECKING:   # the deploy package is imported only when publishing is on
+    from streamlearn.deploy.handoff import Handoff
 
 PREFIX = "streamlearn_"
 
@@ -29,22 +33,29 @@ class ServiceCollector(Collector):
 
     def __init__(self, intake_stats: Callable[[], Optional[IntakeStats]],
                  learners: Callable[[], Iterable[Learner]],
-                 snapshots: Callable[[], Optional[Snapshotter]] = lambda: None) -> None:
+                 snapshots: Callable[[], Optional[Snapshotter]] = lambda: None,
+                 served: Callable[[], Mapping[str, ServedScores]] = dict,
+                 handoff: Callable[[], Optional["Handoff"]] = lambda: None) -> None:
         self._intake_stats = intake_stats
         self._learners = learners
         self._snapshots = snapshots
+        self._served = served
+        self._handoff = handoff
 
     def collect(self) -> Iterator[Metric]:
         stats = self._intake_stats() or IntakeStats()
         learners = list(self._learners())
         yield from _intake_metrics(stats)
-        yield from _learner_metrics(learners)
+        yield from _learner_metrics(learners, self._served())
         yield from _probe_metrics(learners)
         snapshots = self._snapshots()
         if snapshots is not None:
             yield from _snapshot_metrics(snapshots)
+        handoff = self._handoff()
+        if handoff is not None:
+            yield from _deploy_metrics(handoff)
         triggers = [t for l in learners for t in l.triggers()] + ([snapshots.trigger] if snapshots else [])
-        yield _trigger_metric(triggers)
+        yield _trigger_metric(triggers + (handoff.triggers() if handoff is not None else []))
 
 
 def _trigger_metric(triggers: list[Trigger]) -> Metric:
@@ -52,8 +63,9 @@ def _trigger_metric(triggers: list[Trigger]) -> Metric:
     for trigger in triggers:
         for reason, n in trigger.fired.items():
             fired[(trigger.action, reason)] += n
-    family = CounterMetricFamily(PREFIX + "triggers_fired", "Trigger firings, by action (snapshot, consolidate) "
-                                 "and reason (examples, seconds, drift, score, shutdown).", labels=["action", "reason"])
+    family = CounterMetricFamily(PREFIX + "triggers_fired", "Trigger firings, by action (snapshot, consolidate, "
+                                 "publish) and reason (examples, seconds, drift, score, shutdown).",
+                                 labels=["action", "reason"])
     for labels, n in sorted(fired.items()):
         family.add_metric(list(labels), n)
     return family
@@ -80,6 +92,23 @@ def _probe_metrics(learners: list[Learner]) -> Iterator[Metric]:
     yield probe
     yield forgetting
     yield transfer
+
+
+def _deploy_metrics(handoff: "Handoff") -> Iterator[Metric]:
+    """Gate decisions by outcome (every outcome from zero), each model's production version, publishing failures."""
+    decisions = CounterMetricFamily(PREFIX + "gate_decisions", "Gate decisions on candidate versions, by model and "
+                                    "outcome (promoted, rejected).", labels=["model", "outcome"])
+    for name, model in handoff.models.items():
+        for outcome, n in sorted(model.decisions.items()):
+            decisions.add_metric([name, outcome], n)
+    yield decisions
+    version = GaugeMetricFamily(PREFIX + "model_version", "The production version of each model (from the "
+                                "registry).", labels=["model"])
+    for name, number in sorted(dict(handoff.production_versions).items()):   # a copy: the loop may add one
+        version.add_metric([name], number)
+    yield version
+    yield CounterMetricFamily(PREFIX + "publish_failures", "Candidates, decisions or publications that failed "
+                              "(registry, artifact store or event sink); learning went on.", value=handoff.failures)
 
 
 def _snapshot_metrics(snapshots: Snapshotter) -> Iterator[Metric]:
@@ -123,12 +152,14 @@ def _intake_metrics(stats: IntakeStats) -> Iterator[Metric]:
     yield lag
 
 
-def _learner_metrics(learners: list[Learner]) -> Iterator[Metric]:
+def _learner_metrics(learners: list[Learner], served: Mapping[str, ServedScores]) -> Iterator[Metric]:
     learned = CounterMetricFamily(PREFIX + "examples_learned", "Examples learned, by model.", labels=["model"])
     errors = CounterMetricFamily(PREFIX + "learn_errors", "Examples the model failed on (not learned).",
                                  labels=["model"])
     score = GaugeMetricFamily(PREFIX + "prequential_score", "Test-then-train score: cumulative (window=all) "
-                              "or over the last N examples.", labels=["model", "metric", "window"])
+                              "or over the last N examples; with model_version, the score of the predictions "
+                              "serving made with that version (the last few versions).",
+                              labels=["model", "metric", "window"])
     for learner in learners:
         learned.add_metric([learner.name], learner.learned)
         errors.add_metric([learner.name], learner.errors)
@@ -137,6 +168,10 @@ def _learner_metrics(learners: list[Learner]) -> Iterator[Metric]:
                 value = learner.scores.value(metric, rolling)
                 if not math.isnan(value):
                     score.add_metric([learner.name, metric, window], value)
+    for name, scores in served.items():
+        for s in scores.series():   # another label set in the same family: bounded by eval.served_versions
+            score.add_sample(PREFIX + "prequential_score", {"model": name, "metric": s.metric, "window": "all",
+                                                            "model_version": s.version}, s.value)
     drifts = CounterMetricFamily(PREFIX + "drift_detected", "Drifts detected on the model's prequential error.",
                                  labels=["model", "detector"])
     for learner in learners:

@@ -1,0 +1,95 @@
+"""A learner's model as artifact files, and a verified artifact back as a model that predicts.
+
+River: `model.pkl`, the estimator (or pipeline) pickled. Torch: `weights.safetensors`
+(the network's state dict, no pickle) and `encoding.pkl` (feature encoder, target
+scaling, class labels). Only the model goes in, never the learner's scores, probes
+or replay buffer. `deployed()` is called on an `Artifact` whose checksums have
+verified, so unpickling here is unpickling what this service wrote.
+
+>>> from streamlearn.learners.river_learner import RiverLearner
+>>> from streamlearn.records import Example
+>>> learner = RiverLearner("m", model="logreg")
+>>> learner.learn_batch([Example(f"r-{i}", "m", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(200)])
+>>> kind, files = model_files(learner)
+>>> kind, sorted(files)
+('river', ['model.pkl'])
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from streamlearn.config import ModelConfig
+from streamlearn.deploy.artifacts import Artifact
+from streamlearn.learners.base import Learner
+from streamlearn.records import Features
+
+RIVER_MODEL = "model.pkl"
+TORCH_WEIGHTS = "weights.safetensors"
+TORCH_ENCODING = "encoding.pkl"
+
+
+def model_files(learner: Learner) -> tuple[str, dict[str, bytes]]:
+    """The learner's model as (kind, files) for an artifact."""
+    if hasattr(learner, "net"):   # a TorchLearner (torch is imported only for torch models)
+        import safetensors.torch
+
+        # The layers' weights are views of one flat tensor: copies, so that safetensors sees no shared memory.
+        weights = {name: t.detach().clone().contiguous() for name, t in learner.net.state_dict().items()}
+        encoding = {"encoder": learner.encoder, "targets": learner.targets, "classes": list(learner.classes)}
+        return "torch", {TORCH_WEIGHTS: safetensors.torch.save(weights),
+                         TORCH_ENCODING: pickle.dumps(encoding, protocol=pickle.HIGHEST_PROTOCOL)}
+    return "river", {RIVER_MODEL: pickle.dumps(learner.model, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+class Deployed:
+    """A loaded version: `model` is the River estimator or the torch module; `predict_many` takes feature dicts."""
+
+    def __init__(self, artifact: Artifact, model: Any, predictor: Any) -> None:
+        self.name = artifact.manifest.model
+        self.version = artifact.manifest.version
+        self.kind = artifact.manifest.kind
+        self.task = artifact.manifest.task
+        self.url = artifact.url
+        self.manifest_sha256 = artifact.manifest_sha256
+        self.model = model
+        self._predictor = predictor
+
+    def predict_many(self, rows: list[Features]) -> list:
+        """The predicted label (regression: value) of each feature dict; None where the model cannot tell."""
+        if self.kind == "torch":
+            return self._predictor.predict_many(rows)
+        predict, predicted = self.model.predict_one, []
+        for x in rows:
+            try:
+                predicted.append(predict(x))
+            except Exception:   # as in learning: a row the model cannot take is a miss, not a crash
+                predicted.append(None)
+        return predicted
+
+    def __repr__(self) -> str:
+        return f"Deployed({self.name!r}, version={self.version}, kind={self.kind!r})"
+
+
+def deployed(artifact: Artifact) -> Deployed:
+    """The model of a verified artifact, ready to predict."""
+    files = artifact.files
+    if artifact.manifest.kind == "river":
+        model = pickle.loads(files[RIVER_MODEL])
+        return Deployed(artifact, model, model)
+    learner = _torch_learner(artifact.manifest.model, artifact.manifest.settings)
+    import safetensors.torch
+
+    learner.net.load_state_dict(safetensors.torch.load(files[TORCH_WEIGHTS]))
+    encoding = pickle.loads(files[TORCH_ENCODING])
+    learner.encoder, learner.targets, learner.classes = encoding["encoder"], encoding["targets"], encoding["classes"]
+    learner.net.eval()
+    return Deployed(artifact, learner.net, learner)
+
+
+def _torch_learner(name: str, settings: ModelConfig):
+    """A torch learner of the artifact's shape, used for its prediction path (threads left as they are)."""
+    from streamlearn.learners.torch_learner import TorchLearner
+
+    return TorchLearner(name, settings, seed=0, threads=0)
