@@ -301,3 +301,15 @@ def test_a_failing_fork_serializes_in_the_loop_instead(stream, tmp_path, monkeyp
     assert "cannot fork a writer" in caplog.text
     store = SnapshotStore(tmp_path / "snapshots")
     assert store.load(store.latest_seq()).manifest.meta["learned"] == summary["learned"]
+
+
+def test_a_state_that_fails_to_serialize_reports_its_own_error_later():
+    """`serialize = "inline"` pickles at the barrier; a failure is raised where the write happens, unchanged."""
+    from streamlearn.checkpoints.snapshotter import _serialized_now
+
+    def broken() -> dict[str, bytes]:
+        raise ValueError("cannot pickle this model")
+
+    deferred = _serialized_now(broken)
+    with pytest.raises(ValueError, match="cannot pickle this model"):
+        deferred()

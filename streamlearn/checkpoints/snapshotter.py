@@ -159,8 +159,10 @@ def _serialized_now(serialize: Serialize) -> Serialize:
     try:
         files = serialize()
     except Exception as err:
+        error = err   # `err` itself is unbound when the except block ends; the closure keeps `error`
+
         def fail() -> dict[str, bytes]:
-            raise err
+            raise error
         return fail
     return lambda: files
 
