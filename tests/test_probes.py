@@ -143,3 +143,19 @@ def test_the_service_writes_a_history_line_per_evaluation(tmp_path):
     assert lines[-1].forgetting == summary["models"]["default"]["forgetting"] > 0.3
     assert any(r.drifts for r in lines)                      # the change is detected, and in the history
     assert all("loop_p50" in r.latency and "processing_p99" in r.latency for r in lines)
+
+
+def test_a_model_that_learns_nothing_still_writes_readable_history(tmp_path):
+    """Every example fails to learn (a string feature for a model without one-hot): the scores are NaN, and the
+    history lines leave them out rather than becoming lines the report cannot read."""
+    from streamlearn.telemetry.history import HistoryRecorder, HistoryWriter
+
+    learner = RiverLearner("m", model="scaled_logreg", evaluation=EvalConfig(segment_size=100, probe_size=10,
+                                                                            every=50))
+    recorder = HistoryRecorder(HistoryWriter(tmp_path / "history.jsonl"))
+    learner.on_evaluation = lambda l: recorder.record(l, None, 0.0)
+    learner.learn_batch([Example(f"r-{i}", "m", {"channel": "web"}, i % 2, 1.0, i, i) for i in range(200)])
+    recorder.close()
+    records = read_history(tmp_path / "history.jsonl")
+    assert learner.learned == 0 and learner.errors > 0
+    assert [r.position for r in records] == [50, 100, 150, 200] and all(r.scores == {} for r in records)

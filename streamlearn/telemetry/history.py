@@ -103,8 +103,8 @@ class HistoryRecorder:
             latency.update(self._quantiles(learner.name, waits))
         self.writer.append(HistoryRecord(
             model=learner.name, time=now, position=probes.position, learned=learner.learned,
-            scores={m: scores.value(m, rolling=True) for m in scores.names},
-            scores_all={m: scores.value(m, rolling=False) for m in scores.names},
+            scores=_finite_values({m: scores.value(m, rolling=True) for m in scores.names}),
+            scores_all=_finite_values({m: scores.value(m, rolling=False) for m in scores.names}),
             probe_accuracy=probes.accuracies(), forgetting=_finite(probes.forgetting),
             backward_transfer=_finite(probes.backward_transfer), drifts=learner.drifts, latency=latency))
         learner.drifts = []
@@ -128,6 +128,11 @@ class HistoryRecorder:
 
 def _finite(value: float) -> Optional[float]:
     return None if math.isnan(value) else value
+
+
+def _finite_values(values: dict[str, float]) -> dict[str, float]:
+    """Scores that exist: a model that has scored nothing yet has none (JSON has no NaN)."""
+    return {name: value for name, value in values.items() if not math.isnan(value)}
 
 
 def read_history(path: Path) -> list[HistoryRecord]:
