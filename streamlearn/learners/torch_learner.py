@@ -2,9 +2,9 @@
 
 Each arriving example is queued, to be scored by the network as it is before it
 learns that example; every `train.batch_size` queued examples (or after
-`train.max_wait` seconds) become a micro-batch, mixed with replayed ones so that they make up `replay.ratio` of it,
-and the network takes `train.steps_per_batch` gradient steps on it with the EWC
-penalty's gradient added. An update whose loss, gradient or resulting weights
+`train.max_wait` seconds) become a micro-batch, mixed with replayed ones so that
+they make up `replay.ratio` of it, and the network takes `train.steps_per_batch`
+gradient steps on it with the EWC penalty's gradient added. An update whose loss, gradient or resulting weights
 are not finite is undone (weights and optimizer state) and counted.
 
 Classes are learned as they appear (class-incremental): the output layer has
