@@ -11,6 +11,7 @@ from typing import Callable, Optional, TypeVar
 import typer
 
 from streamlearn.config import ConfigError, load_config
+from streamlearn.deploy.views import utc
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Keeps production ML models current from their own feedback.")
@@ -118,7 +119,7 @@ def snapshots_list(config: Optional[Path] = ConfigOption) -> None:
     typer.echo(f"{'seq':>8}  {'created (UTC)':<20} {'parent':>8} {'learned':>12} {'bytes':>12}  status")
     for row in rows:
         m = row.manifest
-        created = _utc(m.created) if m else "?"
+        created = utc(m.created) if m else "?"
         parent = m.parent if m and m.parent is not None else "-"
         learned = f"{m.meta.get('learned', 0):,.0f}" if m else "?"
         typer.echo(f"{row.seq:>8}  {created:<20} {parent:>8} {learned:>12} {row.size:>12,}  {row.problem or 'ok'}")
@@ -132,7 +133,7 @@ def snapshots_show(seq: int = typer.Argument(..., help="Sequence number of the s
 
     row = _snapshot_rows(config, only=seq, required=True)[0][0]
     shown = msgspec.to_builtins(row.manifest) if row.manifest else {"seq": seq}
-    shown["created_utc"] = _utc(row.manifest.created) if row.manifest else None
+    shown["created_utc"] = utc(row.manifest.created) if row.manifest else None
     shown["status"] = row.problem or "ok"
     typer.echo(json.dumps(shown, indent=2))
 
@@ -179,12 +180,6 @@ def _snapshot_rows(path: Optional[Path], only: Optional[int], required: bool):
         typer.echo(f"no snapshot{'' if only is None else f' {only}'} in {store.root}", err=True)
         raise typer.Exit(1)
     return rows, store
-
-
-def _utc(unix: float) -> str:
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @models_app.command("list")

@@ -40,6 +40,7 @@ from streamlearn.stream.intake import Resume
 from streamlearn.telemetry.exporter import ServiceCollector
 from streamlearn.telemetry.history import HistoryRecorder, HistoryWriter
 from streamlearn.telemetry.server import MetricsServer
+from streamlearn.triggers import Trigger
 
 log = logging.getLogger(__name__)
 COMMIT_SECONDS = 1.0
@@ -78,7 +79,6 @@ class Service:
         self._last_turn = time.monotonic()
         self._started = 0.0
         self._barrier_requested = False
-        self._drifts_seen = self._drifts()   # detections the snapshot trigger has taken into account
         for learner in self.learners.values():
             learner.on_evaluation = self._record_evaluation
 
@@ -100,7 +100,8 @@ class Service:
                 model = self.config.models[name]
                 self.served[name] = ServedScores(model.task, self.config.eval.served_versions, tallies)
         self._deploy_state = content.deploy
-        self.snapshots.trigger.fired.update(content.figures.snapshot_triggers)
+        self.snapshots.trigger = Trigger("snapshot", self.config.snapshot, time.monotonic(),
+                                         content.figures.snapshot_trigger)
         self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
         self.positions = dict(snapshot.manifest.offsets)
         self.restored_from = self.snapshots.parent = snapshot.manifest.seq
@@ -161,15 +162,14 @@ class Service:
         """Whether to ask the intake for a barrier now (the snapshot trigger; none while a write is in flight)."""
         if self.snapshots is None or self._barrier_requested or not self.snapshots.idle:
             return False
-        drifts = self._drifts()
-        score = min((l.watched_score for l in self.learners.values()), default=float("nan"))
-        reason = self.snapshots.trigger.check(self.learned, time.monotonic(), drifts > self._drifts_seen, score)
-        if reason is not None:
-            self._drifts_seen = drifts
+        reason = self.snapshots.trigger.check(self.learned, time.monotonic(), self._drifts(), self._lowest_score)
         return reason is not None
 
+    def _lowest_score(self) -> float:
+        return min((l.watched_score for l in self.learners.values()), default=float("nan"))
+
     def _drifts(self) -> int:
-        return sum(sum(l.drift.detected.values()) for l in self.learners.values())
+        return sum(l.drift.total for l in self.learners.values())
 
     def _record_evaluation(self, learner: Learner) -> None:
         if self.history is not None:
@@ -183,9 +183,9 @@ class Service:
         """At a barrier: hands the whole state as it is now to the snapshot writer."""
         started = time.perf_counter()
         if final:
-            self.snapshots.trigger.fire("shutdown", self.learned, time.monotonic())
+            self.snapshots.trigger.fire("shutdown", self.learned, time.monotonic(), self._drifts())
         audit_length = self.audit.sync() if self.audit is not None else 0
-        figures = ServiceFigures(self.learned, self._learning_seconds, audit_length, dict(self.snapshots.trigger.fired),
+        figures = ServiceFigures(self.learned, self._learning_seconds, audit_length, self.snapshots.trigger.state(),
                                  {name: served.state() for name, served in self.served.items()})
         states = {name: l.state() for name, l in self.learners.items()}
         tensors = {name: l.tensors() for name, l in self.learners.items()}

@@ -20,9 +20,7 @@ import sys
 import threading
 import time
 import tomllib
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamlearn.config import parse_config
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec
-from tests.conftest import wait_for
+from tests.conftest import http_get, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ROOT / "ops"
@@ -477,7 +475,7 @@ def _start_prometheus(tmp: Path, target_port: int) -> tuple[subprocess.Popen, in
 
     def ready() -> bool:
         assert process.poll() is None, f"prometheus exited: {log.read_text()[-3000:]}"
-        return _get(port, "/-/ready")[0] == 200
+        return http_get(port, "/-/ready")[0] == 200
     wait_for(ready, timeout=60, what="prometheus to be ready")
     return process, port
 
@@ -491,16 +489,6 @@ def _stop(process: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeou
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(10)
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except OSError:
-        return 0, ""
 
 
 def _fresh_topics(broker) -> dict[str, str]:
@@ -558,7 +546,7 @@ def _scrape_when_sampled(port: int, names: set[str], timeout: float = 120) -> st
     """Scrapes until every one of `names` has samples (the run provokes them all); names the missing ones."""
     deadline, text = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
-        status, text = _get(port, "/metrics")
+        status, text = http_get(port, "/metrics")
         if status == 200 and names <= set(_exported(text)[1]):
             return text
         time.sleep(0.5)
@@ -597,7 +585,7 @@ def test_every_query_reads_series_the_service_exports(stack):
 
 
 def _query(port: int, expr: str) -> list[dict]:
-    status, body = _get(port, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    status, body = http_get(port, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
     assert status == 200, body
     return json.loads(body)["data"]["result"]
 
@@ -619,13 +607,13 @@ def test_prometheus_reads_forgetting_drift_and_latency_back(stack):
         expr = f"histogram_quantile(0.99, sum by (le, {by}) (rate(streamlearn_{metric}_bucket[10m])))"
         finite = wait_for(lambda: [v for v in _values(port, expr) if v == v and v >= 0], timeout=120, what=expr)
         assert finite, expr
-    rules = json.loads(_get(port, "/api/v1/rules")[1])["data"]["groups"]
+    rules = json.loads(http_get(port, "/api/v1/rules")[1])["data"]["groups"]
     assert {r["name"] for g in rules for r in g["rules"]} == REQUIRED_ALERTS
     assert all(r["health"] == "ok" for g in rules for r in g["rules"]), rules
 
 
 def _alerts(port: int, name: str) -> list[dict]:
-    body = json.loads(_get(port, "/api/v1/alerts")[1])
+    body = json.loads(http_get(port, "/api/v1/alerts")[1])
     return [a for a in body["data"]["alerts"] if a["labels"]["alertname"] == name]
 
 

@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections import Counter
 
 import pytest
@@ -19,7 +17,7 @@ from streamlearn.config import parse_config
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec, write_jsonl
 from streamlearn.service import Service
 from streamlearn.stream.source import split_position
-from tests.conftest import wait_for
+from tests.conftest import http_get, wait_for
 
 SPEC = TrafficSpec(requests=3000, seed=7, model="fraud", max_message_bytes=65_536)
 
@@ -66,14 +64,6 @@ def read_topic(bootstrap: str, topic: str, expected: int) -> list:
              or len(messages) >= expected, what=f"{expected} messages on {topic}")
     consumer.close()
     return messages
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

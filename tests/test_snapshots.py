@@ -13,8 +13,6 @@ import pickle
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import msgspec
 import pytest
@@ -24,7 +22,7 @@ from streamlearn.checkpoints.store import MANIFEST, SnapshotError, SnapshotStore
 from streamlearn.config import ConfigError, parse_config
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec, write_jsonl
 from streamlearn.service import Service
-from tests.conftest import wait_for
+from tests.conftest import http_get, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +181,7 @@ def failing_writes(monkeypatch, failing: list[bool]):
 
 
 def scrape(service, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics.port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+    return http_get(service.metrics.port, path)
 
 
 def metric(text: str, name: str) -> float:

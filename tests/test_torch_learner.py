@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from streamlearn.learners.ewc import OnlineEWC
 from streamlearn.learners.flat import FlatParameters
 from streamlearn.learners.torch_learner import TorchLearner
 from streamlearn.records import Example
+from tests.conftest import http_get
 
 
 def model_config(**sections) -> ModelConfig:
@@ -165,8 +165,7 @@ def test_the_service_learns_a_torch_model_and_resumes_it_from_a_snapshot(tmp_pat
     model = summary["models"]["m"]
     assert summary["learned"] == 870 and model["held_out"] == 30 and model["replay_size"] == 100
     assert sorted(model["probe_accuracy"]) == ["0", "1", "2"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{first.metrics.port}/metrics", timeout=10) as response:
-        metrics = response.read().decode()
+    metrics = http_get(first.metrics.port, "/metrics")[1]
     first.close()
     assert 'streamlearn_replay_buffer_size{model="m"} 100.0' in metrics
     assert 'streamlearn_update_rollbacks_total{model="m"} 0.0' in metrics

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +12,7 @@ from streamlearn.config import TriggerConfig, parse_config
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec, write_jsonl
 from streamlearn.service import Service
 from streamlearn.triggers import Trigger
+from tests.conftest import http_get
 
 
 def test_every_examples_counts_from_the_last_firing():
@@ -34,16 +34,16 @@ def test_every_seconds_and_a_firing_from_elsewhere_restarts_the_clock():
 
 def test_nothing_configured_never_fires():
     trigger = Trigger("snapshot", TriggerConfig(), now=0.0)
-    assert all(trigger.check(n, now=float(n), drifted=True, score=0.0) is None for n in range(0, 10**6, 1000))
+    assert all(trigger.check(n, now=float(n), drifts=n, score=0.0) is None for n in range(0, 10**6, 1000))
 
 
 def test_drift_comes_first_and_only_when_asked_for():
     both = Trigger("consolidate", TriggerConfig(every_examples=10, on_drift=True), now=0.0)
-    assert both.check(50, now=0.0, drifted=True) == "drift"
+    assert both.check(50, now=0.0, drifts=1) == "drift"
     assert both.check(55, now=0.0) is None          # the examples interval restarted at the drift firing
     assert both.check(60, now=0.0) == "examples"
     no_drift = Trigger("consolidate", TriggerConfig(every_examples=10), now=0.0)
-    assert no_drift.check(5, now=0.0, drifted=True) is None
+    assert no_drift.check(5, now=0.0, drifts=1) is None
 
 
 def test_a_score_bound_fires_once_per_fall_and_rearms_on_recovery():
@@ -71,8 +71,7 @@ def test_drift_fires_a_snapshot_and_the_reason_is_exported(tmp_path):
     config, service = _drifting_run(tmp_path, requests=20_000)
     try:
         summary = service.run()
-        with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics.port}/metrics", timeout=10) as response:
-            text = response.read().decode()
+        text = http_get(service.metrics.port, "/metrics")[1]
     finally:
         service.close()
     fired = {(s.labels["action"], s.labels["reason"]): s.value
@@ -85,3 +84,16 @@ def test_drift_fires_a_snapshot_and_the_reason_is_exported(tmp_path):
     assert set(fired) == {("snapshot", "drift"), ("snapshot", "shutdown")}, "no interval was configured"
     snapshots = SnapshotStore(Path(config.state_dir) / "snapshots").sequences()
     assert len(snapshots) == fired[("snapshot", "drift")] + 1
+
+
+def test_drifts_count_once_and_the_state_survives_a_restart():
+    """Drift arrives as a running total: a firing takes the detections so far into account; a trigger
+    rebuilt from its state goes on from the same example and drift counts."""
+    config = TriggerConfig(every_examples=100, on_drift=True)
+    trigger = Trigger("publish", config, now=0.0)
+    assert trigger.check(10, now=0.0, drifts=2) == "drift"
+    assert trigger.check(20, now=0.0, drifts=2) is None     # the same two detections do not fire again
+    restarted = Trigger("publish", config, now=50.0, state=trigger.state())
+    assert restarted.check(109, now=50.0, drifts=2) is None
+    assert restarted.check(110, now=50.0, drifts=2) == "examples"
+    assert dict(restarted.fired) == {"drift": 1, "examples": 1}

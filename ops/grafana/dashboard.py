@@ -193,7 +193,7 @@ def neural(layout: Layout) -> list:
               "not finite, per interval.",
               [(f"sum by (model) (increase(streamlearn_update_rollbacks_total{{{MODEL}}}[{RATE}]))", "{{model}}")],
               bars=True),
-        graph(layout, "Triggers fired", "Snapshot and consolidation triggers, by action and reason, per "
+        graph(layout, "Triggers fired", "Snapshot, consolidation and publish triggers, by action and reason, per "
               "interval.", [(f"sum by (action, reason) (increase(streamlearn_triggers_fired_total[{RATE}]))",
                              "{{action}} {{reason}}")], bars=True),
     ]

@@ -22,6 +22,7 @@ import safetensors.numpy
 
 from streamlearn.checkpoints.store import Snapshot
 from streamlearn.learners.served import VersionTally
+from streamlearn.triggers import TriggerState
 
 LEARNERS = "learners.pkl"
 INTAKE = "intake.msgpack"
@@ -34,7 +35,7 @@ class ServiceFigures(msgspec.Struct):
     learned: int
     learning_seconds: float
     audit_length: int = 0   # bytes of the audit log that belong to this state
-    snapshot_triggers: dict[str, int] = {}   # reason -> snapshots it fired, up to this one
+    snapshot_trigger: TriggerState = msgspec.field(default_factory=TriggerState)   # its firings up to this one
     served: dict[str, list[VersionTally]] = {}   # model -> scores of its serving versions
 
 

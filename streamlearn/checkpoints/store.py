@@ -79,22 +79,13 @@ class SnapshotStore:
         parent = latest if parent is None else parent
         entries = file_entries(files)
         manifest = signed(Manifest(seq, parent, time.time(), fingerprint, offsets, entries, meta or {}), self.key)
-        tmp = self.root / f".tmp-{seq}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
-            for name, data in files.items():
-                write_durably(tmp / name, data)
-            write_durably(tmp / MANIFEST, msgspec.json.encode(manifest))
-            fsync_dir(tmp)
-            os.rename(tmp, self._folder(seq))
-        except BaseException as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            write_folder_durably(self._folder(seq), {**files, MANIFEST: msgspec.json.encode(manifest)})
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
                 # Durable progress matters more than rollback history: keep only the newest to make room.
                 self.prune(keep=1)
             raise
-        fsync_dir(self.root)
         replace_durably(self.root / "LATEST", f"{seq}\n".encode())
         self.prune()
         return manifest
@@ -214,9 +205,31 @@ def _mac(manifest: msgspec.Struct, key: bytes) -> str:
     return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
+def write_folder_durably(final: Path, files: dict[str, bytes], replace_existing: bool = False) -> None:
+    """Creates folder `final` holding `files`, in order: a temporary folder beside it, each file fsynced, the
+    folder fsynced and renamed into place, the parent fsynced. A crash leaves no folder or the whole one (and
+    maybe a `.tmp-*` folder of this process id, which the caller may clean up later)."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            write_durably(tmp / name, data)
+        fsync_dir(tmp)
+        if replace_existing and final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+
+
 def replace_durably(path: Path, data: bytes) -> None:
-    """Replaces `path` atomically: a crash leaves the old content or the new one, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Replaces `path` atomically: a crash leaves the old content or the new one, never a mix.
+
+    The temporary file is per process: the service and the CLI may both re-point production."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     write_durably(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)

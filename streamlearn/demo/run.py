@@ -188,7 +188,7 @@ def demo_summary(summary: dict, service: Service, generator: TrafficGenerator, p
                          "accounted": accounted},
         "learned": summary["learned"],
         "held_out": summary["held_out"],
-        "forgetting": learner.summary().get("forgetting"),
+        "forgetting": _round(learner.probes.forgetting),
         "accuracy_before_drift": _round(learner.score_at(totals.drift_ts)),
         "accuracy_after_recovery": _round(learner.scores.value("accuracy", rolling=True)),
         "accuracy_overall": _round(learner.scores.value("accuracy", rolling=False)),

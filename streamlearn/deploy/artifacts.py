@@ -22,8 +22,6 @@ never deleted by the service.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -32,7 +30,7 @@ from urllib.parse import quote
 import msgspec
 
 from streamlearn.checkpoints.store import (MANIFEST, FileEntry, SnapshotError, check_signature, file_entries,
-                                           fsync_dir, replace_durably, signed, verified_files, write_durably)
+                                           replace_durably, signed, verified_files, write_folder_durably)
 from streamlearn.checkpoints.catalog import signing_key
 from streamlearn.config import Config, ConfigError, ModelConfig
 
@@ -162,20 +160,8 @@ class _LocalFiles:
     def write_folder(self, relative: str, files: dict[str, bytes]) -> None:
         final = self.root / relative
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            for name, data in files.items():
-                write_durably(tmp / name, data)
-            fsync_dir(tmp)
-            if final.exists():   # written by an attempt that crashed before the registry knew it: not a version
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(final.parent)
+        # A folder already there was written by an attempt that crashed before the registry knew it: not a version.
+        write_folder_durably(final, files, replace_existing=True)
 
     def replace(self, relative: str, data: bytes) -> None:
         path = self.root / relative

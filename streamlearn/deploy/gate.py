@@ -25,10 +25,9 @@ import msgspec
 
 from streamlearn.config import GateConfig
 from streamlearn.deploy.model_files import Deployed
-from streamlearn.deploy.records import Comparison, GateScores
+from streamlearn.deploy.records import SETS, Comparison, GateScores
 from streamlearn.records import Example
 
-SETS = ("recent", "historical", "shadow")
 
 
 class Decision(msgspec.Struct):

@@ -34,7 +34,7 @@ from streamlearn.deploy.records import OUTCOMES, GateScores, StreamPosition, Ver
 from streamlearn.deploy.shadow import Shadow, ShadowTally
 from streamlearn.learners.base import Learner
 from streamlearn.records import Example
-from streamlearn.triggers import Trigger
+from streamlearn.triggers import Trigger, TriggerState
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 5.0   # how often the production versions are re-read (an operator may promote meanwhile)
@@ -44,8 +44,7 @@ ABANDONED = "abandoned: made after the snapshot the service restarted from, neve
 
 class ModelHandoffState(msgspec.Struct):
     holdout: HoldoutState
-    fired_at: int = 0                     # the model's example count at the publish trigger's last firing
-    fired: dict[str, int] = {}            # publish trigger firings by reason
+    trigger: TriggerState = msgspec.field(default_factory=TriggerState)   # the publish trigger
     shadow: Optional[ShadowTally] = None  # the waiting candidate's totals
     decisions: dict[str, int] = {}        # gate outcome -> count
 
@@ -56,16 +55,15 @@ class ModelHandoff:
     def __init__(self, name: str, config: Config, learner: Learner, state: Optional[ModelHandoffState]) -> None:
         g = config.gate
         self.holdout = Holdout(name, g.holdout_every, g.holdout_size, config.seed, state.holdout if state else None)
-        self.fired_at = state.fired_at if state else 0
-        self.trigger = Trigger("publish", config.publish, time.monotonic(), examples=self.fired_at)
-        self.trigger.fired.update(state.fired if state else {})
+        # Without a state of its own (publishing just turned on), drifts detected before now are not news.
+        trigger = state.trigger if state else TriggerState(drifts=learner.drift.total)
+        self.trigger = Trigger("publish", config.publish, time.monotonic(), trigger)
         self.decisions: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self.decisions.update(state.decisions if state else {})
         self.shadow: Optional[Shadow] = None
-        self.drifts_seen = sum(learner.drift.detected.values())
 
     def state(self) -> ModelHandoffState:
-        return ModelHandoffState(self.holdout.state(), self.fired_at, dict(self.trigger.fired),
+        return ModelHandoffState(self.holdout.state(), self.trigger.state(),
                                  self.shadow.tally if self.shadow else None, dict(self.decisions))
 
 
@@ -142,11 +140,8 @@ class Handoff:
 
     def _due(self, name: str, model: ModelHandoff, now: float) -> bool:
         learner = self.learners[name]
-        drifts = sum(learner.drift.detected.values())
-        reason = model.trigger.check(model.holdout.position, now, drifts > model.drifts_seen, learner.watched_score)
-        if reason is not None:
-            model.drifts_seen, model.fired_at = drifts, model.holdout.position
-        return reason is not None
+        return model.trigger.check(model.holdout.position, now, learner.drift.total,
+                                   lambda: learner.watched_score) is not None
 
     def _candidate(self, name: str, model: ModelHandoff, positions: dict[str, int], snapshot: Optional[int]) -> None:
         """The learner's model now becomes an immutable artifact and a registered candidate."""
@@ -213,7 +208,7 @@ class Handoff:
                 record = self.registry.production(name)
                 if record is not None:
                     self.production_versions[name] = record.version
-            if now >= self._retry_at and self.registry.unsent():
+            if now >= self._retry_at:   # delivering an empty outbox does nothing
                 self._retry_at = now + RETRY_SECONDS
                 self.publisher.deliver()
         except Exception as err:   # as in after_learning: the registry or the sink failing never stops learning

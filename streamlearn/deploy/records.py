@@ -17,7 +17,6 @@ from typing import Literal, Optional
 import msgspec
 
 Status = Literal["candidate", "production", "rejected", "retired"]
-STATUSES: tuple[str, ...] = ("candidate", "production", "rejected", "retired")
 OUTCOMES = ("promoted", "rejected")   # gate decisions, the `outcome` label of gate_decisions_total
 
 
@@ -40,6 +39,9 @@ class GateScores(msgspec.Struct, omit_defaults=True):
     recent: Optional[Comparison] = None       # the most recent held-out examples
     historical: Optional[Comparison] = None   # mean over the probe sets of older segments
     shadow: Optional[Comparison] = None       # examples scored side by side while the candidate waited
+
+
+SETS: tuple[str, ...] = GateScores.__struct_fields__   # ("recent", "historical", "shadow"): the gate's data sets
 
 
 class StreamPosition(msgspec.Struct, omit_defaults=True):

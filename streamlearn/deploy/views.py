@@ -1,5 +1,6 @@
 """What `streamlearn models list | show | diff` print: registry records as table lines, JSON and differences.
 
+>>> from streamlearn.deploy.records import GateScores
 >>> a = VersionRecord("m", 1, "retired", 0.0, "file:///a/v1", "s1", {"model.pkl": "aa"},
 ...                   scores=GateScores(recent=Comparison(0.9)))
 >>> b = VersionRecord("m", 2, "production", 60.0, "file:///a/v2", "s2", {"model.pkl": "bb"}, parent=1,
@@ -19,15 +20,14 @@ from typing import Optional
 
 import msgspec
 
-from streamlearn.deploy.records import GateScores  # noqa: F401 (the doctest's)
-from streamlearn.deploy.records import Change, Comparison, StreamPosition, VersionRecord
+from streamlearn.deploy.records import SETS, Change, Comparison, StreamPosition, VersionRecord
 
-SETS = ("recent", "historical", "shadow")
 HEADER = (f"{'model':<12} {'version':>7}  {'status':<10} {'created (UTC)':<19} {'parent':>6} {'snapshot':>8} "
           f"{'examples':>10}  {'recent':>13} {'historical':>13} {'shadow':>13}  reason")
 
 
 def utc(unix: Optional[float]) -> str:
+    """`2026-11-23 20:05:00` (UTC), or `-` for no time."""
     return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if unix is not None else "-"
 
 

@@ -10,7 +10,6 @@ learner has.
 from __future__ import annotations
 
 import logging
-import math
 from bisect import bisect_right, insort
 from typing import Callable, Optional
 
@@ -23,7 +22,7 @@ from streamlearn.learners.probes import ProbeSets
 from streamlearn.learners.scores import PrequentialScores
 from streamlearn.records import Example
 from streamlearn.telemetry.histogram import LATENCY_BUCKETS, WAIT_BUCKETS, Histogram
-from streamlearn.telemetry.history import DriftMark
+from streamlearn.telemetry.history import DriftMark, finite_or_none
 from streamlearn.triggers import Trigger
 
 log = logging.getLogger(__name__)
@@ -174,14 +173,10 @@ class Learner:
         out = {"model": self.name, "task": self.task, "learned": self.learned, "errors": self.errors,
                "scores": self.scores.values(), "drift_detected": dict(sorted(self.drift.detected.items()))}
         if self.probes is not None:
-            out.update(held_out=self.probes.held_out, forgetting=_number(self.probes.forgetting),
-                       backward_transfer=_number(self.probes.backward_transfer),
+            out.update(held_out=self.probes.held_out, forgetting=finite_or_none(self.probes.forgetting),
+                       backward_transfer=finite_or_none(self.probes.backward_transfer),
                        probe_accuracy={str(k): v for k, v in self.probes.accuracies().items()})
         return out
-
-
-def _number(value: float) -> Optional[float]:
-    return None if math.isnan(value) else value
 
 
 def _probe_sets(name: str, task: str, evaluation: Optional[EvalConfig], seed: int) -> Optional[ProbeSets]:

@@ -41,6 +41,11 @@ class DriftMonitor:
         self.position = 0
         self.last: list[DriftEvent] = []   # the most recent events, newest last (bounded)
 
+    @property
+    def total(self) -> int:
+        """Detections so far, all detectors."""
+        return sum(self.detected.values())
+
     def update(self, errors) -> list[DriftEvent]:
         """Feeds a batch of errors in order; returns the drifts detected in it, in stream order."""
         values = np.asarray(errors, dtype=float)

@@ -47,9 +47,10 @@ class RunningMoments:
         """Adds rows of `values` (columns beyond its width are left as they are)."""
         k = values.shape[1]
         values = values.astype(np.float64)
-        if not np.isnan(values.sum()):   # the common case: no value missing (the decoder refuses infinities)
+        sums = values.sum(axis=0)
+        if not np.isnan(sums).any():   # the common case: no value missing (the decoder refuses infinities)
             n = float(len(values))
-            batch_mean = values.sum(axis=0) / n   # (cheaper than .mean on small arrays)
+            batch_mean = sums / n
             batch_m2 = ((values - batch_mean) ** 2).sum(axis=0)
         else:
             present = ~np.isnan(values)

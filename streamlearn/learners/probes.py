@@ -66,7 +66,6 @@ class ProbeSets:
         self.position = 0                        # examples taken so far (learned or held out)
         self.filling: list[Example] = []         # probes of the segment under way
         self.segments: deque[Segment] = deque(maxlen=config.segments)   # complete ones, oldest first
-        self.evaluations = 0
         self.held_out = 0
         self._stride = max(1, config.segment_size // config.probe_size) if config.probe_size else 0
 
@@ -120,7 +119,6 @@ class ProbeSets:
         """Takes the accuracy now on each kept segment (in the order of `segments`)."""
         for segment, accuracy in zip(self.segments, accuracies):
             segment.record(accuracy)
-        self.evaluations += 1
 
     @property
     def forgetting(self) -> float:

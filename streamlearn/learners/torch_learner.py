@@ -273,8 +273,7 @@ class TorchLearner(Learner):
         if self.replay is not None:
             self.replay.add(raw, y, ts)
         self.learned += len(y)
-        score = self.watched_score if self.consolidation.watches_score else math.nan
-        if self.consolidation.check(self.learned, now, score=score):
+        if self.consolidation.check(self.learned, now, score=lambda: self.watched_score):
             self.consolidate()
         self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
 

@@ -105,8 +105,8 @@ class HistoryRecorder:
             model=learner.name, time=now, position=probes.position, learned=learner.learned,
             scores=_finite_values({m: scores.value(m, rolling=True) for m in scores.names}),
             scores_all=_finite_values({m: scores.value(m, rolling=False) for m in scores.names}),
-            probe_accuracy=probes.accuracies(), forgetting=_finite(probes.forgetting),
-            backward_transfer=_finite(probes.backward_transfer), drifts=learner.drifts, latency=latency))
+            probe_accuracy=probes.accuracies(), forgetting=finite_or_none(probes.forgetting),
+            backward_transfer=finite_or_none(probes.backward_transfer), drifts=learner.drifts, latency=latency))
         learner.drifts = []
 
     def _quantiles(self, model: str, series: dict[str, Histogram]) -> dict[str, float]:
@@ -126,7 +126,8 @@ class HistoryRecorder:
         self.writer.close()
 
 
-def _finite(value: float) -> Optional[float]:
+def finite_or_none(value: float) -> Optional[float]:
+    """None for NaN (JSON has no NaN): a figure not measured yet."""
     return None if math.isnan(value) else value
 
 
