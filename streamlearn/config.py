@@ -73,6 +73,9 @@ class IntakeConfig(_Section):
     max_wait: Positive = 0.05                        # seconds before a partial batch is handed off
     poll_records: PositiveInt = 2000
     max_message_bytes: PositiveInt = 1 << 20
+    # An event time more than this far ahead of the message's broker timestamp is refused (`schema`):
+    # one absurd `ts` would otherwise carry its partition's watermark into the future and expire every pending join.
+    max_future_seconds: Positive = 3600.0
 
 
 class TrainConfig(_Section):
@@ -128,6 +131,12 @@ class ModelConfig(_Section):
     learn_mode: Literal["one", "many"] = "one"  # River: per example, or learn_many micro-batches
     window: PositiveInt = 1000      # examples in the rolling prequential window
     params: dict[str, Union[Setting, list[Setting]]] = {}  # keyword arguments for the factory
+    # Feature values (and regression labels) of larger magnitude are dead-lettered `out_of_range`:
+    # one such value can wipe a linear model or its scaler. Raise it for features such as epoch milliseconds.
+    max_abs_feature: Positive = 1e9
+    # An example the model raises on: "dead_letter" (counted, quarantined as `learn_error`, learning goes on)
+    # or "fail" (the service stops cleanly at the last durable state, naming the error).
+    on_error: Literal["dead_letter", "fail"] = "dead_letter"
     train: TrainConfig = msgspec.field(default_factory=TrainConfig)
     encoder: EncoderConfig = msgspec.field(default_factory=EncoderConfig)
     replay: ReplayConfig = msgspec.field(default_factory=ReplayConfig)

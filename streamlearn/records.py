@@ -37,6 +37,15 @@ class Example(msgspec.Struct, array_like=True):
     served: Union[Label, None] = None  # what that version predicted (the log's prediction, or its likeliest class)
 
 
+class Rejected(msgspec.Struct):
+    """An example a model refused (its scoring or learning raised): quarantined as a `learn_error` dead letter."""
+
+    model: str
+    example: Example
+    error: str    # the exception's class name (a bounded metric label)
+    detail: str   # its message, shortened
+
+
 class IntakeStats(msgspec.Struct):
     """Cumulative counters of the intake stage, shipped with every batch."""
 

@@ -24,7 +24,7 @@ from typing import Iterator, Literal, Optional, Union
 import msgspec
 
 from streamlearn.config import Config, resolve_settings
-from streamlearn.records import Batch, decode_batch, encode_batch
+from streamlearn.records import Batch, Rejected, decode_batch, encode_batch
 from streamlearn.stream.dead_letters import FileDeadLetters, KafkaDeadLetters
 from streamlearn.stream.file_source import FileSource
 from streamlearn.stream.intake import Intake, Resume
@@ -38,9 +38,11 @@ BATCHES_IN_FLIGHT = 4
 class Control(msgspec.Struct):
     """A message from the learner side to the intake."""
 
-    # barrier: attach your state to the next cut; final_commit: the last word, the intake then exits
-    kind: Literal["commit", "stop", "barrier", "final_commit"]
+    # barrier: attach your state to the next cut; final_commit: the last word, the intake then exits;
+    # reject: examples a model refused, for the intake's dead-letter sink (one sink, one exactly-once rule)
+    kind: Literal["commit", "stop", "barrier", "final_commit", "reject"]
     positions: dict[str, int] = {}
+    rejected: list[Rejected] = []
 
 
 def open_intake(config: Config, resume: Resume) -> Intake:
@@ -75,6 +77,10 @@ class InlineIntake:
 
     def request_barrier(self) -> None:
         self._intake.barrier_requested = True
+
+    def reject(self, rejected: list[Rejected]) -> None:
+        """Dead-letters examples a model refused (`learn_error`)."""
+        self._intake.reject(rejected)
 
     def close(self) -> None:
         self._intake.close()
@@ -132,6 +138,10 @@ class ProcessIntake:
 
     def request_barrier(self) -> None:
         self._send(Control("barrier"))
+
+    def reject(self, rejected: list[Rejected]) -> None:
+        """Dead-letters examples a model refused (`learn_error`), through the intake's sink."""
+        self._send(Control("reject", rejected=rejected))
 
     def _send(self, control: Control) -> None:
         try:
@@ -204,6 +214,9 @@ class _ControlReader:
             return
         if control.kind == "barrier":
             self.intake.barrier_requested = True
+            return
+        if control.kind == "reject":
+            self.intake.reject(control.rejected)
             return
         self.intake.commit(control.positions)
         self.finished = control.kind == "final_commit"

@@ -17,9 +17,10 @@ from typing import Callable, Iterator, Optional
 
 import msgspec
 import numpy as np
+import orjson
 
 from streamlearn.config import Config
-from streamlearn.records import Batch, Example, IntakeStats
+from streamlearn.records import Batch, Example, IntakeStats, Rejected
 from streamlearn.stream.dead_letters import DeadLetterSink
 from streamlearn.stream.decode import DeadLetter, EventDecoder
 from streamlearn.stream.events import EXAMPLES_TOPIC, FEEDBACK_TOPIC, INFERENCE_TOPIC
@@ -75,6 +76,7 @@ class Intake:
                        k.examples_topic: EXAMPLES_TOPIC, INFERENCE_TOPIC: INFERENCE_TOPIC,
                        FEEDBACK_TOPIC: FEEDBACK_TOPIC, EXAMPLES_TOPIC: EXAMPLES_TOPIC}
         self._known_partitions: set[str] = set()
+        self._rejected_topic = k.examples_topic or k.inference_topic
         self.barrier_requested = False
         if resume.state is not None:
             self._restore(msgspec.msgpack.decode(resume.state, type=IntakeState))
@@ -195,6 +197,18 @@ class Intake:
             watermark=self._watermark, assigned=sorted(self._known_partitions),
             caught_up=self._watermark >= self.watermarks.newest() and not self.joiner.held,
         )
+
+    def reject(self, rejected: list[Rejected]) -> None:
+        """Dead-letters examples a model refused, as `examples` messages that can be re-sent once it is fixed.
+
+        They are counted by the learners (`learn_errors_total`, exact across restores), not here.
+        """
+        for r in rejected:
+            ex = r.example
+            raw = orjson.dumps({"id": ex.id, "ts": ex.ts, "model": ex.model, "features": ex.features,
+                                "label": ex.label, "weight": ex.weight})
+            self.dead_letters.send(self._rejected_topic, f"learn_error:{r.model}", -1, raw,
+                                   DeadLetter("learn_error", f"{r.error}: {r.detail}"))
 
     def commit(self, positions: dict[str, int]) -> None:
         """Makes dead letters durable, then records positions with the source."""
