@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import typer
 
-from streamlearn.config import ConfigError, load_config
+from streamlearn.config import ConfigError, check_source, load_config
 from streamlearn.deploy.views import utc
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -39,26 +40,53 @@ def run(
                                                 help="Resume from this snapshot instead of the newest (a rollback)."),
 ) -> None:
     """Run the service until the source ends (file) or SIGTERM/SIGINT (Kafka)."""
-    from streamlearn.service import Service
+    from streamlearn.service import LearnFailure, Service
+    from streamlearn.stream.channel import IntakeDied
 
     cfg = _config_or_exit(config)
     _setup_logging(cfg.log_level)  # before the restore, so that skipped snapshots are reported
+    early = _EarlyStop()   # a SIGTERM/SIGINT while starting (a long restore) stops the run as soon as it begins
     try:
-        service = Service(cfg, from_snapshot=from_snapshot)
+        check_source(cfg)
+        service = early.service = Service(cfg, from_snapshot=from_snapshot)
         metrics = service.start_metrics()
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2)
+    if early.signalled:
+        service.stop()
     if metrics is not None:
         logging.getLogger("streamlearn").info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
     try:
         result = service.run()
+    except LearnFailure as err:   # on_error = "fail": one line, the state stays at the last snapshot
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1)
+    except IntakeDied as err:     # its own log lines say why; here one line, no traceback
+        typer.echo(f"streamlearn: {err}", err=True)
+        raise typer.Exit(1)
     finally:
         service.close()
     path = summary or Path(cfg.state_dir) / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(f"learned {result['learned']} examples; summary in {path}", err=True)
+
+
+class _EarlyStop:
+    """Catches SIGTERM/SIGINT before the service's loop installs its own handlers, and stops the service then."""
+
+    def __init__(self) -> None:
+        self.service = None
+        self.signalled = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logging.getLogger("streamlearn").info("signal %d while starting: stopping as soon as the loop runs", signum)
+        self.signalled = True
+        if self.service is not None:
+            self.service.stop()
 
 
 @app.command()

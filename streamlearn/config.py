@@ -85,7 +85,8 @@ class TrainConfig(_Section):
     lr: Positive = 1e-3
     weight_decay: NonNegative = 0.0
     batch_size: PositiveInt = 32          # examples per micro-batch (before replay is mixed in)
-    max_wait: Positive = 1.0              # seconds before a partial micro-batch is learned anyway
+    max_wait: Positive = 1.0              # event-time seconds: a partial micro-batch is learned before an
+                                          # example this much newer than its oldest (and at the end of input)
     steps_per_batch: PositiveInt = 1      # gradient steps on each mixed micro-batch
     max_classes: PositiveInt = 100        # output width: classes appear as the stream brings them
 
@@ -294,6 +295,13 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: gate.holdout_every: 1 would hold out every example; 0 (none) or >= 2")
     if config.publish.enabled:
         _check_publish(config.publish)
+
+
+def check_source(config: Config) -> None:
+    """Before a run: a `file:PATH` source must name a readable file (other commands may name a file gone since)."""
+    path = config.file_path
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config error: source: {path} {'is not a file' if path.exists() else 'does not exist'}")
 
 
 def _check_publish(publish: PublishConfig) -> None:

@@ -59,6 +59,7 @@ class IntakeStats(msgspec.Struct):
     watermark: float = 0.0                         # event time up to which the join has emitted
     assigned: list[str] = []                       # position keys this intake currently reads
     caught_up: bool = False                        # every partition idle and all input released
+    broker: str = ""                               # what keeps the source from reading, in words ("": nothing)
 
 
 class Batch(msgspec.Struct):
@@ -72,6 +73,8 @@ class Batch(msgspec.Struct):
                                      # larger release, positions empty; wait for the cut to commit)
     barrier: Union[bytes, None] = None  # on a cut the learner asked for: the intake's own state at this
                                         # point (opaque here), to be snapshotted with the models
+    exhausted: bool = False          # final because the source has no more input (a file at its end), not
+                                     # because the intake was stopped: learners flush only then
 
 
 _encoder = msgspec.msgpack.Encoder()

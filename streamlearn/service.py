@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 from prometheus_client import CollectorRegistry
 
@@ -34,7 +34,7 @@ from streamlearn.learners.base import Learner
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.learners.served import ServedScores
-from streamlearn.records import Batch, Example, IntakeStats
+from streamlearn.records import Batch, Example, IntakeStats, Rejected
 from streamlearn.stream.channel import Channel, start_intake
 from streamlearn.stream.intake import Resume
 from streamlearn.telemetry.exporter import ServiceCollector
@@ -45,6 +45,10 @@ from streamlearn.triggers import Trigger
 log = logging.getLogger(__name__)
 COMMIT_SECONDS = 1.0
 STALL_SECONDS = 60.0  # /healthz fails when the loop has not turned for this long
+
+
+class LearnFailure(RuntimeError):
+    """A model refused an example under `on_error = "fail"`: the service stopped at its last durable state."""
 
 
 class Service:
@@ -72,15 +76,17 @@ class Service:
         self.audit = AuditLog(config.snapshot.audit_log, audit_length) if config.snapshot.audit_log else None
         self.registry = registry or CollectorRegistry()
         self.registry.register(ServiceCollector(lambda: self.stats, lambda: self.learners.values(),
-                                                lambda: self.snapshots, lambda: self.served, lambda: self.handoff))
+                                                lambda: self.snapshots, lambda: self.served, lambda: self.handoff,
+                                                config.kafka.examples_topic or config.kafka.inference_topic))
         self.metrics: Optional[MetricsServer] = None
         self._channel: Optional[Channel] = None
         self._stop = threading.Event()
         self._last_turn = time.monotonic()
         self._started = 0.0
         self._barrier_requested = False
-        for learner in self.learners.values():
+        for name, learner in self.learners.items():
             learner.on_evaluation = self._record_evaluation
+            learner.model_label = config.models[name].model   # for the messages of a model that refuses examples
 
     def _restore(self, wanted: Optional[int]) -> Optional[int]:
         """Loads the newest snapshot that verifies (or exactly `wanted`); returns its audit length."""
@@ -135,8 +141,9 @@ class Service:
         last_commit = time.monotonic()
         stopping = False
         try:
-            for batch in self._channel.batches():
-                self._learn(batch)
+            batches = self._channel.batches(self._stop.is_set)   # a stop is heard even while no batch comes
+            for batch in batches:
+                self._learn_or_stop(batch, batches)
                 if on_batch is not None:
                     on_batch(self, batch)
                 if batch.final:
@@ -157,6 +164,45 @@ class Service:
             self._channel.close()
             restore()
         return self.summary()
+
+    def _learn_or_stop(self, batch: Batch, batches: Iterator[Batch]) -> None:
+        try:
+            self._learn(batch)
+        except LearnFailure as failure:
+            self._stop_on_failure(failure, batches)
+
+    def _stop_on_failure(self, failure: LearnFailure, batches: Iterator[Batch]) -> NoReturn:
+        """on_error = "fail": drains the intake without learning, commits the last durable positions, raises.
+
+        Nothing of the failing batch reaches a snapshot or a commit: a restart reads it again.
+        """
+        self._channel.request_stop()
+        for batch in batches:   # not learned; the final cut's barrier is not honoured either
+            if batch.final:
+                break
+        if self.snapshots is not None:
+            self.snapshots.wait()
+            seq = self.snapshots.store.latest_seq()
+            where = f"state and offsets stay at snapshot {seq}" if seq is not None else \
+                "no snapshot yet, no offsets committed"
+        else:
+            where = "offsets stay at the batch before (snapshots are off)"
+        self._channel.commit(self._committable(), final=True)
+        raise LearnFailure(f"{failure}; {where}") from None
+
+    def _quarantine(self, rejected: list[Rejected]) -> None:
+        """Sends examples the models refused to the dead letters; raises for a model with on_error = "fail"."""
+        for r in rejected:
+            if self.config.models[r.model].on_error == "fail":
+                detail = " ".join(r.detail.split())
+                raise LearnFailure(f"model \"{r.model}\" refused example \"{r.example.id[:200]}\": {r.error}: "
+                                   f"{detail} (models.{r.model}.on_error = \"fail\" stops the service)")
+        if rejected and self._channel is not None:
+            self._channel.reject(rejected)
+
+    def _unhealthy_models(self) -> list[str]:
+        """One line for each model that refuses most of its recent examples."""
+        return [problem for l in self.learners.values() if (problem := l.health_problem()) is not None]
 
     def _snapshot_due(self) -> bool:
         """Whether to ask the intake for a barrier now (the snapshot trigger; none while a write is in flight)."""
@@ -219,11 +265,12 @@ class Service:
             if self.handoff is not None:   # shadow scoring, and the gate's held-out share
                 examples = self.handoff.before_learning(name, examples)
             self.learners[name].learn_batch(examples, now)
-        for learner in self.learners.values():  # a partial micro-batch is learned after its wait, or at the end
-            if batch.final:
+        # The last partial micro-batch is learned at the end of the input; on a stop it stays queued in the
+        # final snapshot (unless none is kept), so that a restart continues as if never stopped.
+        if batch.exhausted or (batch.final and self.snapshots is None):
+            for learner in self.learners.values():
                 learner.flush(now)
-            else:
-                learner.tick(now)
+        self._quarantine([r for learner in self.learners.values() for r in learner.take_rejected()])
         self._learning_seconds += time.perf_counter() - started
         if self.audit is not None and batch.examples:
             self.audit.append(ex.id for ex in batch.examples)
@@ -252,11 +299,18 @@ class Service:
         stalled = time.monotonic() - self._last_turn
         if self._channel is not None and stalled > STALL_SECONDS:
             return False, f"learning loop has not turned for {stalled:.0f} s"
-        return True, "ok"
+        problem = self._source_problem()
+        return True, f"ok (the loop turns; {problem})" if problem else "ok"
+
+    def _source_problem(self) -> str:
+        """What keeps the intake from reading (e.g. the broker unreachable), as of its newest batch; "" if nothing."""
+        return self.stats.broker if self.stats is not None else ""
 
     def ready(self) -> tuple[bool, str]:
         if self.stats is None:
             return False, "waiting for the intake"
+        if self._source_problem():
+            return False, self._source_problem()
         if not self.stats.assigned:
             return False, "no partitions assigned yet"
         if self.snapshots is not None:
@@ -264,6 +318,8 @@ class Service:
             age = age if age is not None else time.monotonic() - self._started
             if age > self.config.snapshot.max_age_seconds:
                 return False, f"newest good snapshot is {age:.0f} s old"
+        if sick := self._unhealthy_models():
+            return False, "; ".join(sick)
         return True, "ok"
 
     def summary(self) -> dict:

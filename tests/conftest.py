@@ -49,3 +49,10 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return err.code, err.read().decode()
     except OSError:
         return 0, ""
+
+
+@pytest.fixture
+def own_broker():
+    """A broker of this test's own (not the session's), for tests that pause, stop or restart it."""
+    with EmbeddedBroker() as running:
+        yield running

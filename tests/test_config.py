@@ -111,3 +111,23 @@ def test_a_metrics_port_in_use_is_a_config_error():
                                         "snapshot": {"enabled": False}}, env={}))
         with pytest.raises(ConfigError, match=f"^config error: metrics.port: cannot listen on 127.0.0.1:{port}"):
             service.start_metrics()
+
+
+def test_a_missing_source_file_is_a_one_line_config_error(tmp_path):
+    import subprocess
+    import sys
+
+    from streamlearn.config import check_source
+
+    config = parse_config({"source": f"file:{tmp_path / 'gone.jsonl'}", "state_dir": str(tmp_path)}, env={})
+    with pytest.raises(ConfigError, match=r"^config error: source: .*gone\.jsonl does not exist$"):
+        check_source(config)
+    with pytest.raises(ConfigError, match="is not a file"):
+        check_source(parse_config({"source": f"file:{tmp_path}"}, env={}))
+    toml = tmp_path / "config.toml"
+    toml.write_text(f'source = "file:{tmp_path / "gone.jsonl"}"\nstate_dir = "{tmp_path / "state"}"\n'
+                    '[metrics]\nenabled = false\n[models.m]\nmodel = "logreg"\n')
+    result = subprocess.run([sys.executable, "-m", "streamlearn", "run", "--config", str(toml)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"config error: source: {tmp_path / 'gone.jsonl'} does not exist"]

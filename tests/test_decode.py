@@ -101,4 +101,105 @@ def test_bad_examples_get_their_reason(decoder, raw, reason):
 
 
 def test_reason_codes_are_the_contracts():
-    assert REASONS == ("too_large", "invalid_json", "not_object", "schema", "non_finite", "unknown_model")
+    assert REASONS == ("too_large", "invalid_json", "not_object", "schema", "non_finite", "unknown_model",
+                       "out_of_range", "undecodable")
+
+
+DEEP = 5000
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"[" * DEEP + b"]" * DEEP, "not_object"),
+    (b'{"a":' * DEEP + b"1" + b"}" * DEEP, "schema"),                       # unknown field, nested 5,000 deep
+    (b"[" * DEEP, "not_object"),                                           # and truncated
+    (b'{"a":' * DEEP, "schema"),
+    (b'{"request_id": "r", "ts": 1, "label": 1, "features": {"x": ' + b"[" * DEEP + b"]" * DEEP + b"}}", "schema"),
+    (b'{"request_id": "r", "ts": 1, "label": 1, "features": {"x": ' + b'{"a":' * DEEP + b"1" + b"}" * DEEP + b"}}",
+     "schema"),
+    (b'{"request_id": "r", "ts": 1, "label": 1, "extra": ' + b"[" * DEEP + b"]" * DEEP + b"}", "schema"),
+])
+@pytest.mark.parametrize("kind", ["decode_log", "decode_feedback", "decode_example"])
+def test_deep_nesting_gets_an_honest_reason_not_a_recursion_error(raw, reason, kind):
+    decoder = EventDecoder(models={"default"}, max_message_bytes=1 << 20)
+    letter = getattr(decoder, kind)(raw)
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == reason, letter.detail
+
+
+@pytest.mark.parametrize("value", [1e300, -1e300, 1e10, -1.0000001e9, 10**12])
+def test_features_beyond_the_models_bound_are_out_of_range(decoder, value):
+    letter = decoder.decode_log(with_(LOG, features={"x": 1.0, "amount": value}))
+    assert letter.reason == "out_of_range"
+    assert "'amount'" in letter.detail and "1e+09" in letter.detail
+    assert "models.fraud.max_abs_feature" in letter.detail
+    assert decoder.decode_example(with_(EXAMPLE, features={"amount": value})).reason == "out_of_range"
+
+
+def test_the_bound_itself_booleans_and_strings_pass(decoder):
+    log = decoder.decode_log(with_(LOG, features={"a": 1e9, "b": -1e9, "c": True, "d": "1e300"}))
+    assert log.features == {"a": 1e9, "b": -1e9, "c": True, "d": "1e300"}
+
+
+def test_each_model_has_its_own_bound():
+    decoder = EventDecoder(models={"tight", "wide"}, max_abs_feature={"tight": 10.0, "wide": 1e15})
+    tight = with_(LOG, model="tight", features={"ms": 1.7e12})
+    wide = with_(LOG, model="wide", features={"ms": 1.7e12})
+    letter = decoder.decode_log(tight)
+    assert letter.reason == "out_of_range" and "models.tight.max_abs_feature" in letter.detail
+    assert decoder.decode_log(wide).features == {"ms": 1.7e12}
+    assert decoder.decode_log(with_(LOG, model="tight", features={"ms": 9.5})).features == {"ms": 9.5}
+    assert decoder.decode_log(with_(LOG, model="wide", features={"ms": 2e15})).reason == "out_of_range"
+    assert decoder.decode_example(with_(EXAMPLE, model="tight", features={"x": -11})).reason == "out_of_range"
+
+
+def test_unknown_model_wins_over_a_feature_out_of_range(decoder):
+    assert decoder.decode_log(with_(LOG, model="nope", features={"x": 1e300})).reason == "unknown_model"
+
+
+@pytest.mark.parametrize("ts", [-1e300, -1, 1e300, 4102444800, 4102444800.5, "9999-12-31T00:00:00Z",
+                                "1969-12-31T23:59:59Z", "0001-01-01T00:00:00+01:00", "2100-01-01T00:00:00Z",
+                                "not a date", True, [1], {"s": 1}])
+def test_event_times_that_cannot_be_real_are_schema_errors(decoder, ts):
+    for decode, event in ((decoder.decode_log, LOG), (decoder.decode_feedback, FEEDBACK),
+                          (decoder.decode_example, EXAMPLE)):
+        letter = decode(with_(event, ts=ts))
+        assert isinstance(letter, DeadLetter), (ts, letter)
+        assert letter.reason == "schema", letter.detail
+        assert "ts" in letter.detail
+
+
+@pytest.mark.parametrize("ts, seconds", [(0, 0.0), (5, 5.0), (978307200, 978307200.0),   # 2001: backfills work
+                                         (4102444799.5, 4102444799.5), ("2001-01-01T00:00:00Z", 978307200.0)])
+def test_old_and_small_event_times_are_fine(decoder, ts, seconds):
+    assert decoder.decode_feedback(with_(FEEDBACK, ts=ts)).ts == seconds
+
+
+def test_the_range_rule_is_named_in_the_detail(decoder):
+    detail = decoder.decode_log(with_(LOG, ts=-1e300)).detail
+    assert "[0, 4102444800)" in detail and "1970-01-01" in detail
+
+
+def test_event_time_far_ahead_of_the_broker_timestamp_is_refused():
+    decoder = EventDecoder(models={"default"}, max_future_seconds=3600)
+    assert decoder.ahead_of_broker(1000.0 + 3600, 1000.0) is None
+    assert decoder.ahead_of_broker(5.0, 1e9) is None                  # old events are backfills, not errors
+    letter = decoder.ahead_of_broker(1000.0 + 3601, 1000.0)
+    assert letter.reason == "schema" and "intake.max_future_seconds" in letter.detail
+
+
+@pytest.mark.parametrize("raw", [
+    with_(LOG, request_id="r\u0000-1"),
+    with_(LOG, request_id="r\n1"),
+    with_(LOG, features={"x\u0001": 1.0}),
+    with_(LOG, features={"ok": 1.0, "\u001f": 1.0}),
+])
+def test_control_characters_in_ids_and_feature_names_are_schema_errors(decoder, raw):
+    letter = decoder.decode_log(raw)
+    assert letter.reason == "schema" and "control characters" in letter.detail
+
+
+def test_escapes_elsewhere_and_unicode_names_are_fine(decoder):
+    log = decoder.decode_log(with_(LOG, request_id="r-é-\u2603", features={"naïve": 1, "note": "a\nb\u0000c"}))
+    assert log.request_id == "r-é-\u2603" and log.features == {"naïve": 1.0, "note": "a\nb\u0000c"}
+    assert decoder.decode_example(with_(EXAMPLE, id="e\tx")).reason == "schema"
+    assert decoder.decode_feedback(with_(FEEDBACK, request_id="\u0007")).reason == "schema"

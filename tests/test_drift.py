@@ -54,6 +54,7 @@ def test_the_torch_learner_consolidates_when_drift_is_detected():
     from streamlearn.learners.torch_learner import TorchLearner
 
     model = parse_config({"models": {"m": {"model": "mlp", "params": {"hidden": [16]},
+                                           "train": {"max_wait": 3600.0},   # examples are 1 event-second apart
                                            "ewc": {"consolidate": {"on_drift": True}}}}}, env={}).models["m"]
     learner = TorchLearner("m", model, seed=1)
     learner.learn_batch(sea_with_abrupt_drift(seed=1))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 
 from streamlearn.stream.decode import LabelEntry, LogEntry
-from streamlearn.stream.join import OUTCOMES, FeedbackJoiner
+from streamlearn.stream.join import OUTCOMES, FeedbackJoiner, JoinerState
 
 
 def log(rid: str, ts: float, model: str = "default") -> LogEntry:
@@ -31,8 +32,9 @@ def test_log_then_feedback_matches_and_is_released_by_the_watermark(joiner):
     joiner.add_log(log("a", 100))
     joiner.add_feedback(feedback("a", 150))
     assert joiner.advance(149.0) == []          # held until the watermark passes the example's time
+    assert joiner.advance(150.0) == []          # at it, a tie may still come: held
     assert joiner.held == 1
-    [example] = joiner.advance(150.0)
+    [example] = joiner.advance(150.5)
     assert (example.id, example.features, example.label, example.ts, example.label_ts) == ("a", {"x": 100}, 1, 150, 150)
     assert counts(joiner) == {"matched": 1}
     assert joiner.delays == [50]
@@ -43,7 +45,7 @@ def test_feedback_may_arrive_before_its_log(joiner):
     joiner.add_feedback(feedback("a", 95))
     assert joiner.pending == 1
     joiner.add_log(log("a", 100))
-    assert [e.id for e in joiner.advance(100.0)] == ["a"]
+    assert [e.id for e in joiner.advance(100.5)] == ["a"]
     assert counts(joiner) == {"matched": 1}
 
 
@@ -177,3 +179,118 @@ def test_every_input_is_accounted_for():
         o[k] for k in ("expired", "expired_feedback", "late", "duplicate", "evicted"))
     assert accounted == inputs
     assert set(o) == set(OUTCOMES)
+
+
+def example(rid: str, ts: float, label=1, model: str = "default"):
+    from streamlearn.records import Example
+
+    return Example(rid, model, {"x": ts}, label, 1.0, ts, ts)
+
+
+def test_pre_joined_examples_are_counted_and_never_learned_twice(joiner):
+    joiner.add_example(example("e", 10))
+    joiner.add_example(example("e", 11))             # the same example again
+    joiner.add_log(log("e", 12))                     # its id as a request afterwards
+    joiner.add_feedback(feedback("e", 13))
+    joiner.add_log(log("r", 20))
+    joiner.add_feedback(feedback("r", 21))
+    joiner.add_example(example("r", 22))             # a request matched here, then joined upstream too
+    joiner.add_log(log("p", 30))
+    joiner.add_example(example("p", 31))             # while its log is pending: it could still match
+    assert counts(joiner) == {"prejoined": 1, "matched": 1, "duplicate": 5}
+    assert [e.id for e in joiner.advance(100.0)] == ["e", "r"]
+
+
+def test_a_request_that_expired_unmatched_may_arrive_joined_upstream(joiner):
+    joiner.add_log(log("a", 100))
+    joiner.advance(1000.0)                           # expired: never learned here
+    joiner.add_example(example("a", 1001))
+    assert counts(joiner) == {"expired": 1, "prejoined": 1}
+    assert [e.id for e in joiner.advance(2000.0)] == ["a"]
+
+
+def test_regression_labels_are_checked_for_pre_joined_examples_and_bounded():
+    joiner = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=10, regression_models=frozenset({"price"}),
+                            max_abs_label={"price": 1e6})
+    joiner.add_example(example("a", 1, label="expensive", model="price"))
+    joiner.add_example(example("b", 1, label=True, model="price"))
+    joiner.add_example(example("c", 1, label=-1e300, model="price"))
+    joiner.add_example(example("d", 1, label=1e6, model="price"))
+    joiner.add_example(example("e", 1, label=1e300, model="default"))   # a class label: any value
+    joiner.add_log(log("f", 1, model="price"))
+    joiner.add_feedback(feedback("f", 2, label=2e6))                       # joined here: the same bound
+    joiner.add_example(example("c", 2, label=5.0, model="price"))          # its id was used: a duplicate
+    assert counts(joiner) == {"invalid_label": 4, "prejoined": 2, "duplicate": 1}
+    assert [e.id for e in joiner.advance(100.0)] == ["d", "e"]
+
+
+def test_held_examples_count_against_the_bound_and_leave_early_not_lost():
+    joiner = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=100)
+    for i in range(5000):                            # the watermark never moves: all would be held
+        joiner.add_example(example(f"e-{i}", 5000.0 - i))
+        assert joiner.pending + len(joiner._ready) <= 100
+    released = joiner.advance(0.0)                   # the early ones, oldest (by event time) first at each step
+    assert len(released) == 4900 and joiner.held == 100
+    assert [e.id for e in released[:3]] == ["e-100", "e-101", "e-102"]   # each newcomer is the oldest held
+    rest = joiner.advance(10_000.0)
+    assert sorted(e.id for e in released + rest) == sorted(f"e-{i}" for i in range(5000))
+    assert counts(joiner) == {"prejoined": 5000}
+
+
+def test_held_examples_are_released_before_anything_pending_is_evicted():
+    joiner = FeedbackJoiner(ttl=3600, early_ttl=60, max_pending=10)
+    for i in range(10):
+        joiner.add_log(log(f"r-{i}", float(i)))
+        joiner.add_feedback(feedback(f"r-{i}", i + 1.0))   # matched, held: the watermark stays at 0
+    for i in range(10):
+        joiner.add_log(log(f"q-{i}", 100.0 + i))          # pending: pushes the held ones out, evicts nothing
+    assert counts(joiner) == {"matched": 10}
+    assert [e.id for e in joiner.advance(0.0)] == [f"r-{i}" for i in range(10)]
+    joiner.add_log(log("q-10", 200.0))
+    assert counts(joiner) == {"matched": 10, "evicted": 1}
+
+
+def test_a_snapshot_restores_examples_held_or_released_early_and_closed_ids():
+    joiner = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=3)
+    for i in range(5):
+        joiner.add_example(example(f"e-{i}", 10.0 + i))
+    state = msgspec.msgpack.decode(msgspec.msgpack.encode(joiner.state()), type=JoinerState)
+    restored = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=3)
+    restored.restore(state)
+    restored.add_example(example("e-1", 99.0))              # remembered as seen
+    assert restored.outcomes["duplicate"] == 1 and restored.held == 5
+    assert [e.id for e in restored.advance(100.0)] == [e.id for e in joiner.advance(100.0)]
+
+
+def test_a_snapshot_without_the_overflow_field_still_restores():
+    old = msgspec.msgpack.encode([[], [], [], [], {"matched": 3}])   # JoinerState before `overflow` existed
+    joiner = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=3)
+    joiner.restore(msgspec.msgpack.decode(old, type=JoinerState))
+    assert joiner.outcomes["matched"] == 3 and joiner.held == 0
+
+
+def test_every_input_is_accounted_for_with_pre_joined_examples_too():
+    """Logs and feedback as before; each pre-joined example ends in exactly one outcome of its own."""
+    rng = random.Random(11)
+    joiner = FeedbackJoiner(ttl=30, early_ttl=5, max_pending=200)
+    pairs_in = examples_in = 0
+    for i in range(5000):
+        rid = f"r-{rng.randrange(3000)}"
+        t = i * 0.1 + rng.uniform(-10, 40)
+        if rng.random() < 0.5:
+            joiner.add_log(log(rid, t))
+            pairs_in += 1
+        else:
+            joiner.add_feedback(feedback(rid, t))
+            pairs_in += 1
+        if rng.random() < 0.2:
+            before = dict(joiner.outcomes)
+            joiner.add_example(example(f"x-{rng.randrange(500)}", t))
+            examples_in += 1
+            changed = {k: joiner.outcomes[k] - before[k] for k in OUTCOMES if joiner.outcomes[k] != before[k]}
+            assert changed in ({"prejoined": 1}, {"duplicate": 1}), changed
+        if i % 100 == 0:
+            joiner.advance(i * 0.1 - 20)
+    o = joiner.outcomes
+    assert o["prejoined"] > 0 and o["duplicate"] > 0
+    assert o["prejoined"] <= examples_in

@@ -50,7 +50,7 @@ needs_prometheus = pytest.mark.skipif(PROMETHEUS is None and not os.environ.get(
 REQUIRED_ALERTS = {"StreamlearnDown", "StreamlearnForgettingHigh", "StreamlearnConsumerLagGrowing",
                    "StreamlearnSnapshotTooOld", "StreamlearnNoSnapshot", "StreamlearnDeadLetterRateHigh",
                    "StreamlearnDriftStorm", "StreamlearnSnapshotFailures", "StreamlearnGateRejectsEverything",
-                   "StreamlearnPublishFailures"}
+                   "StreamlearnPublishFailures", "StreamlearnLearnErrors"}
 PROVOKED_ALERT = "StreamlearnDeadLetterRateHigh"
 
 
@@ -345,8 +345,9 @@ class Stack:
 
 
 def _config_toml(state: Path, bootstrap: str, topics: dict[str, str]) -> str:
-    """A config that makes every family appear quickly: a River and a torch model, small probe segments,
-    a snapshot every 2 s, two drift detectors, a candidate version every 500 examples."""
+    """A config that makes every family appear quickly: a River and a torch model (two classes at most: the
+    examples of a third are refused), small probe segments, a snapshot every 2 s, two drift detectors, a
+    candidate version every 500 examples."""
     return f"""
 state_dir = "{state}"
 [kafka]
@@ -366,7 +367,7 @@ model = "logreg"
 [models.nn]
 model = "mlp"
 params = {{ hidden = [16] }}
-train = {{ batch_size = 16, max_wait = 0.2 }}
+train = {{ batch_size = 16, max_wait = 0.2, max_classes = 2 }}
 encoder = {{ numeric_slots = 8, string_slots = 8, hash_buckets = 8 }}
 replay = {{ capacity = 200 }}
 [drift]
@@ -403,8 +404,9 @@ def _messages(requests: int) -> list[tuple[str, Optional[bytes], bytes]]:
     examples = []
     for i in range(requests // 2):
         x = {"x1": rng.uniform(0, 10), "x2": rng.uniform(0, 10), "x3": rng.uniform(0, 10)}
+        label = 7 if i % 250 == 249 else int(x["x1"] + x["x2"] > 8)   # a third class: refused (learn_errors)
         examples.append(("examples", None, json.dumps({"id": f"nn-{i}", "ts": start + i / 25.0, "model": "nn",
-                                                       "features": x, "label": int(x["x1"] + x["x2"] > 8)}).encode()))
+                                                       "features": x, "label": label}).encode()))
     merged, pending = [], iter(examples)   # one example for every four traffic messages, in event-time order
     for i, message in enumerate(traffic):
         merged.append(message)

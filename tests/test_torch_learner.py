@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -23,13 +24,14 @@ def model_config(**sections) -> ModelConfig:
     return parse_config({"models": {"m": table}}, env={}).models["m"]
 
 
-def examples(n: int, start: int = 0, classes: int = 3, seed: int = 0) -> list[Example]:
+def examples(n: int, start: int = 0, classes: int = 3, seed: int = 0, rate: float = 100.0) -> list[Example]:
+    """`n` examples, `rate` per second of event time (at 100/s a micro-batch of 32 fills within `max_wait`)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(start, start + n):
         label = i % classes
         x = {"a": float(label + rng.normal(0, 0.3)), "b": float(rng.normal()), "colour": "red" if label else "blue"}
-        out.append(Example(f"e-{i}", "m", x, label, 1.0, float(i), float(i)))
+        out.append(Example(f"e-{i}", "m", x, label, 1.0, i / rate, i / rate))
     return out
 
 
@@ -209,4 +211,69 @@ def test_a_score_read_mid_batch_scores_the_queued_examples_first():
     reference = TorchLearner("m", config, seed=2)
     reference._one_pass = False
     reference.learn_batch(stream[:40])
+    reference.settle()   # a forward pass of its own, in eval mode, over the 40 waiting examples
     assert learner.score_at(stream[39].ts) == pytest.approx(reference.scores.value("accuracy", rolling=True))
+
+
+def bursty(n: int, seed: int = 0) -> list[Example]:
+    """Examples 100 per second of event time, with a 2 s lull after every 45: partial micro-batches."""
+    stream = examples(n, seed=seed)
+    return [msgspec.structs.replace(ex, ts=ex.ts + 2.0 * (i // 45), label_ts=ex.ts + 2.0 * (i // 45))
+            for i, ex in enumerate(stream)]
+
+
+def learn_in_pieces(learner: TorchLearner, stream: list[Example], sizes: list[int]) -> None:
+    """Feeds `stream` in consecutive batches of the given sizes, cycling, as an intake might cut it."""
+    start, turn = 0, 0
+    while start < len(stream):
+        size = sizes[turn % len(sizes)]
+        learner.learn_batch(stream[start:start + size])
+        start, turn = start + size, turn + 1
+
+
+def same_state(a: TorchLearner, b: TorchLearner) -> None:
+    assert np.array_equal(a.tensors()["flat"], b.tensors()["flat"])
+    assert a.scores.values() == b.scores.values()
+    assert a.learned == b.learned and a.consolidation.fired == b.consolidation.fired
+
+
+CONFIGS = {
+    "one_pass": {"params": {"hidden": [16]}, "replay": {"capacity": 64}},
+    "dropout": {"replay": {"capacity": 64, "kind": "class_balanced"}},
+    "seconds": {"replay": {"capacity": 64}, "ewc": {"consolidate": {"every_seconds": 2.5, "on_drift": True}}},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_how_the_stream_is_cut_into_batches_changes_nothing(kind):
+    """Partial micro-batches are learned by event time: any batch splitting gives the same weights and scores."""
+    config = model_config(**CONFIGS[kind])
+    stream = bursty(700)
+    learners = [TorchLearner("m", config, seed=6) for _ in range(3)]
+    for learner, sizes in zip(learners, ([700], [1, 7, 50], [13, 200, 3, 31])):
+        learn_in_pieces(learner, stream, sizes)
+    assert 0 < len(learners[0].queue) < 32   # the last partial micro-batch waits for more input
+    for learner in learners:
+        learner.flush()
+    for other in learners[1:]:
+        same_state(learners[0], other)
+    assert learners[0].learned == 700
+    assert learners[0].update_seconds.count == 2 * 15 + 1   # 15 bursts of 45 (32 + 13), then the last 25
+    if kind == "seconds":   # every 2.5 s of event time (the bursts span 20.7 s), however fast the run was
+        assert learners[0].consolidation.fired["seconds"] >= 6
+
+
+def test_a_restored_learner_continues_a_partial_micro_batch_exactly():
+    """A snapshot taken with a partial micro-batch queued (a stop) resumes it as if never stopped."""
+    config = model_config(replay={"capacity": 64}, ewc={"consolidate": {"every_seconds": 2.0}})
+    stream = bursty(500, seed=2)
+    uninterrupted = TorchLearner("m", config, seed=8)
+    learn_in_pieces(uninterrupted, stream, [64])
+    stopped = TorchLearner("m", config, seed=8)
+    learn_in_pieces(stopped, stream[:250], [9, 40])
+    assert 0 < len(stopped.queue) < 32
+    resumed = roundtrip(stopped)
+    learn_in_pieces(resumed, stream[250:], [17])
+    for learner in (uninterrupted, resumed):
+        learner.flush()
+    same_state(uninterrupted, resumed)

@@ -124,9 +124,11 @@ def overview(layout: Layout) -> list:
 
 def throughput(layout: Layout) -> list:
     return [
-        graph(layout, "Examples learned /s", "Examples learned per second, by model.",
+        graph(layout, "Examples learned /s", "Examples learned per second, by model, and examples refused "
+              "(dead letters learn_error), by model and error.",
               [(f"sum by (model) (rate(streamlearn_examples_learned_total{{{MODEL}}}[{RATE}]))", "{{model}}"),
-               (f"sum by (model) (rate(streamlearn_learn_errors_total{{{MODEL}}}[{RATE}]))", "{{model}} errors")],
+               (f"sum by (model, error) (rate(streamlearn_learn_errors_total{{{MODEL}}}[{RATE}]))",
+                "{{model}} refused: {{error}}")],
               unit="ops"),
         graph(layout, "Events consumed /s", "Messages read, by topic and outcome (ok, dead_letter).",
               [(f"sum by (topic, outcome) (rate(streamlearn_events_total[{RATE}]))", "{{topic}} {{outcome}}")],

@@ -20,20 +20,25 @@ from streamlearn.config import DriftConfig, EvalConfig
 from streamlearn.learners.drift import DriftEvent, DriftMonitor
 from streamlearn.learners.probes import ProbeSets
 from streamlearn.learners.scores import PrequentialScores
-from streamlearn.records import Example
+from streamlearn.records import Example, Rejected
 from streamlearn.telemetry.histogram import LATENCY_BUCKETS, WAIT_BUCKETS, Histogram
 from streamlearn.telemetry.history import DriftMark, finite_or_none
 from streamlearn.triggers import Trigger
 
 log = logging.getLogger(__name__)
+ERROR_LABELS = 20        # distinct error classes counted per model; the rest count as "other" (a bounded label)
+REFUSAL_BLOCK = 500      # the refusal rate covers the last one to two blocks of examples
+REFUSAL_MIN = 100        # examples seen before a refusal rate is judged
+UNHEALTHY_SHARE = 0.5    # refusing this share of recent examples makes a model unhealthy (/readyz fails)
 
 
 class Learner:
     """One named model's scores and counters; subclasses bring the model."""
 
     STATE: tuple[str, ...] = ("scores", "drift", "probes", "learned", "errors", "update_seconds", "loop_latency",
-                              "processing", "_marks", "_marked")
+                              "processing", "_marks", "_marked", "error_counts")
     rolled_back = 0   # updates undone because they made the model non-finite (torch learners)
+    model_label = ""  # what the model is ("scaled_logreg", a factory path), for messages
 
     def __init__(self, name: str, task: str, window: int, drift: Optional[DriftConfig] = None,
                  evaluation: Optional[EvalConfig] = None, seed: int = 42) -> None:
@@ -44,6 +49,9 @@ class Learner:
         self.probes = _probe_sets(name, task, evaluation, seed)
         self.learned = 0
         self.errors = 0
+        self.error_counts: dict[str, int] = {}   # refused examples by exception class (at most ERROR_LABELS + other)
+        self.rejected: list[Rejected] = []       # refused since the service last took them (for dead letters)
+        self._refusals = _RefusalWindow()
         self.update_seconds = Histogram(LATENCY_BUCKETS)   # one model update (one micro-batch)
         self.loop_latency = Histogram(LATENCY_BUCKETS)     # label event time -> model updated
         self.processing = Histogram(WAIT_BUCKETS)          # example read from the source -> model updated
@@ -62,6 +70,7 @@ class Learner:
                 self._learn_marked(piece, now)
             if evaluate:
                 self.evaluate()
+        self._check_refusals()
 
     def evaluate(self) -> None:
         """Scores the model on every kept probe set (forgetting, backward transfer), then tells the service."""
@@ -94,19 +103,23 @@ class Learner:
     def settle(self) -> None:
         """Scores whatever was taken but not scored yet (a learner that scores in its training pass)."""
 
-    def tick(self, now: float) -> None:
-        """Called on every turn of the loop, examples or not (a learner with a timer flushes here)."""
-
     def flush(self, now: Optional[float] = None) -> None:
-        """Learns whatever is still queued (before the final snapshot)."""
+        """Learns whatever is still queued, at the end of the input (`now`: wall time, for latency only).
+
+        Not on a stop: what is queued then stays queued in the snapshot, so that a restarted learner goes
+        on exactly as an uninterrupted one would.
+        """
 
     def state(self) -> dict:
         """Everything that changes as it learns, but tensors (for a snapshot; pickled, trusted only once verified)."""
         return {name: getattr(self, name) for name in self.STATE}
 
     def restore(self, state: dict) -> None:
+        if "error_counts" not in state:   # a snapshot from before errors were counted by class
+            state = {**state, "error_counts": {"other": state["errors"]} if state["errors"] else {}}
         for name in self.STATE:
             setattr(self, name, state[name])
+        self._refusals = _RefusalWindow(self.learned + self.errors, self.errors)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Arrays of the learner's state, stored without pickle (safetensors); none for most learners."""
@@ -163,20 +176,98 @@ class Learner:
         self.loop_latency.observe_many(now - label_ts)
         self.processing.observe_many(now - consumed[consumed > 0])   # 0: read before the time was kept
 
-    def _count_error(self, ex: Example, err: Exception, what: str = "") -> None:
+    def _count_error(self, ex: Example, err: BaseException, what: str = "") -> None:
+        """Counts an example the model refused and keeps it for the dead letters (`learn_error`)."""
+        self._refuse(ex, type(err).__name__, str(err), what)
+
+    def _refuse(self, ex: Example, error: str, detail: str, what: str = "") -> None:
+        """Counts a refused example under `error` (a bounded label) and keeps it as a `Rejected` record."""
         self.errors += 1
+        label = error if error in self.error_counts or len(self.error_counts) < ERROR_LABELS else "other"
+        self.error_counts[label] = self.error_counts.get(label, 0) + 1
+        self.rejected.append(Rejected(self.name, ex, label, detail[:500]))
         if self.errors <= 10 or self.errors % 1000 == 0:  # rate-limited: a poisoned stream must not flood logs
             log.warning("model %s: %sexample %s not learned (%d so far): %s: %s",
-                        self.name, what, ex.id[:64], self.errors, type(err).__name__, err)
+                        self.name, what, ex.id[:64], self.errors, error, detail[:500])
+
+    def take_rejected(self) -> list[Rejected]:
+        """The examples refused since the last call (the service quarantines them)."""
+        rejected, self.rejected = self.rejected, []
+        return rejected
+
+    @property
+    def refusal_rate(self) -> float:
+        """Share of the recent examples (the last 500 to 1,000) the model refused; 0 before 100 are seen."""
+        return self._refusals.rate(self.learned + self.errors, self.errors)
+
+    def health_problem(self) -> Optional[str]:
+        """Why the model is not healthy (it refuses most of its recent examples), or None."""
+        rate = self.refusal_rate
+        if rate < UNHEALTHY_SHARE:
+            return None
+        return refusal_message(self.name, self.model_label, self.task, rate, self.rejected_sample)
+
+    @property
+    def rejected_sample(self) -> Optional[Rejected]:
+        return self._refusals.last
+
+    def _check_refusals(self) -> None:
+        """Logs once when the model turns unhealthy (naming the feature and the fix), and once when it recovers."""
+        if self.rejected:
+            self._refusals.last = self.rejected[-1]
+        self._refusals.advance(self.learned + self.errors, self.errors)
+        problem = self.health_problem()
+        if (problem is not None) != self._refusals.sick:
+            self._refusals.sick = problem is not None
+            if problem is not None:
+                log.error("%s", problem)
+            else:
+                log.info("model %s refuses fewer than %.0f%% of its examples again", self.name,
+                         100 * UNHEALTHY_SHARE)
 
     def summary(self) -> dict:
         out = {"model": self.name, "task": self.task, "learned": self.learned, "errors": self.errors,
+               "learn_errors": dict(sorted(self.error_counts.items())),
                "scores": self.scores.values(), "drift_detected": dict(sorted(self.drift.detected.items()))}
         if self.probes is not None:
             out.update(held_out=self.probes.held_out, forgetting=finite_or_none(self.probes.forgetting),
                        backward_transfer=finite_or_none(self.probes.backward_transfer),
                        probe_accuracy={str(k): v for k, v in self.probes.accuracies().items()})
         return out
+
+
+class _RefusalWindow:
+    """Counters at the start of the last two blocks of examples: a recent refusal rate at no per-example cost."""
+
+    def __init__(self, seen: int = 0, refused: int = 0) -> None:
+        self.marks = [(seen, refused), (seen, refused)]   # (seen, refused) when the previous and current block began
+        self.last: Optional[Rejected] = None              # the newest refused example, for the diagnosis
+        self.sick = False
+
+    def advance(self, seen: int, refused: int) -> None:
+        """Starts a new block once the current one is full (in the learning loop only)."""
+        if seen - self.marks[1][0] >= REFUSAL_BLOCK:
+            self.marks = [self.marks[1], (seen, refused)]
+
+    def rate(self, seen: int, refused: int) -> float:
+        base_seen, base_refused = self.marks[0]
+        n = seen - base_seen
+        return (refused - base_refused) / n if n >= REFUSAL_MIN else 0.0
+
+
+def refusal_message(name: str, model: str, task: str, rate: float, sample: Optional[Rejected]) -> str:
+    """One line: which model refuses how much, why (the string features, for a TypeError) and the fix."""
+    head = f"model \"{name}\"{f' ({model})' if model else ''} refuses {rate:.0%} of its examples"
+    if sample is None:
+        return head
+    strings = sorted(k for k, v in sample.example.features.items() if isinstance(v, str))
+    if sample.error == "TypeError" and strings:
+        listed = ", ".join(f'"{k}"' for k in strings[:5]) + (", ..." if len(strings) > 5 else "")
+        builtin = "logreg" if task == "classification" else "linreg"
+        return (f"{head}: string feature{'s' if len(strings) > 1 else ''} {listed}; use model = \"{builtin}\" "
+                f"(one-hot encodes strings) or send numbers")
+    return (f"{head}: {sample.error}: {sample.detail[:200]} (e.g. example {sample.example.id[:64]}); "
+            f"they go to the dead letters as learn_error")
 
 
 def _probe_sets(name: str, task: str, evaluation: Optional[EvalConfig], seed: int) -> Optional[ProbeSets]:

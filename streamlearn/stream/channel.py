@@ -19,20 +19,28 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Iterator, Literal, Optional, Union
+from typing import Callable, Iterator, Literal, Optional, Union
 
 import msgspec
 
-from streamlearn.config import Config, resolve_settings
+from streamlearn.config import Config, check_source, resolve_settings
 from streamlearn.records import Batch, Rejected, decode_batch, encode_batch
 from streamlearn.stream.dead_letters import FileDeadLetters, KafkaDeadLetters
 from streamlearn.stream.file_source import FileSource
 from streamlearn.stream.intake import Intake, Resume
-from streamlearn.stream.kafka_source import open_kafka_source
+from streamlearn.stream.kafka_source import kafka_topics, open_kafka_source
 
 log = logging.getLogger(__name__)
 FINAL_COMMIT_WAIT = 30.0
 BATCHES_IN_FLIGHT = 4
+# After a stop, how long the learner waits for the intake's next word before it stops without one (an
+# intake still starting can be held a minute by a broker that cannot be reached; heartbeats come every 0.5 s).
+STOP_PATIENCE = 5.0
+WAKE_SECONDS = 0.25   # how often a learner waiting for a batch looks whether it was asked to stop
+
+
+class IntakeDied(RuntimeError):
+    """The intake process ended without being asked to: one line for the log, no traceback."""
 
 
 class Control(msgspec.Struct):
@@ -55,7 +63,7 @@ def open_intake(config: Config, resume: Resume) -> Intake:
     else:
         settings = resolve_settings(config.kafka.settings, os.environ)
         source = open_kafka_source(config.kafka, settings, resume.positions)
-        sink = KafkaDeadLetters(config.kafka, settings)
+        sink = KafkaDeadLetters(config.kafka, settings, kafka_topics(config.kafka))
     return Intake(config, source, sink, resume=resume)
 
 
@@ -66,7 +74,7 @@ class InlineIntake:
         self._intake = open_intake(config, resume)
         self._stop = False
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self, stopping: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
         yield from self._intake.batches(lambda: self._stop)
 
     def commit(self, positions: dict[str, int], final: bool = False) -> None:
@@ -95,6 +103,7 @@ class ProcessIntake:
     """
 
     def __init__(self, config: Config, resume: Resume) -> None:
+        check_source(config)   # a one-line ConfigError here, not a traceback from the child
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
         fd = theirs.fileno()
@@ -118,16 +127,40 @@ class ProcessIntake:
         except (EOFError, OSError):
             self._inbox.put(None)
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self, stopping: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
+        """The intake's batches, up to its final one; after `stopping()`, up to a silence of `STOP_PATIENCE`."""
+        quiet_since = None
         while True:
-            data = self._inbox.get()
+            try:
+                data = self._inbox.get(timeout=WAKE_SECONDS)
+            except queue.Empty:
+                if not stopping():
+                    continue
+                if quiet_since is None:   # no batch to answer with a stop yet (e.g. still starting): say it now
+                    quiet_since = time.monotonic()
+                    self.request_stop()
+                if time.monotonic() - quiet_since < STOP_PATIENCE:
+                    continue
+                log.warning("the intake did not answer the stop within %.0f s (still starting, or the broker cannot "
+                            "be reached): stopping without its final batch", STOP_PATIENCE)
+                self._abandon()
+                return
+            quiet_since = None
             if data is None:
                 code = self._process.wait(5)
-                raise RuntimeError(f"intake process died (exit code {code})")
+                if stopping():
+                    log.warning("the intake process ended (exit code %s) while stopping", code)
+                    return
+                raise IntakeDied(f"intake process died (exit code {code}); its log lines above say why")
             batch = decode_batch(data)
             yield batch
             if batch.final:
                 return
+
+    def _abandon(self) -> None:
+        """Ends an intake that does not answer; what it did since the newest snapshot is read again at the next start."""
+        self._process.kill()
+        self._process.wait()
 
     def commit(self, positions: dict[str, int], final: bool = False) -> None:
         """Asks the intake to commit `positions`; after the `final` one it closes and exits."""
@@ -165,8 +198,11 @@ class ChildArgs(msgspec.Struct):
 
 
 def _intake_main(fd: int) -> None:
-    # The learner's process owns signals; it tells the intake to stop and drains it.
+    # The learner's process owns signals; it tells the intake to stop and drains it. A signal to the whole
+    # process group (Ctrl-C, `timeout`, a container runtime) must not end the intake before its final commit;
+    # should the learner die instead, the socket's end tells the intake to go.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     args = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ChildArgs)
     config = args.config
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s intake: %(message)s")

@@ -1,28 +1,48 @@
 """Decodes and validates raw messages against the event contract.
 
 Every message becomes either a typed record or a `DeadLetter` with a reason code;
-decoding never raises. Reason codes: `too_large`, `invalid_json`, `not_object`,
-`schema`, `non_finite`, `unknown_model`.
+decoding never raises. Reason codes (`REASONS`):
+
+- `too_large`: longer than `intake.max_message_bytes`;
+- `invalid_json`: not JSON (invalid UTF-8, a byte-order mark, truncated, trailing bytes);
+- `not_object`: JSON, but not an object;
+- `schema`: a missing or mistyped field; an id that is empty, over 256 characters or holds
+  control characters; a feature name with control characters; a `weight` <= 0; nesting
+  deeper than the contract's shapes; a `ts` that cannot be a real event time (before 1970,
+  from 2100 on, or, where the source gives a broker timestamp, more than
+  `intake.max_future_seconds` after it: `ahead_of_broker`);
+- `non_finite`: NaN, Infinity, or a number beyond the range of a float (1e400, 10**400);
+- `unknown_model`: a model that is not configured;
+- `out_of_range`: a numeric feature value beyond its model's `models.NAME.max_abs_feature`;
+- `undecodable`: decoding, validating or joining the message raised (the intake's safety net).
 
 >>> d = EventDecoder(models={"default"})
 >>> d.decode_log(b'{"request_id": "r-1", "ts": 5, "features": {"a": 1, "b": null}}').features
 {'a': 1.0}
 >>> d.decode_feedback(b'[1, 2]').reason
 'not_object'
+>>> d.decode_log(b'{"request_id": "r-2", "ts": 5, "features": {"a": 1e300}}').reason
+'out_of_range'
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from datetime import datetime
-from typing import Union
+from typing import Mapping, Union
 
 import msgspec
 
 from streamlearn.records import Example, Features
-from streamlearn.stream.events import Feedback, InferenceLog, LabeledExample
+from streamlearn.stream.events import MAX_EVENT_TIME, Feedback, InferenceLog, LabeledExample, with_feature_bound
 
-REASONS = ("too_large", "invalid_json", "not_object", "schema", "non_finite", "unknown_model")
+REASONS = ("too_large", "invalid_json", "not_object", "schema", "non_finite", "unknown_model", "out_of_range",
+           "undecodable")
+DEFAULT_MAX_ABS_FEATURE = 1e9   # ModelConfig.max_abs_feature's default
+_CONTROL = re.compile(r"[\x00-\x1f]")   # C0 controls: never part of an id or a feature name
+_BOUND_ERRORS = ("Expected `float` >=", "Expected `float` <")   # msgspec's words for a Meta(ge/le/lt) miss
 
 
 class DeadLetter(msgspec.Struct):
@@ -59,20 +79,41 @@ class _Invalid(Exception):
 
 
 class EventDecoder:
-    """Turns raw bytes of each topic kind into validated records or dead letters."""
+    """Turns raw bytes of each topic kind into validated records or dead letters.
 
-    def __init__(self, models: set[str] | frozenset[str], max_message_bytes: int = 1 << 20) -> None:
+    `max_abs_feature` is one bound for every model or a bound per model (models not in it get
+    `DEFAULT_MAX_ABS_FEATURE`). msgspec checks the widest bound while it decodes; only a model
+    whose bound is tighter than that is checked again in Python.
+    """
+
+    def __init__(self, models: set[str] | frozenset[str], max_message_bytes: int = 1 << 20,
+                 max_abs_feature: float | Mapping[str, float] = DEFAULT_MAX_ABS_FEATURE,
+                 max_future_seconds: float = 3600.0) -> None:
         self.models = frozenset(models)
         self.max_message_bytes = max_message_bytes
-        self._log = msgspec.json.Decoder(InferenceLog)
+        self.max_future_seconds = max_future_seconds
+        if isinstance(max_abs_feature, (int, float)):
+            self.bounds = {m: float(max_abs_feature) for m in self.models}
+        else:
+            self.bounds = {m: float(max_abs_feature.get(m, DEFAULT_MAX_ABS_FEATURE)) for m in self.models}
+        widest = max(self.bounds.values(), default=DEFAULT_MAX_ABS_FEATURE)
+        self._tighter = {m: b for m, b in self.bounds.items() if b < widest}
+        self._log = msgspec.json.Decoder(with_feature_bound(InferenceLog, widest))
         self._feedback = msgspec.json.Decoder(Feedback)
-        self._example = msgspec.json.Decoder(LabeledExample)
+        self._example = msgspec.json.Decoder(with_feature_bound(LabeledExample, widest))
+        # Unbounded twins, for the error path only: they find which feature broke the bound.
+        self._unbounded = {id(self._log): msgspec.json.Decoder(InferenceLog),
+                           id(self._example): msgspec.json.Decoder(LabeledExample)}
 
     def decode_log(self, raw: bytes) -> LogEntry | DeadLetter:
         try:
             e = self._parse(self._log, raw)
             _check_id(e.request_id, "request_id")
             self._check_model(e.model)
+            if raw.find(92) >= 0:   # a backslash: JSON carries a control character only as an escape
+                _check_text(e.request_id, e.features)
+            if e.model in self._tighter:
+                self._check_bound(e.model, e.features)
             return LogEntry(e.request_id, _event_time(e.ts), e.model, _clean_features(e.features),
                             _version(e.model_version), _served(e.prediction, e.proba))
         except _Invalid as bad:
@@ -82,6 +123,8 @@ class EventDecoder:
         try:
             e = self._parse(self._feedback, raw)
             _check_id(e.request_id, "request_id")
+            if raw.find(92) >= 0:
+                _check_text(e.request_id, {})
             return LabelEntry(e.request_id, _event_time(e.ts), e.label, _check_weight(e.weight))
         except _Invalid as bad:
             return bad.letter
@@ -91,10 +134,26 @@ class EventDecoder:
             e = self._parse(self._example, raw)
             _check_id(e.id, "id")
             self._check_model(e.model)
+            if raw.find(92) >= 0:
+                _check_text(e.id, e.features, "id")
+            if e.model in self._tighter:
+                self._check_bound(e.model, e.features)
             ts = _event_time(e.ts)
             return Example(e.id, e.model, _clean_features(e.features), e.label, _check_weight(e.weight), ts, ts)
         except _Invalid as bad:
             return bad.letter
+
+    def ahead_of_broker(self, ts: float, broker_ts: float) -> DeadLetter | None:
+        """A `schema` letter when event time `ts` is more than `max_future_seconds` after the broker's timestamp.
+
+        One such `ts` would carry its partition's watermark into the future and expire every pending join.
+        Broker timestamps are stored with the message, so a replay decides the same.
+        """
+        if ts - broker_ts <= self.max_future_seconds:
+            return None
+        return DeadLetter("schema", f"ts {ts:.3f} is {ts - broker_ts:.0f} s after the message's broker timestamp "
+                                    f"{broker_ts:.3f}; at most intake.max_future_seconds = "
+                                    f"{self.max_future_seconds:g} is allowed")
 
     def _parse(self, decoder: msgspec.json.Decoder, raw: bytes):
         if len(raw) > self.max_message_bytes:
@@ -102,21 +161,67 @@ class EventDecoder:
         try:
             return decoder.decode(raw)
         except msgspec.ValidationError as err:
-            raise _classify_validation(str(err)) from None
+            message = str(err)
+            if message.startswith(_BOUND_ERRORS) and message.endswith("at `$.features[...]`"):
+                raise self._out_of_range(decoder, raw) from None
+            raise _classify_validation(raw, message) from None
         except msgspec.DecodeError as err:
             raise _classify_malformed(raw, str(err)) from None
+        except RecursionError:
+            # msgspec follows nesting as deep as Python's stack allows; the contract's shapes are two deep.
+            raise _Invalid("schema", "JSON nested deeper than the event contract allows "
+                                     "(no field of it holds more than one level of objects)") from None
+
+    def _out_of_range(self, decoder: msgspec.json.Decoder, raw: bytes) -> _Invalid:
+        """The error path of a feature beyond the widest bound: which model, which feature, which key to raise."""
+        try:
+            event = self._unbounded[id(decoder)].decode(raw)
+        except msgspec.ValidationError as err:   # something else is wrong as well: name that
+            return _classify_validation(raw, str(err))
+        try:
+            self._check_model(event.model)
+            self._check_bound(event.model, event.features)
+        except _Invalid as bad:
+            return bad
+        return _Invalid("out_of_range", "a feature value is beyond max_abs_feature")   # not reached
 
     def _check_model(self, model: str) -> None:
         if model not in self.models:
             raise _Invalid("unknown_model", f"model {model[:64]!r} is not configured")
 
+    def _check_bound(self, model: str, features: dict) -> None:
+        bound = self.bounds[model]
+        for name, value in features.items():
+            if type(value) is float and not -bound <= value <= bound:
+                raise _Invalid("out_of_range", f"feature {name[:64]!r} = {value:g} is beyond ±{bound:g}, the bound "
+                                               f"of model {model!r}; raise models.{model}.max_abs_feature if such "
+                                               "values are real")
 
-def _classify_validation(message: str) -> _Invalid:
+
+def _classify_validation(raw: bytes, message: str) -> _Invalid:
     if message.startswith("Number out of range"):
         return _Invalid("non_finite", message)
+    # msgspec validates as it parses: a field can be missing before trailing garbage is seen. Bad JSON first.
+    malformed = _json_error(raw)
+    if malformed is not None:
+        return _classify_malformed(raw, malformed)
     if message.startswith("Expected `object`") and " - at " not in message:
         return _Invalid("not_object", message)
+    if message.startswith(_BOUND_ERRORS) and message.endswith("at `$.ts`"):
+        return _Invalid("schema", f"{message}: ts must be unix seconds in [0, {MAX_EVENT_TIME:.0f}) "
+                                  "(1970-01-01 to 2100-01-01)")
     return _Invalid("schema", message)
+
+
+def _json_error(raw: bytes) -> str | None:
+    """Why `raw` is not JSON, or None when it is (as far as can be told: too deep to follow counts as JSON)."""
+    try:
+        msgspec.json.decode(raw)
+    except msgspec.DecodeError as err:
+        return str(err)
+    except Exception:   # noqa: BLE001 - RecursionError, a number beyond float: a question for the schema
+        return None
+    return None
 
 
 def _classify_malformed(raw: bytes, message: str) -> _Invalid:
@@ -126,7 +231,7 @@ def _classify_malformed(raw: bytes, message: str) -> _Invalid:
         json.loads(raw, parse_constant=_refuse_constant)
     except _Invalid as bad:
         return bad
-    except (ValueError, RecursionError):
+    except Exception:   # noqa: BLE001 - anything else (bad bytes, RecursionError): it is not JSON for us
         pass
     return _Invalid("invalid_json", message)
 
@@ -140,6 +245,18 @@ def _check_id(value: str, field: str) -> None:
         raise _Invalid("schema", f"{field} must have 1 to 256 characters, has {len(value)}")
 
 
+def _check_text(rid: str, features: dict, field: str = "request_id") -> None:
+    """Refuses control characters in the id and the feature names (they break logs, labels and files downstream).
+
+    Only called when the raw message holds a backslash: JSON can carry a control character no other way.
+    """
+    if _CONTROL.search(rid):
+        raise _Invalid("schema", f"{field} {rid[:64]!r} holds control characters")
+    for name in features:
+        if _CONTROL.search(name):
+            raise _Invalid("schema", f"feature name {name[:64]!r} holds control characters")
+
+
 def _check_weight(weight: float) -> float:
     if weight <= 0:
         raise _Invalid("schema", f"weight must be > 0, is {weight}")
@@ -147,15 +264,19 @@ def _check_weight(weight: float) -> float:
 
 
 def _event_time(ts: float | str) -> float:
-    if isinstance(ts, str):
-        try:
-            when = datetime.fromisoformat(ts)
-        except ValueError:
-            when = None
-        if when is None or when.tzinfo is None:  # RFC 3339 always carries an offset
-            raise _Invalid("schema", f"ts {ts[:40]!r} is neither unix seconds nor RFC 3339")
-        return when.timestamp()
-    return ts
+    """Unix seconds; numbers are in range already (msgspec checks `EventTime`), RFC 3339 strings here."""
+    if type(ts) is float:
+        return ts
+    try:
+        when = datetime.fromisoformat(ts)
+        seconds = when.timestamp() if when.tzinfo is not None else math.nan  # RFC 3339 always has an offset
+    except (ValueError, OverflowError):
+        seconds = math.nan
+    if math.isnan(seconds):
+        raise _Invalid("schema", f"ts {ts[:40]!r} is neither unix seconds nor RFC 3339 with an offset")
+    if not 0 <= seconds < MAX_EVENT_TIME:
+        raise _Invalid("schema", f"ts {ts[:40]!r} is outside 1970-01-01 to 2100-01-01, the event times allowed")
+    return seconds
 
 
 def _version(version: Union[str, int, None]) -> str:

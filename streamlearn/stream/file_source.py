@@ -2,8 +2,9 @@
 
 A line's topic is told from its shape, as a producer would have chosen it: an
 object with `features` and `label` is a joined example, one with `label` only is
-feedback, anything else goes to the inference-log decoder (which dead-letters it
-with the right reason if it is not a valid log). Positions are line numbers.
+feedback, anything else (including a line that is not JSON or cannot be read)
+goes to the inference-log decoder, which dead-letters it with the right reason if
+it is not a valid log. Positions are line numbers.
 
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "events.jsonl"
@@ -58,15 +59,13 @@ class FileSource:
         return list(chunks.values())
 
     def _topic_of(self, raw: bytes) -> str:
+        """The topic a line's shape names; a line that cannot be read goes to the log decoder, which names why."""
         if len(raw) > self._max_bytes:
             return INFERENCE_TOPIC
         try:
-            event = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            try:  # NaN, Infinity or 1e999: let the decoder name the reason
-                event = json.loads(raw)
-            except (ValueError, RecursionError):
-                return INFERENCE_TOPIC
+            event = _parse_leniently(raw)
+        except Exception:   # noqa: BLE001 - not JSON to us (bad bytes, nested too deep, ...): one line, not the file
+            return INFERENCE_TOPIC
         if isinstance(event, dict) and "label" in event:
             return EXAMPLES_TOPIC if "features" in event else FEEDBACK_TOPIC
         return INFERENCE_TOPIC
@@ -85,3 +84,10 @@ class FileSource:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _parse_leniently(raw: bytes) -> object:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:   # NaN, Infinity or 1e999: route the line, let the decoder name the reason
+        return json.loads(raw)

@@ -31,6 +31,8 @@ from streamlearn.telemetry.histogram import DELAY_BUCKETS, WAIT_BUCKETS, Histogr
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 0.5  # an empty batch at least this often keeps the counters on the learner side fresh
+BARRIER_FLUSH_SECONDS = 1.0  # a barrier waits this long for dead letters to land, then tries at the next cut
+FINAL_FLUSH_SECONDS = 10.0   # the last snapshot waits longer: after it the intake exits
 
 
 class IntakeState(msgspec.Struct):
@@ -40,6 +42,7 @@ class IntakeState(msgspec.Struct):
     newest: dict[str, float]   # per partition: the newest event time delivered
     floor: float               # the watermark so far
     stats: IntakeStats
+    dead_letter_ends: dict[str, int] = {}   # where the dead-letter sink's output ended (what a restore skips after)
 
 
 class Resume(msgspec.Struct):
@@ -60,9 +63,12 @@ class Intake:
         self.batch_size = config.intake.batch_size
         self.max_wait = config.intake.max_wait
         self.poll_records = config.intake.poll_records
-        self.decoder = EventDecoder(set(config.models), config.intake.max_message_bytes)
+        bounds = {name: m.max_abs_feature for name, m in config.models.items()}
+        self.decoder = EventDecoder(set(config.models), config.intake.max_message_bytes, bounds,
+                                    config.intake.max_future_seconds)
         regression = frozenset(n for n, m in config.models.items() if m.task == "regression")
-        self.joiner = FeedbackJoiner(config.join.ttl, config.join.early_ttl, config.join.max_pending, regression)
+        self.joiner = FeedbackJoiner(config.join.ttl, config.join.early_ttl, config.join.max_pending, regression,
+                                     {name: bounds[name] for name in regression})
         self.watermarks = PartitionWatermarks(config.join.idle_timeout)
         resume = resume or Resume()
         self.positions: dict[str, int] = dict(resume.positions)
@@ -78,13 +84,20 @@ class Intake:
         self._known_partitions: set[str] = set()
         self._rejected_topic = k.examples_topic or k.inference_topic
         self.barrier_requested = False
+        since: Optional[dict[str, int]] = None   # no snapshot: everything in the dead-letter sink was delivered now
         if resume.state is not None:
-            self._restore(msgspec.msgpack.decode(resume.state, type=IntakeState))
+            restored = msgspec.msgpack.decode(resume.state, type=IntakeState)
+            self._restore(restored)
+            since = restored.dead_letter_ends
+        skipped = self.dead_letters.skip_delivered(since)
+        if skipped:
+            log.info("%d dead letters were delivered after the snapshot; they are not sent again", skipped)
 
     def state(self) -> bytes:
         """This intake's state now, as the opaque bytes a barrier carries."""
         newest, floor = self.watermarks.state()
-        return msgspec.msgpack.encode(IntakeState(self.joiner.state(), newest, floor, self.stats()))
+        return msgspec.msgpack.encode(IntakeState(self.joiner.state(), newest, floor, self.stats(),
+                                                  self.dead_letters.ends()))
 
     def _restore(self, state: IntakeState) -> None:
         self.joiner.restore(state.joiner)
@@ -111,22 +124,36 @@ class Intake:
                 held.extend(self.finish())
             due = held and (len(held) >= self.batch_size or now - first_held_at >= self.max_wait)
             if due or done or now - last_yield >= HEARTBEAT_SECONDS:
-                yield from self._pieces(held, final=done)
+                yield from self._pieces(held, final=done, exhausted=done)
                 held, last_yield = [], now
             if done:
                 return
         yield from self._pieces(held + self.joiner.flush(), final=True)
 
-    def _pieces(self, examples: list[Example], final: bool) -> Iterator[Batch]:
-        """`examples` in batches of at most `batch_size`; the last one is the cut."""
+    def _pieces(self, examples: list[Example], final: bool, exhausted: bool = False) -> Iterator[Batch]:
+        """`examples` in batches of at most `batch_size`; the last one is the cut (`exhausted`: no input is left)."""
         stats = self.stats()
         size = self.batch_size
         cut_at = size * ((len(examples) - 1) // size) if examples else 0
         for start in range(0, cut_at, size):
             yield Batch(examples[start:start + size], stats=stats, cut=False)
-        barrier = self.state() if self.barrier_requested or final else None  # the final cut: always
+        barrier = self._barrier(final)
+        yield Batch(examples[cut_at:], dict(self.positions), stats, final=final, barrier=barrier,
+                    exhausted=exhausted)
+
+    def _barrier(self, final: bool) -> Optional[bytes]:
+        """The state a snapshot asked for (the final cut: always), once every dead letter so far has landed.
+
+        The snapshot keeps where the dead letters end, so each one before the cut must be delivered first.
+        While the broker takes none (an outage), the cut goes out without a barrier and the next one tries
+        again: the intake keeps its heartbeat instead of blocking on the flush.
+        """
+        if not (self.barrier_requested or final):
+            return None
+        if not self.dead_letters.flush(FINAL_FLUSH_SECONDS if final else BARRIER_FLUSH_SECONDS) and not final:
+            return None
         self.barrier_requested = False
-        yield Batch(examples[cut_at:], dict(self.positions), stats, final=final, barrier=barrier)
+        return self.state()
 
     def poll(self, timeout: float) -> list[Example]:
         """One poll of the source: decodes, joins, and returns the examples the watermark released."""
@@ -156,21 +183,37 @@ class Intake:
         return self.joiner.advance(self._watermark) + self.joiner.flush()
 
     def _take(self, chunk: Chunk) -> float:
+        """Decodes, checks and joins one chunk's messages; returns the newest event time accepted.
+
+        Total: whatever decoding or joining one message raises, that message is dead-lettered
+        `undecodable` (the exception's class in the detail), counted, and the chunk goes on. Where
+        the source gives each message's broker timestamp, an event time more than
+        `intake.max_future_seconds` after it is refused (`schema`).
+        """
         kind = self._kinds.get(chunk.topic, INFERENCE_TOPIC)
         decode, accept = {
             INFERENCE_TOPIC: (self.decoder.decode_log, self.joiner.add_log),
             FEEDBACK_TOPIC: (self.decoder.decode_feedback, self.joiner.add_feedback),
             EXAMPLES_TOPIC: (self.decoder.decode_example, self.joiner.add_example),
         }[kind]
+        stamps = chunk.timestamps if len(chunk.timestamps) == len(chunk.values) else None  # else: which is whose?
+        ahead = self.decoder.max_future_seconds
         newest, refused = NEVER, 0
-        for raw, offset in zip(chunk.values, chunk.offsets):
-            record = decode(raw)
+        for i, (raw, offset) in enumerate(zip(chunk.values, chunk.offsets)):
+            try:
+                record = decode(raw)
+                if type(record) is not DeadLetter:
+                    if stamps is not None and record.ts - stamps[i] > ahead:
+                        record = self.decoder.ahead_of_broker(record.ts, stamps[i])
+                    else:
+                        accept(record)
+            except Exception as err:   # noqa: BLE001 - one message must never stop the intake
+                record = _undecodable(err)
             if type(record) is DeadLetter:
                 refused += 1
                 self.dead[(chunk.topic, record.reason)] += 1
                 self.dead_letters.send(chunk.topic, chunk.partition, offset, raw, record)
                 continue
-            accept(record)
             if record.ts > newest:
                 newest = record.ts
         self.events[(chunk.topic, "ok")] += len(chunk.values) - refused
@@ -196,6 +239,7 @@ class Intake:
             consumer_lag=self.source.lag(), queueing={t: h.state() for t, h in self.queueing.items()},
             watermark=self._watermark, assigned=sorted(self._known_partitions),
             caught_up=self._watermark >= self.watermarks.newest() and not self.joiner.held,
+            broker=self.source.problem() if hasattr(self.source, "problem") else "",
         )
 
     def reject(self, rejected: list[Rejected]) -> None:
@@ -207,8 +251,8 @@ class Intake:
             ex = r.example
             raw = orjson.dumps({"id": ex.id, "ts": ex.ts, "model": ex.model, "features": ex.features,
                                 "label": ex.label, "weight": ex.weight})
-            self.dead_letters.send(self._rejected_topic, f"learn_error:{r.model}", -1, raw,
-                                   DeadLetter("learn_error", f"{r.error}: {r.detail}"))
+            self.dead_letters.send(self._rejected_topic, "", -1, raw, DeadLetter("learn_error", f"{r.error}: {r.detail}"),
+                                   key=f"learn_error:{r.model}:{ex.id}")
 
     def commit(self, positions: dict[str, int]) -> None:
         """Makes dead letters durable, then records positions with the source."""
@@ -218,3 +262,12 @@ class Intake:
     def close(self) -> None:
         self.dead_letters.close()
         self.source.close()
+
+
+def _undecodable(err: BaseException) -> DeadLetter:
+    """The safety net's letter: the exception's class and the start of its message."""
+    try:
+        message = str(err)[:300]
+    except Exception:   # noqa: BLE001 - even its message may be broken
+        message = "(no message)"
+    return DeadLetter("undecodable", f"{type(err).__name__}: {message}")

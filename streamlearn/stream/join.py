@@ -9,8 +9,19 @@ Matched examples are held until the watermark (the event time below which no
 more input can arrive) passes them and are then released in `(ts, id)` order:
 the learner sees one deterministic sequence for a replayable source.
 
-Pending state is bounded by `max_pending`; whatever leaves it is counted under
-an outcome, never dropped silently.
+Examples joined upstream (the `examples` topic) go through the same accounting:
+an id seen before as a pre-joined example or a matched request, or pending as a
+log or feedback, is a `duplicate` (ids are remembered as long as closed requests
+are); a regression label that is not a number or beyond the model's bound is an
+`invalid_label`; every other one is counted `prejoined` and held for the
+watermark like a matched pair. So each input ends in exactly one outcome.
+
+State is bounded by `max_pending`, counting logs and feedback waiting for their
+other half and examples waiting for the watermark together. Past it the joiner
+first releases the oldest held examples early (before the watermark passes them:
+nothing is lost, only their place in event-time order), and only then evicts the
+pending entries closest to expiry (`evicted`). Whatever leaves the joiner is
+counted under an outcome, never dropped silently.
 
 >>> from streamlearn.stream.decode import LogEntry, LabelEntry
 >>> j = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=100)
@@ -23,14 +34,16 @@ an outcome, never dropped silently.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
+from typing import Mapping, Optional
 
 import msgspec
 
 from streamlearn.records import Example
 from streamlearn.stream.decode import LabelEntry, LogEntry
 
-OUTCOMES = ("matched", "expired", "expired_feedback", "late", "duplicate", "evicted", "invalid_label")
+OUTCOMES = ("matched", "expired", "expired_feedback", "late", "duplicate", "evicted", "invalid_label", "prejoined")
 
 
 class JoinerState(msgspec.Struct, array_like=True):
@@ -41,17 +54,20 @@ class JoinerState(msgspec.Struct, array_like=True):
     closed: list[tuple[str, float, bool]]   # (request id, close time, matched?) in insertion order
     ready: list[Example]
     outcomes: dict[str, int]
+    overflow: list[Example] = []            # released early over the bound, not yet handed out by `advance`
 
 
 class FeedbackJoiner:
     """Symmetric, event-time, bounded join of inference logs and feedback."""
 
     def __init__(self, ttl: float, early_ttl: float, max_pending: int,
-                 regression_models: frozenset[str] = frozenset()) -> None:
+                 regression_models: frozenset[str] = frozenset(),
+                 max_abs_label: Optional[Mapping[str, float]] = None) -> None:
         self.ttl = ttl
         self.early_ttl = early_ttl
         self.max_pending = max_pending
         self.regression_models = regression_models
+        self.max_abs_label = dict(max_abs_label or {})   # per regression model (absent: unbounded)
         self.outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self.delays: list[float] = []  # feedback ts - log ts of new matches; the caller drains it
         self.read_at = 0.0             # wall time the messages being added were read (set by the caller)
@@ -61,6 +77,7 @@ class FeedbackJoiner:
         self._log_expiry: list[tuple[float, str]] = []    # heaps with lazy deletion
         self._early_expiry: list[tuple[float, str]] = []
         self._ready: list[tuple[float, str, Example]] = []
+        self._overflow: list[Example] = []                # released early by the bound, until `advance`
 
     @property
     def pending(self) -> int:
@@ -68,13 +85,13 @@ class FeedbackJoiner:
 
     @property
     def held(self) -> int:
-        """Matched examples waiting for the watermark."""
-        return len(self._ready)
+        """Matched and pre-joined examples waiting for the watermark (or for `advance`)."""
+        return len(self._ready) + len(self._overflow)
 
     def state(self) -> JoinerState:
         return JoinerState(list(self._logs.values()), list(self._early.values()),
                            [(rid, at, matched) for rid, (at, matched) in self._closed.items()],
-                           [item[2] for item in self._ready], dict(self.outcomes))
+                           [item[2] for item in self._ready], dict(self.outcomes), list(self._overflow))
 
     def restore(self, state: JoinerState) -> None:
         """Takes over a snapshot's state (in place of whatever this joiner held)."""
@@ -84,6 +101,7 @@ class FeedbackJoiner:
         self._log_expiry = [(log.ts + self.ttl, rid) for rid, log in self._logs.items()]
         self._early_expiry = [(fb.ts + self.early_ttl, rid) for rid, fb in self._early.items()]
         self._ready = [(ex.ts, ex.id, ex) for ex in state.ready]
+        self._overflow = list(state.overflow)
         for heap in (self._log_expiry, self._early_expiry, self._ready):
             heapq.heapify(heap)
         self.outcomes = Counter({o: 0 for o in OUTCOMES})
@@ -127,11 +145,25 @@ class FeedbackJoiner:
 
     def add_example(self, example: Example) -> None:
         """Queues an example joined upstream, to be released in event-time order with the rest."""
+        rid = example.id
+        closed = self._closed.get(rid)
+        if (closed is not None and closed[1]) or rid in self._logs or rid in self._early:
+            self.outcomes["duplicate"] += 1   # learned already, or could be as a pair: not twice
+            return
+        if not self._label_ok(example.model, example.label):
+            self._close(rid, example.ts, "invalid_label", matched=True)
+            return
         example.consumed = self.read_at
-        heapq.heappush(self._ready, (example.ts, example.id, example))
+        heapq.heappush(self._ready, (example.ts, rid, example))
+        self._close(rid, example.ts, "prejoined", matched=True)
+        self._bound()
 
     def advance(self, watermark: float) -> list[Example]:
-        """Expires what can no longer match and releases the examples at or below the watermark."""
+        """Expires what can no longer match and releases the examples below the watermark.
+
+        An example at the watermark itself waits: its partition may still deliver another event of the
+        same time, which must come out in the same `(ts, id)` order however the polls fall.
+        """
         self._expire(self._log_expiry, self._logs, watermark, "expired")
         self._expire(self._early_expiry, self._early, watermark, "expired_feedback")
         horizon = watermark - self.ttl - self.early_ttl
@@ -140,21 +172,22 @@ class FeedbackJoiner:
             if closed_at >= horizon and len(self._closed) <= self.max_pending:
                 break
             del self._closed[rid]
-        released = []
-        while self._ready and self._ready[0][0] <= watermark:
+        released, self._overflow = self._overflow, []
+        while self._ready and self._ready[0][0] < watermark:
             released.append(heapq.heappop(self._ready)[2])
         self._compact()
         return released
 
     def flush(self) -> list[Example]:
         """Releases every matched example still held (end of input); pending ones stay pending."""
-        released = [item[2] for item in sorted(self._ready, key=lambda item: item[:2])]
+        released = self._overflow + [item[2] for item in sorted(self._ready, key=lambda item: item[:2])]
         self._ready.clear()
+        self._overflow = []
         return released
 
     def _match(self, log: LogEntry, feedback: LabelEntry) -> None:
         label = feedback.label
-        if log.model in self.regression_models and not _is_number(label):
+        if not self._label_ok(log.model, label):
             self._close(log.request_id, feedback.ts, "invalid_label", matched=True)
             return
         ts = max(log.ts, feedback.ts)
@@ -163,6 +196,12 @@ class FeedbackJoiner:
         heapq.heappush(self._ready, (ts, log.request_id, example))
         self.delays.append(feedback.ts - log.ts)
         self._close(log.request_id, ts, "matched", matched=True)
+
+    def _label_ok(self, model: str, label: object) -> bool:
+        """Regression labels must be numbers within the model's bound; any label is a class otherwise."""
+        if model not in self.regression_models:
+            return True
+        return _is_number(label) and abs(label) <= self.max_abs_label.get(model, math.inf)
 
     def _close(self, rid: str, ts: float, outcome: str, matched: bool) -> None:
         self.outcomes[outcome] += 1
@@ -177,7 +216,9 @@ class FeedbackJoiner:
                 self._close(rid, entry.ts, outcome, matched=False)
 
     def _bound(self) -> None:
-        """Evicts the entries closest to expiry while pending state is over its bound."""
+        """Keeps pending entries plus held examples within the bound: releases held ones first, then evicts."""
+        while self._ready and self.pending + len(self._ready) > self.max_pending:
+            self._overflow.append(heapq.heappop(self._ready)[2])   # the oldest: the next the watermark would free
         while self.pending > self.max_pending:
             heap, pending = self._oldest_side()
             expires_at, rid = heapq.heappop(heap)

@@ -7,13 +7,19 @@ a partition that ran ahead cannot make the join expire what a slower partition i
 still about to deliver. A partition that has delivered nothing for `idle_timeout`
 seconds of wall time no longer holds the watermark back.
 
+The watermark W promises that nothing older than W will arrive; an event at W
+itself still may (a tie in the slowest partition). When every partition is idle,
+everything seen so far is complete, and W moves just past the newest event.
+
 >>> w = PartitionWatermarks(idle_timeout=1.0)
 >>> w.observe("feedback:0", 130.0, now=0.0); w.observe("inference-logs:0", 100.0, now=0.0)
->>> w.current(now=0.5), w.current(now=5.0)
-(100.0, 130.0)
+>>> w.current(now=0.5), w.current(now=5.0) > 130.0
+(100.0, True)
 """
 
 from __future__ import annotations
+
+import math
 
 NEVER = float("-inf")
 
@@ -45,8 +51,9 @@ class PartitionWatermarks:
         live = [ts for p, ts in self._newest.items() if now - self._last_seen[p] < self.idle_timeout]
         if live:
             candidate = min(live)
-        else:  # everything is idle: all input so far has been seen
-            candidate = max(self._newest.values(), default=NEVER)
+        else:  # everything is idle: all input so far has been seen, the newest event's time included
+            newest = self.newest()
+            candidate = math.nextafter(newest, math.inf) if newest > NEVER else NEVER
         self._floor = max(self._floor, candidate)
         return self._floor
 

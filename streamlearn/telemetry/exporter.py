@@ -35,8 +35,9 @@ class ServiceCollector(Collector):
                  learners: Callable[[], Iterable[Learner]],
                  snapshots: Callable[[], Optional[Snapshotter]] = lambda: None,
                  served: Callable[[], Mapping[str, ServedScores]] = dict,
-                 handoff: Callable[[], Optional["Handoff"]] = lambda: None) -> None:
+                 handoff: Callable[[], Optional["Handoff"]] = lambda: None, rejected_topic: str = "") -> None:
         self._intake_stats = intake_stats
+        self._rejected_topic = rejected_topic   # the dead-letter topic label of examples a model refused
         self._learners = learners
         self._snapshots = snapshots
         self._served = served
@@ -45,7 +46,7 @@ class ServiceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self._intake_stats() or IntakeStats()
         learners = list(self._learners())
-        yield from _intake_metrics(stats)
+        yield from _intake_metrics(stats, _learn_error_letters(learners, self._rejected_topic))
         yield from _learner_metrics(learners, self._served())
         yield from _probe_metrics(learners)
         snapshots = self._snapshots()
@@ -123,15 +124,21 @@ def _snapshot_metrics(snapshots: Snapshotter) -> Iterator[Metric]:
                                 "Unix time of the newest durable snapshot.", value=snapshots.last_success)
 
 
-def _intake_metrics(stats: IntakeStats) -> Iterator[Metric]:
+def _learn_error_letters(learners: list[Learner], topic: str) -> dict[tuple[str, str], int]:
+    """Dead letters of reason `learn_error`: counted by the learners (exact across restores), not by the intake."""
+    refused = sum(sum(l.error_counts.values()) for l in learners)
+    return {(topic, "learn_error"): refused} if refused else {}
+
+
+def _intake_metrics(stats: IntakeStats, learn_errors: Mapping[tuple[str, str], int]) -> Iterator[Metric]:
     events = CounterMetricFamily(PREFIX + "events", "Messages consumed, by topic and outcome (ok, dead_letter).",
                                  labels=["topic", "outcome"])
     for (topic, outcome), n in sorted(stats.events.items()):
         events.add_metric([topic, outcome], n)
     yield events
-    dead = CounterMetricFamily(PREFIX + "dead_letters", "Messages refused as bad input, by topic and reason.",
-                               labels=["topic", "reason"])
-    for (topic, reason), n in sorted(stats.dead_letters.items()):
+    dead = CounterMetricFamily(PREFIX + "dead_letters", "Messages refused as bad input, by topic and reason "
+                               "(learn_error: examples a model raised on).", labels=["topic", "reason"])
+    for (topic, reason), n in sorted({**stats.dead_letters, **learn_errors}.items()):
         dead.add_metric([topic, reason], n)
     yield dead
     join = CounterMetricFamily(PREFIX + "join", "Join outcomes of inference logs and feedback.", labels=["outcome"])
@@ -154,15 +161,17 @@ def _intake_metrics(stats: IntakeStats) -> Iterator[Metric]:
 
 def _learner_metrics(learners: list[Learner], served: Mapping[str, ServedScores]) -> Iterator[Metric]:
     learned = CounterMetricFamily(PREFIX + "examples_learned", "Examples learned, by model.", labels=["model"])
-    errors = CounterMetricFamily(PREFIX + "learn_errors", "Examples the model failed on (not learned).",
-                                 labels=["model"])
+    errors = CounterMetricFamily(PREFIX + "learn_errors", "Examples the model refused (not learned; dead letters "
+                                 "learn_error), by model and error (exception class, NonFiniteUpdate, other).",
+                                 labels=["model", "error"])
     score = GaugeMetricFamily(PREFIX + "prequential_score", "Test-then-train score: cumulative (window=all) "
                               "or over the last N examples; with model_version, the score of the predictions "
                               "serving made with that version (the last few versions).",
                               labels=["model", "metric", "window"])
     for learner in learners:
         learned.add_metric([learner.name], learner.learned)
-        errors.add_metric([learner.name], learner.errors)
+        for error, n in sorted(learner.error_counts.items()):
+            errors.add_metric([learner.name, error], n)
         for metric in learner.scores.names:
             for rolling, window in ((False, "all"), (True, str(learner.scores.window))):
                 value = learner.scores.value(metric, rolling)
@@ -200,7 +209,8 @@ def _neural_metrics(learners: list[Learner]) -> Iterator[Metric]:
             replay.add_metric([learner.name], learner.replay_size)
         yield replay
     rollbacks = CounterMetricFamily(PREFIX + "update_rollbacks", "Updates undone: loss, gradient or weights "
-                                    "not finite (the last good state was kept).", labels=["model"])
+                                    "not finite (torch), or a River update after which the model's output or state "
+                                    "was non-finite or exploded (the last good state was kept).", labels=["model"])
     for learner in learners:
         rollbacks.add_metric([learner.name], learner.rolled_back)
     yield rollbacks
