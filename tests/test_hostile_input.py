@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import orjson
-import pytest
 
 from streamlearn.config import parse_config
 from streamlearn.service import Service

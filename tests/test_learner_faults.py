@@ -10,7 +10,6 @@ import logging
 import pickle
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

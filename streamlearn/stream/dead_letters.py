@@ -39,6 +39,7 @@ from typing import Mapping, Optional, Protocol
 import orjson
 
 from streamlearn.config import KafkaConfig, Setting
+from streamlearn.stream.broker_watch import client_callbacks
 from streamlearn.stream.decode import DeadLetter
 from streamlearn.stream.producer import Producer
 
@@ -183,8 +184,9 @@ def _read_keys_confluent(bootstrap: str, settings: dict, topics: list[str], sinc
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
     # Assigned, never subscribed: the group id is required by the client but no group is joined.
+    _, callbacks = client_callbacks(bootstrap, "dead-letter reader", stats=False)   # its retries: one log line
     consumer = Consumer({"bootstrap.servers": bootstrap, **settings, "group.id": "streamlearn-dead-letter-reader",
-                         "enable.auto.commit": False})
+                         "enable.auto.commit": False, **callbacks})
     try:
         metadata = consumer.list_topics(timeout=10)
         partitions = [TopicPartition(t, p, (since or {}).get(f"{t}:{p}", OFFSET_BEGINNING if since is None else 0))

@@ -162,7 +162,8 @@ class Intake:
         self.joiner.read_at = read_at = time.time()
         for chunk in chunks:
             if chunk.timestamps:
-                self._queueing(chunk.topic).observe_many(read_at - np.asarray(chunk.timestamps))
+                waits = read_at - np.asarray(chunk.timestamps)
+                self._queueing(chunk.topic).observe_many(waits[~np.isnan(waits)])
             newest = self._take(chunk)
             if newest > NEVER:
                 self.watermarks.observe(chunk.partition, newest, now)
@@ -196,7 +197,7 @@ class Intake:
             FEEDBACK_TOPIC: (self.decoder.decode_feedback, self.joiner.add_feedback),
             EXAMPLES_TOPIC: (self.decoder.decode_example, self.joiner.add_example),
         }[kind]
-        stamps = chunk.timestamps if len(chunk.timestamps) == len(chunk.values) else None  # else: which is whose?
+        stamps = chunk.timestamps or None   # one per message, as the sources give them
         ahead = self.decoder.max_future_seconds
         newest, refused = NEVER, 0
         for i, (raw, offset) in enumerate(zip(chunk.values, chunk.offsets)):

@@ -29,7 +29,7 @@ class Producer:
         if self._confluent:
             from confluent_kafka import Producer as ConfluentProducer
 
-            from streamlearn.stream.kafka_source import client_callbacks
+            from streamlearn.stream.broker_watch import client_callbacks
 
             # Its log lines and errors through Python logging, one line per outage (served by poll and flush).
             self._watch, callbacks = client_callbacks(config.bootstrap_servers, f"{what} producer", stats=False)

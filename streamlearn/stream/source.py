@@ -19,7 +19,8 @@ class Chunk(msgspec.Struct):
     values: list[bytes]
     offsets: list[int]
     next_offset: int
-    timestamps: list[float] = []   # broker timestamps in seconds (append or create time); empty: unknown
+    timestamps: list[float] = []   # broker timestamps in seconds (append or create time), one per message
+                                   # (NaN: that message has none); empty: the source has none
 
 
 class Source(Protocol):
