@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from river import datasets, linear_model, preprocessing
 
+from streamlearn.config import TrainConfig
 from streamlearn.learners.features import StringOneHot
 from streamlearn.learners.models import build_model
 from streamlearn.learners.river_learner import RiverLearner
@@ -79,9 +80,10 @@ def test_regression_scores_mae_and_rmse():
 
 def test_learn_many_micro_batches():
     examples = phishing_examples(1200)
-    learner = RiverLearner("m", model="scaled_logreg", learn_mode="many", window=200)
-    for start in range(0, len(examples), 100):
-        learner.learn_batch(examples[start:start + 100])
+    learner = RiverLearner("m", model="scaled_logreg", learn_mode="many", window=200,
+                           train=TrainConfig(batch_size=100, max_wait=3600.0))
+    for start in range(0, len(examples), 70):   # the micro-batches are the learner's, not the caller's
+        learner.learn_batch(examples[start:start + 70])
     assert learner.learned == 1200
     assert learner.scores.count == 1200
     assert learner.scores.value("accuracy", rolling=True) > 0.8

@@ -6,6 +6,13 @@ model raises on is refused (counted by exception class, kept for the dead
 letters); an update after which the model's output is non-finite or explodes is
 undone by the `UpdateGuard` (per example only).
 
+With `learn_mode = "many"` examples are queued and learned `train.batch_size` at
+a time, as the torch learner does: a partial micro-batch is learned just before
+an example more than `train.max_wait` seconds of event time after its oldest one,
+and at the end of the input (`flush`). So the sequence of examples alone decides
+the micro-batches, never how the intake cut the stream, and the queue is part of
+the snapshot: a restored learner goes on exactly as an uninterrupted one.
+
 >>> from streamlearn.records import Example
 >>> learner = RiverLearner("default", model="logreg", task="classification")
 >>> batch = [Example(f"r-{i}", "default", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(200)]
@@ -20,11 +27,12 @@ import inspect
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
-from streamlearn.config import DriftConfig, EvalConfig
+from streamlearn.config import DriftConfig, EvalConfig, TrainConfig
 from streamlearn.learners.base import Learner
 from streamlearn.learners.guard import (EXPLODED_RANGES, MAX_CULPRITS, RANGE_WARMUP, SUSPECT_ERRORS, UnsoundOutput,
                                         UpdateGuard, finite_state)
@@ -32,18 +40,35 @@ from streamlearn.learners.models import NUMERIC_ONLY, ModelError, build_model
 from streamlearn.records import Example
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class MicroBatchQueue:
+    """Examples waiting for their `learn_many` micro-batch (learn_mode "many"), oldest first.
+
+    The first `scored` were scored already (`settle`, at a score mark); the model does not change while
+    they wait, so each is scored as it would have been on arrival.
+    """
+
+    examples: list[Example] = field(default_factory=list)
+    scored: int = 0
+
+
 class RiverLearner(Learner):
     """One named River estimator with its prequential scores and learning counters."""
 
-    STATE = Learner.STATE + ("model", "target_range", "rolled_back")
+    STATE = Learner.STATE + ("model", "target_range", "rolled_back", "queue")
 
     def __init__(self, name: str, model: str = "logreg", task: str = "classification",
                  learn_mode: str = "one", window: int = 1000, params: Optional[dict] = None,
-                 seed: int = 42, drift: Optional[DriftConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
+                 seed: int = 42, drift: Optional[DriftConfig] = None, evaluation: Optional[EvalConfig] = None,
+                 train: Optional[TrainConfig] = None) -> None:
         super().__init__(name, task, window, drift, evaluation, seed)
         self.model = build_model(model, task, params or {}, seed)
         self.model_label = model
         self.learn_mode = learn_mode
+        self.train = train or TrainConfig()   # learn_mode "many": micro-batch size and event-time wait
+        self.queue = MicroBatchQueue()
         self.target_range = [math.inf, -math.inf, 0]   # lowest and highest regression target seen, and how many
         self.rolled_back = 0                           # updates the guard undid
         self.guard = UpdateGuard()
@@ -51,17 +76,20 @@ class RiverLearner(Learner):
             log.warning("model %s (%s) takes numbers only: an example with a string feature is refused "
                         "(dead letter learn_error); for string features use model = \"%s\"", name, model,
                         "logreg" if task == "classification" else "linreg")
-        if learn_mode == "many" and not hasattr(self.model, "learn_many"):
+        if learn_mode == "many" and not _learns_many(self.model, task):
             raise ModelError(f"{model} has no learn_many; use learn_mode = \"one\"", key="learn_mode")
-        self._takes_weight = "w" in _learn_parameters(self.model)
+        method = "learn_many" if learn_mode == "many" else "learn_one"
+        self._takes_weight = "w" in _learn_parameters(self.model, method)
         if not self._takes_weight:
-            log.info("model %s (%s) takes no sample weights: feedback weights are ignored", name, model)
+            log.info("model %s (%s) takes no sample weights%s: feedback weights are ignored", name, model,
+                     " in learn_many" if learn_mode == "many" else "")
 
     def _test_then_train(self, examples: list[Example], now: Optional[float]) -> None:
+        if self.learn_mode == "many":   # queued; each micro-batch is timed and observed when it is learned
+            self._test_then_train_many(examples, time.time() if now is None else now)
+            return
         started = time.perf_counter()
-        if self.learn_mode == "many":
-            self._test_then_train_many(examples)
-        elif self.task == "classification":
+        if self.task == "classification":
             self._test_then_train_classifier(examples)
         else:
             self._test_then_train_regressor(examples)
@@ -81,6 +109,8 @@ class RiverLearner(Learner):
     def restore(self, state: dict) -> None:
         if "target_range" not in state:   # a snapshot from before the guard: the range is learned again
             state = {**state, "target_range": [math.inf, -math.inf, 0], "rolled_back": 0}
+        if "queue" not in state:          # a snapshot from before micro-batches were queued: nothing waits
+            state = {**state, "queue": MicroBatchQueue()}
         super().restore(state)
         self.guard = UpdateGuard()
 
@@ -285,38 +315,151 @@ class RiverLearner(Learner):
 
     # -------------------------------------------------------------------------------------------------------
 
-    def _test_then_train_many(self, examples: list[Example]) -> None:
+    def _test_then_train_many(self, examples: list[Example], now: float) -> None:
+        """Queues the examples, learning each micro-batch as it fills or as the next example comes too late."""
+        queue, size, wait = self.queue, self.train.batch_size, self.train.max_wait
+        for ex in self._learnable(examples):
+            if queue.examples and ex.ts - queue.examples[0].ts > wait:   # the partial one waited long enough
+                self._learn_queued(now)
+            queue.examples.append(ex)
+            if len(queue.examples) >= size:
+                self._learn_queued(now)
+
+    def _learnable(self, examples: list[Example]) -> list[Example]:
+        """The examples whose labels the task can take; the others are refused one by one, as in "one" mode
+        (a bad regression target must not cost its whole micro-batch)."""
+        if self.task == "classification":
+            return examples
+        kept = []
+        for ex in examples:
+            try:
+                target = float(ex.label)
+                if target - target != 0.0:
+                    raise ValueError(f"label {ex.label!r} is not a finite number")
+            except (TypeError, ValueError) as err:
+                self._count_error(ex, err)
+                continue
+            kept.append(ex)
+        return kept
+
+    def settle(self) -> None:
+        """Scores the queued examples not scored yet (for a score read while a micro-batch waits)."""
+        queue = self.queue
+        if len(queue.examples) > queue.scored:
+            try:
+                record = self._score_many(queue.examples[queue.scored:], None)
+            except Exception:   # their micro-batch will raise too, and refuse them unscored
+                return
+            record()
+            queue.scored = len(queue.examples)
+
+    def flush(self, now: Optional[float] = None) -> None:
+        if self.queue.examples:
+            self._learn_queued(time.time() if now is None else now)
+            self._check_refusals()
+
+    def _learn_queued(self, now: float) -> None:
+        """Scores the queued examples not scored yet, then learns them all as one `learn_many` micro-batch.
+
+        If scoring or learning raises, every example of the micro-batch is refused (`learn_error`); those
+        scored already at a mark (`settle`) stay in the scores.
+        """
+        queue = self.queue
+        batch, scored = queue.examples, queue.scored
+        queue.examples, queue.scored = [], 0
+        started = time.perf_counter()
+        try:
+            X = _frame(batch)
+            record = self._score_many(batch[scored:], X.iloc[scored:] if scored else X)
+            self._learn_many(X, batch)
+        except Exception as err:  # a user's model may raise anything: the micro-batch is refused, not the service
+            for ex in batch:
+                self._count_error(ex, err, f"in a micro-batch of {len(batch)}, ")
+            return
+        record()
+        self.learned += len(batch)
+        label_ts = np.fromiter((e.label_ts for e in batch), float, len(batch))
+        consumed = np.fromiter((e.consumed for e in batch), float, len(batch))
+        self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
+
+    def _score_many(self, examples: list[Example], X):
+        """Scores `examples` (frame `X`, or built here) with the model as it is; returns how to record them.
+
+        Recording is left to the caller, so that a micro-batch whose learning raises scores nothing.
+        A hit is judged as in "one" mode: the true label has the highest probability, and more than a
+        uniform guess's.
+        """
+        if not examples:   # all were scored at a mark
+            return lambda: None
+        X = _frame(examples) if X is None else X
+        if self.task == "classification":
+            correct, p_true = _hits(self.model.predict_proba_many(X), [ex.label for ex in examples])
+            return lambda: self._scored_classification(correct, p_true)
+        guess = np.asarray(self.model.predict_many(X), dtype=float)
+        y_true = np.fromiter((float(ex.label) for ex in examples), float, len(examples))
+        return lambda: self._scored_regression(y_true, guess)
+
+    def _learn_many(self, X, batch: list[Example]) -> None:
         import pandas as pd
 
-        X = pd.DataFrame.from_records([ex.features for ex in examples])
-        y = pd.Series([ex.label for ex in examples])
-        try:
-            if self.task == "classification":
-                proba = self.model.predict_proba_many(X)
-                predicted = proba.idxmax(axis=1) if len(proba.columns) else pd.Series([None] * len(y))
-                p_true = [row.get(label, 0.0) for row, label in zip(proba.to_dict("records"), y)] \
-                    if len(proba.columns) else [0.0] * len(y)
-                correct = (predicted.reset_index(drop=True) == y).to_numpy()
-            else:
-                guess = self.model.predict_many(X)
-            self.model.learn_many(X, y)
-        except Exception as err:
-            self.errors += len(examples) - 1
-            self._count_error(examples[0], err, f"micro-batch of {len(examples)} from ")
-            return
-        self.learned += len(examples)
-        if self.task == "classification":
-            self._scored_classification(correct, p_true)
+        y = pd.Series([ex.label for ex in batch])
+        if self._takes_weight and any(ex.weight != 1.0 for ex in batch):
+            self.model.learn_many(X, y, w=pd.Series([ex.weight for ex in batch], dtype=float))
         else:
-            self._scored_regression(y.to_numpy(), np.asarray(guess, dtype=float))
+            self.model.learn_many(X, y)
 
 
-def _learn_parameters(model) -> set[str]:
-    final = model
+def _frame(examples: list[Example]):
+    """The examples' features as a DataFrame; a numeric feature absent from a row is 0 there.
+
+    A NaN would otherwise reach the model (River's StandardScaler learns it, and every later output is
+    NaN); 0 is also what `StringOneHot` makes of it, so every built-in reads an absent number alike.
+    """
+    import pandas as pd
+
+    X = pd.DataFrame.from_records([ex.features for ex in examples])
+    numeric = X.select_dtypes("number").columns
+    if len(numeric) and X[numeric].isna().to_numpy().any():
+        X[numeric] = X[numeric].fillna(0.0)
+    return X
+
+
+def _hits(proba, labels: list) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each row of `predict_proba_many`'s frame is a hit for its true label, and that label's probability.
+
+    As `_test_then_train_classifier` judges one example: a hit when the true label has the highest
+    probability (ties included) and more than 1 / n_classes, so an empty or uniform proba (a model that
+    knows nothing yet) is a miss; an unknown label has probability 0; a row with a non-finite value is a miss.
+    """
+    n = len(labels)
+    P = proba.to_numpy(dtype=float)
+    if P.shape[1] == 0:
+        return np.zeros(n, dtype=bool), np.zeros(n)
+    column = {c: j for j, c in enumerate(proba.columns)}
+    index = np.fromiter((column.get(y, -1) for y in labels), np.intp, n)
+    finite = np.isfinite(P).all(axis=1)
+    p_true = np.where((index >= 0) & finite, P[np.arange(n), np.maximum(index, 0)], 0.0)
+    with np.errstate(invalid="ignore"):
+        correct = finite & (p_true >= P.max(axis=1)) & (p_true * P.shape[1] > 1.0)
+    return correct, p_true
+
+
+def _final_step(model):
+    """The estimator at the end of a pipeline (the model itself otherwise)."""
     steps = getattr(model, "steps", None)
-    if steps:
-        final = list(steps.values())[-1]
+    return list(steps.values())[-1] if steps else model
+
+
+def _learns_many(model, task: str) -> bool:
+    """Whether the model (its final step, for a pipeline) learns and scores DataFrames."""
+    final = _final_step(model)
+    scores = "predict_proba_many" if task == "classification" else "predict_many"
+    return hasattr(final, "learn_many") and hasattr(final, scores)
+
+
+def _learn_parameters(model, method: str = "learn_one") -> set[str]:
+    """The parameters of the model's (final step's) `method`: "w" when it takes sample weights."""
     try:
-        return set(inspect.signature(final.learn_one).parameters)
-    except (TypeError, ValueError):
+        return set(inspect.signature(getattr(_final_step(model), method)).parameters)
+    except (AttributeError, TypeError, ValueError):
         return set()
