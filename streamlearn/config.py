@@ -64,7 +64,12 @@ class JoinConfig(_Section):
     ttl: Positive = 3600.0          # seconds of event time a log waits for its feedback
     early_ttl: Positive = 300.0     # seconds of event time feedback waits for its log
     max_pending: PositiveInt = 1_000_000
-    idle_timeout: Positive = 2.0    # wall seconds before a silent partition stops holding the watermark
+    # Event-time seconds of disorder within a partition for which examples are still released in (ts, id) order
+    # (Flink's forBoundedOutOfOrderness); every example waits this long more for the watermark.
+    max_out_of_order: NonNegative = 0.0
+    # No longer used: a partition stops holding the watermark when the broker says it is at its end, never after a
+    # wall-clock timeout. Accepted so that older configs still load; setting it logs a warning.
+    idle_timeout: Optional[Positive] = None
 
 
 class IntakeConfig(_Section):
@@ -73,13 +78,16 @@ class IntakeConfig(_Section):
     max_wait: Positive = 0.05                        # seconds before a partial batch is handed off
     poll_records: PositiveInt = 2000
     max_message_bytes: PositiveInt = 1 << 20
+    # Event-time seconds a partition may run ahead of the slowest one that still has input before it is paused
+    # (resumed as that one catches up): memory during a catch-up is bounded by this, not by the backlog.
+    max_ahead: Positive = 60.0
     # An event time more than this far ahead of the message's broker timestamp is refused (`schema`):
     # one absurd `ts` would otherwise carry its partition's watermark into the future and expire every pending join.
     max_future_seconds: Positive = 3600.0
 
 
 class TrainConfig(_Section):
-    """How a torch model learns (River models ignore this section)."""
+    """How a torch model learns; River models with `learn_mode = "many"` use `batch_size` and `max_wait` (only)."""
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: Positive = 1e-3

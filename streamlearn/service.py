@@ -404,7 +404,7 @@ def _build_learner(name: str, model: ModelConfig, config: Config) -> Learner:
 
             return TorchLearner(name, model, config.seed, config.torch_threads, config.drift, config.eval)
         return RiverLearner(name, model.model, model.task, model.learn_mode, model.window, model.params,
-                            config.seed, config.drift, config.eval)
+                            config.seed, config.drift, config.eval, model.train)
     except ModelError as err:
         raise ConfigError(f"config error: models.{name}.{err.key}: {err}") from None
 

@@ -81,7 +81,7 @@ def test_sigkills_leave_each_bad_message_in_the_dead_letter_topic_once(broker, t
 
     state_dir, config_path = tmp_path / "state", tmp_path / "service.toml"
     write_config(config_path, state_dir, names, broker.bootstrap_servers)
-    producer = threading.Thread(target=play, args=(broker.bootstrap_servers, names, messages, 30.0))
+    producer = threading.Thread(target=play, args=(broker.bootstrap_servers, names, messages, 45.0))
     producer.start()
     rng = random.Random(7)
     audit = state_dir / "learned.log"

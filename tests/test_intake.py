@@ -158,6 +158,15 @@ class ListSource:
     def exhausted(self) -> bool:
         return self.done
 
+    def caught_up(self) -> set[str]:
+        return set(self.partitions()) if self.done else set()
+
+    def pause(self, keys: set[str]) -> None:
+        pass
+
+    def resume(self, keys: set[str]) -> None:
+        pass
+
     def commit(self, positions: dict[str, int]) -> None:
         pass
 

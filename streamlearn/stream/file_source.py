@@ -76,6 +76,15 @@ class FileSource:
     def exhausted(self) -> bool:
         return self._eof
 
+    def caught_up(self) -> set[str]:
+        return {self.key} if self._eof else set()
+
+    def pause(self, keys: set[str]) -> None:
+        pass  # one partition: never ahead of itself
+
+    def resume(self, keys: set[str]) -> None:
+        pass
+
     def commit(self, positions: dict[str, int]) -> None:
         pass  # a file has no group; its position lives in the snapshot
 

@@ -69,7 +69,13 @@ class Intake:
         regression = frozenset(n for n, m in config.models.items() if m.task == "regression")
         self.joiner = FeedbackJoiner(config.join.ttl, config.join.early_ttl, config.join.max_pending, regression,
                                      {name: bounds[name] for name in regression})
-        self.watermarks = PartitionWatermarks(config.join.idle_timeout)
+        self.watermarks = PartitionWatermarks(config.join.max_out_of_order)
+        self.max_ahead = config.intake.max_ahead
+        self._paused: set[str] = set()          # partitions paused for running ahead in event time
+        self._flush_on_stop = not config.snapshot.enabled   # else what the join holds stays in the final snapshot
+        if config.join.idle_timeout is not None:
+            log.warning("join.idle_timeout is no longer used: a partition stops holding the watermark when the "
+                        "broker says it is at its end")
         resume = resume or Resume()
         self.positions: dict[str, int] = dict(resume.positions)
         self.events: Counter[tuple[str, str]] = Counter()
@@ -101,7 +107,7 @@ class Intake:
 
     def _restore(self, state: IntakeState) -> None:
         self.joiner.restore(state.joiner)
-        self.watermarks.restore(state.newest, state.floor, self.clock())
+        self.watermarks.restore(state.newest, state.floor)
         self._watermark = state.floor
         self.events.update(state.stats.events)
         self.dead.update(state.stats.dead_letters)
@@ -114,7 +120,7 @@ class Intake:
         held: list[Example] = []
         first_held_at = last_yield = self.clock()
         while not should_stop():
-            examples = self.poll(timeout=self.max_wait)
+            examples = self.poll(timeout=self.max_wait, room=self.batch_size - len(held))
             now = self.clock()
             if examples and not held:
                 first_held_at = now
@@ -128,7 +134,8 @@ class Intake:
                 held, last_yield = [], now
             if done:
                 return
-        yield from self._pieces(held + self.joiner.flush(), final=True)
+        # Stopped: what the join holds goes into the final snapshot, to be released as it would have been.
+        yield from self._pieces(held + (self.joiner.flush() if self._flush_on_stop else []), final=True)
 
     def _pieces(self, examples: list[Example], final: bool, exhausted: bool = False) -> Iterator[Batch]:
         """`examples` in batches of at most `batch_size`; the last one is the cut (`exhausted`: no input is left)."""
@@ -155,9 +162,19 @@ class Intake:
         self.barrier_requested = False
         return self.state()
 
-    def poll(self, timeout: float) -> list[Example]:
-        """One poll of the source: decodes, joins, and returns the examples the watermark released."""
-        now = self.clock()
+    def poll(self, timeout: float, room: Optional[int] = None) -> list[Example]:
+        """One poll of the source: decodes, joins, and returns the examples the watermark released (at most `room`).
+
+        While the join still holds released examples (a backlog catching up), the source is not read: they go
+        out first, `room` at a time, each piece a consistent cut.
+        """
+        room = self.batch_size if room is None else room
+        if not self.joiner.releasable(self._watermark):
+            self._read(timeout)
+        return self.joiner.advance(self._watermark, room)
+
+    def _read(self, timeout: float) -> None:
+        """Reads, decodes and joins one poll's messages; moves the watermark; pauses what runs ahead."""
         chunks = self.source.poll(self.poll_records, timeout)
         self.joiner.read_at = read_at = time.time()
         for chunk in chunks:
@@ -166,11 +183,21 @@ class Intake:
                 self._queueing(chunk.topic).observe_many(waits[~np.isnan(waits)])
             newest = self._take(chunk)
             if newest > NEVER:
-                self.watermarks.observe(chunk.partition, newest, now)
+                self.watermarks.observe(chunk.partition, newest)
             self.positions[chunk.partition] = chunk.next_offset
-        self._track_assignment(now)
-        self._watermark = self.watermarks.current(now)
-        return self.joiner.advance(self._watermark)
+        self._track_assignment()
+        self.watermarks.set_caught_up(self.source.caught_up())
+        self._watermark = self.watermarks.current()
+        self._align()
+
+    def _align(self) -> None:
+        """Pauses the partitions that ran ahead of the slowest by more than `intake.max_ahead`, resumes the rest
+        (Flink's watermark alignment): memory during a catch-up is bounded by that, not by the backlog."""
+        ahead = self.watermarks.ahead(self.max_ahead)
+        if ahead != self._paused:
+            self.source.resume(self._paused - ahead)
+            self.source.pause(ahead - self._paused)
+            self._paused = ahead
 
     def _queueing(self, topic: str) -> Histogram:
         histogram = self.queueing.get(topic)
@@ -222,12 +249,13 @@ class Intake:
             self.events[(chunk.topic, "dead_letter")] += refused
         return newest
 
-    def _track_assignment(self, now: float) -> None:
+    def _track_assignment(self) -> None:
         current = set(self.source.partitions())
         for key in current - self._known_partitions:
-            self.watermarks.assign(key, now)
+            self.watermarks.assign(key)
         for key in self._known_partitions - current:
             self.watermarks.revoke(key)
+            self._paused.discard(key)   # a partition assigned again starts unpaused
         self._known_partitions = current
 
     def stats(self) -> IntakeStats:

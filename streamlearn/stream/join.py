@@ -158,11 +158,13 @@ class FeedbackJoiner:
         self._close(rid, example.ts, "prejoined", matched=True)
         self._bound()
 
-    def advance(self, watermark: float) -> list[Example]:
-        """Expires what can no longer match and releases the examples below the watermark.
+    def advance(self, watermark: float, limit: Optional[int] = None) -> list[Example]:
+        """Expires what can no longer match and releases the examples below the watermark (at most `limit`).
 
         An example at the watermark itself waits: its partition may still deliver another event of the
-        same time, which must come out in the same `(ts, id)` order however the polls fall.
+        same time, which must come out in the same `(ts, id)` order however the polls fall. What is over
+        `limit` stays held, in the joiner's state: so a large release goes out in pieces that are each a
+        consistent cut (a snapshot can fall between any two).
         """
         self._expire(self._log_expiry, self._logs, watermark, "expired")
         self._expire(self._early_expiry, self._early, watermark, "expired_feedback")
@@ -172,11 +174,16 @@ class FeedbackJoiner:
             if closed_at >= horizon and len(self._closed) <= self.max_pending:
                 break
             del self._closed[rid]
-        released, self._overflow = self._overflow, []
-        while self._ready and self._ready[0][0] < watermark:
+        room = len(self._overflow) + len(self._ready) if limit is None else limit
+        released, self._overflow = self._overflow[:room], self._overflow[room:]
+        while self._ready and self._ready[0][0] < watermark and len(released) < room:
             released.append(heapq.heappop(self._ready)[2])
         self._compact()
         return released
+
+    def releasable(self, watermark: float) -> bool:
+        """Whether `advance(watermark)` would release anything."""
+        return bool(self._overflow) or bool(self._ready and self._ready[0][0] < watermark)
 
     def flush(self) -> list[Example]:
         """Releases every matched example still held (end of input); pending ones stay pending."""

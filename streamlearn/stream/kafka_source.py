@@ -48,6 +48,7 @@ class ConfluentSource:
 
         self._start = start
         self._assigned: set[str] = set()
+        self._at_end: set[str] = set()   # partitions whose last word was an end-of-partition event
         self._lag: dict[tuple[str, int], int] = {}
         self._lag_at = 0.0
         self._warned: set[str] = set()
@@ -60,6 +61,7 @@ class ConfluentSource:
             "heartbeat.interval.ms": max(100, config.session_timeout_ms // 3),
             "max.poll.interval.ms": config.max_poll_interval_ms,
             "fetch.wait.max.ms": FETCH_WAIT_MS,
+            "enable.partition.eof": True,   # the broker's word that a partition is caught up (see caught_up)
             **settings, **callbacks,
         })
         self._consumer.subscribe(kafka_topics(config), on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -70,24 +72,27 @@ class ConfluentSource:
             if key in self._start:
                 tp.offset = self._start[key]
             self._assigned.add(key)
+            self._at_end.discard(key)
         consumer.assign(partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
         for tp in partitions:
             self._assigned.discard(position_key(tp.topic, tp.partition))
+            self._at_end.discard(position_key(tp.topic, tp.partition))
 
     def poll(self, max_records: int, timeout: float) -> list[Chunk]:
         chunks: dict[tuple[str, int], Chunk] = {}
         where, chunk = None, None
         for msg in self._consumer.consume(max_records, timeout):
             if msg.error() is not None:
-                self._warn(str(msg.error()))
+                self._error(msg)
                 continue
             here = (msg.topic(), msg.partition())
             if here != where:  # messages come in runs per partition: look the chunk up once a run
                 where, chunk = here, chunks.get(here)
                 if chunk is None:
                     chunk = chunks[here] = Chunk(here[0], position_key(*here), [], [], 0, [])
+                    self._at_end.discard(chunk.partition)
             chunk.values.append(msg.value() or b"")
             chunk.offsets.append(msg.offset())
             kind, millis = msg.timestamp()
@@ -98,6 +103,14 @@ class ConfluentSource:
             self._watch.heard()
         return list(chunks.values())
 
+    def _error(self, msg) -> None:
+        from confluent_kafka import KafkaError
+
+        if msg.error().code() == KafkaError._PARTITION_EOF:   # not an error: the partition has no more for now
+            self._at_end.add(position_key(msg.topic(), msg.partition()))
+        else:
+            self._warn(str(msg.error()))
+
     def problem(self) -> str:
         return self._watch.problem()
 
@@ -106,6 +119,17 @@ class ConfluentSource:
 
     def exhausted(self) -> bool:
         return False
+
+    def caught_up(self) -> set[str]:
+        return self._at_end & self._assigned
+
+    def pause(self, keys: set[str]) -> None:
+        if keys := keys & self._assigned:
+            self._consumer.pause(_topic_partitions(keys))
+
+    def resume(self, keys: set[str]) -> None:
+        if keys := keys & self._assigned:
+            self._consumer.resume(_topic_partitions(keys))
 
     def commit(self, positions: dict[str, int]) -> None:
         from confluent_kafka import KafkaException, TopicPartition
@@ -160,6 +184,7 @@ class KafkaPythonSource:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
 
         self._start = start
+        self._delivered: set[str] = set()   # partitions the last poll delivered from
         self._consumer = KafkaConsumer(**{
             "bootstrap_servers": config.bootstrap_servers, "group_id": config.group_id,
             "enable_auto_commit": False, "auto_offset_reset": "earliest",
@@ -186,6 +211,7 @@ class KafkaPythonSource:
     def poll(self, max_records: int, timeout: float) -> list[Chunk]:
         chunks = []
         records = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        self._delivered = {position_key(tp.topic, tp.partition) for tp in records}
         for tp, batch in records.items():
             values = [r.value or b"" for r in batch]
             offsets = [r.offset for r in batch]
@@ -209,6 +235,26 @@ class KafkaPythonSource:
 
     def exhausted(self) -> bool:
         return False
+
+    def caught_up(self) -> set[str]:
+        """Partitions the last poll delivered nothing from, at or past the high watermark of their last fetch.
+
+        kafka-python has no end-of-partition event; against a broker that undercounts high watermarks (the
+        embedded one) this may call a partition caught up one poll early. confluent-kafka (the default) uses
+        the broker's end-of-partition events instead.
+        """
+        at_end = set()
+        for tp in self._consumer.assignment():
+            key, high = position_key(tp.topic, tp.partition), self._consumer.highwater(tp)
+            if key not in self._delivered and high is not None and self._consumer.position(tp) >= high:
+                at_end.add(key)
+        return at_end
+
+    def pause(self, keys: set[str]) -> None:
+        pass   # kafka-python stopped fetching a paused partition for good after `resume` (seen against Tansu)
+
+    def resume(self, keys: set[str]) -> None:
+        pass
 
     def commit(self, positions: dict[str, int]) -> None:
         from kafka import TopicPartition
@@ -234,3 +280,9 @@ class KafkaPythonSource:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def _topic_partitions(keys: set[str]) -> list:
+    from confluent_kafka import TopicPartition
+
+    return [TopicPartition(*split_position(key)) for key in sorted(keys)]

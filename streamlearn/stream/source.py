@@ -36,6 +36,16 @@ class Source(Protocol):
         """True when there will never be more input (end of a file); Kafka never is."""
         ...
 
+    def caught_up(self) -> set[str]:
+        """The position keys that have delivered everything they hold now (the broker's word, not a timeout)."""
+        ...
+
+    def pause(self, keys: set[str]) -> None:
+        """Stops fetching these partitions (they ran ahead in event time) until `resume`."""
+        ...
+
+    def resume(self, keys: set[str]) -> None: ...
+
     def commit(self, positions: dict[str, int]) -> None:
         """Records positions as processed (for lag monitoring; restore uses the snapshot's own)."""
         ...

@@ -1,0 +1,181 @@
+"""Catching up on a backlog: the same joins and examples as the file source, snapshots inside it, a prompt tail.
+
+A backlog (two models' inference logs and delayed feedback, some feedback missing,
+arrival a little shuffled against event time within each partition) is produced
+up front to 4 partitions per topic of the real broker (`bench/backlog.py` makes
+it). `streamlearn run` catches up on it with default join and intake settings;
+the same events read from a file are the reference. The small cases run in the
+default suite; the large one is marked `backlog` (`pytest -m backlog`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench.backlog import (BacklogSpec, Produced, RunResult, backlog_messages, create_topics, in_order, learned_ids,
+                           produce, run_file, run_kafka, start_service, write_config)
+from tests.conftest import wait_for
+
+# 5 requests per second and model: the small backlog spans 2000 s of event time, longer than join.early_ttl
+# (300 s), so that a watermark moved past a partition with input left can expire feedback (lost joins).
+SMALL = BacklogSpec(requests=20_000, seed=23, rate=5.0)
+KILLED = BacklogSpec(requests=50_000, seed=29, rate=5.0)
+LARGE = BacklogSpec(requests=400_000, seed=31)
+SMALL_EVERY = 2000        # snapshot.every_examples of the small runs: about 9 snapshots in a catch-up
+TAIL_BOUND = 10.0         # seconds from the last message consumed to the last example learned (goal: under 1 s)
+KILLS = 10
+SMALL_FETCHES = '[kafka.settings]\n"max.partition.fetch.bytes" = 16384\n'
+# Static membership (KIP-345): a restarted service takes its killed predecessor's place at once (see
+# tests/test_crash_recovery.py for what Tansu does without it).
+STATIC_MEMBER = '[kafka.settings]\n"group.instance.id" = "backlog-test"\n'
+
+
+@dataclasses.dataclass
+class Backlog:
+    """A backlog on the broker, the same events as a JSONL file, and the file source's run over them."""
+
+    spec: BacklogSpec
+    topics: dict[str, str]
+    produced: Produced
+    reference: RunResult
+    folder: Path
+
+
+def make_backlog(broker, folder: Path, spec: BacklogSpec, every_examples: int) -> Backlog:
+    """Produces the backlog and runs the file source over the same events (with `in_order(spec)`: see there)."""
+    jsonl = folder / "backlog.jsonl"
+    topics = create_topics(broker, spec.partitions)
+    produced = produce(broker.bootstrap_servers, topics, backlog_messages(spec), spec.partitions, jsonl)
+    state = folder / "file"
+    config = write_config(folder / "file.toml", state, f"file:{jsonl}", broker.bootstrap_servers, topics, "unused",
+                          every_examples, metrics=False, extra=in_order(spec))
+    reference = run_file(config, state)
+    assert reference.summary["join"]["matched"] > 0.85 * spec.requests
+    assert len(reference.ids) == len(set(reference.ids)) == reference.summary["learned"] + reference.summary["held_out"]
+    return Backlog(spec, topics, produced, reference, folder)
+
+
+def catch_up(broker, backlog: Backlog, name: str, every_examples: int, extra: str = "",
+             timeout: float = 180.0) -> RunResult:
+    """One `streamlearn run` on the backlog with a consumer group of its own, until the file's examples are learned."""
+    state = backlog.folder / name
+    config = write_config(backlog.folder / f"{name}.toml", state, "kafka", broker.bootstrap_servers, backlog.topics,
+                          f"{name}-{uuid.uuid4().hex[:6]}", every_examples, extra=extra)
+    return run_kafka(config, state, backlog.produced, backlog.reference.summary["learned"], timeout=timeout)
+
+
+def assert_same_as_file(run: RunResult, reference: RunResult) -> None:
+    """Join outcomes, learned count and the learned ids (each once) are the file source's."""
+    assert run.complete, f"learned {run.learned_before_stop:.0f} of the file source's {reference.summary['learned']} " \
+                         f"examples before the stop (and {run.summary['learned']} once the stop had drained the joiner)"
+    assert run.summary["join"] == reference.summary["join"]
+    assert run.summary["learned"] == reference.summary["learned"]
+    assert run.summary["held_out"] == reference.summary["held_out"]
+    duplicates = [i for i, n in Counter(run.ids).items() if n > 1]
+    assert not duplicates, f"{len(duplicates)} examples learned twice, e.g. {duplicates[:3]}"
+    assert set(run.ids) == set(reference.ids)
+
+
+@pytest.fixture(scope="module")
+def small(broker, tmp_path_factory) -> Backlog:
+    return make_backlog(broker, tmp_path_factory.mktemp("backlog"), SMALL, SMALL_EVERY)
+
+
+def test_catch_up_with_default_settings_learns_what_the_file_source_learns(broker, small):
+    run = catch_up(broker, small, "kafka-defaults", SMALL_EVERY)
+    assert_same_as_file(run, small.reference)
+    expected = run.summary["learned"] // SMALL_EVERY
+    assert run.snapshots >= expected // 2, \
+        f"{run.snapshots} snapshots while catching up on {run.summary['learned']} examples (every {SMALL_EVERY})"
+    assert run.tail_s < TAIL_BOUND, f"the tail was learned {run.tail_s:.1f} s after the last message was consumed"
+
+
+def test_two_catch_ups_learn_the_file_sources_sequence(broker, small):
+    first = catch_up(broker, small, "kafka-1", SMALL_EVERY, extra=in_order(SMALL))
+    second = catch_up(broker, small, "kafka-2", SMALL_EVERY, extra=in_order(SMALL))
+    for run in (first, second):
+        assert_same_as_file(run, small.reference)
+    assert first.ids == small.reference.ids, "the learned order differs from the file source's"
+    assert second.ids == first.ids, "two runs over the same backlog learned in different orders"
+
+
+@pytest.mark.parametrize("idle_timeout", [0.05, 60.0])
+def test_idle_timeout_neither_loses_joins_nor_holds_the_tail(broker, small, idle_timeout):
+    # A partition that still held a backlog but was not delivered for idle_timeout counted as idle, and the
+    # watermark passed it (lost joins); a finished backlog waited for the timeout before its tail was learned.
+    # Small fetches interleave the partitions finely, as a backlog larger than the client's fetch does.
+    run = catch_up(broker, small, f"kafka-idle-{idle_timeout:g}", SMALL_EVERY,
+                   extra=f"[join]\nidle_timeout = {idle_timeout}\n{SMALL_FETCHES}")
+    assert_same_as_file(run, small.reference)
+    assert run.tail_s < TAIL_BOUND, f"the tail was learned {run.tail_s:.1f} s after the last message was consumed"
+
+
+@pytest.fixture
+def running():
+    """Every service process a test starts; whatever is still alive at the end is killed, its log printed."""
+    processes: list[tuple[subprocess.Popen, Path]] = []
+    yield processes
+    for process, log in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        print(f"--- {log.name} (exit {process.returncode}) ---\n{log.read_text()[-3000:]}")  # shown on failure
+
+
+def test_sigkills_mid_backlog_end_as_an_uninterrupted_run(broker, tmp_path, running):
+    backlog = make_backlog(broker, tmp_path, KILLED, 1000)
+    expected = backlog.reference.ids
+    state = tmp_path / "killed"
+    config = write_config(tmp_path / "killed.toml", state, "kafka", broker.bootstrap_servers, backlog.topics,
+                          f"killed-{uuid.uuid4().hex[:6]}", every_examples=1000, extra=STATIC_MEMBER + in_order(KILLED))
+    state.mkdir()
+    audit = state / "learned.log"
+    rng = random.Random(7)
+    kills = 0
+    while kills < KILLS:
+        started = time.time()
+        log = tmp_path / f"killed-{kills}.log"
+        process = start_service(config, log)
+        running.append((process, log))
+        # A restore cuts the audit log back to its snapshot; learning then appends to it again.
+        wait_for(lambda: audit.exists() and audit.stat().st_mtime > started, timeout=120, what="the restore")
+        after_restore = len(learned_ids(state))
+        assert after_restore < len(expected), f"the backlog was learned before kill {kills + 1}: make it larger"
+        wait_for(lambda: len(learned_ids(state)) > after_restore or process.poll() is not None, timeout=120,
+                 what=f"learning to resume before kill {kills + 1}")
+        time.sleep(rng.uniform(0.0, 0.4))
+        print(f"kill {kills + 1}: {after_restore} ids in the audit log after the restore")   # shown on failure
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+    # Learned ids past the last snapshot are cut back on restore; the uninterrupted end follows.
+    final = run_kafka(config, state, backlog.produced, backlog.reference.summary["learned"], timeout=180)
+    assert final.summary["learned"] == backlog.reference.summary["learned"]
+    assert final.summary["join"] == backlog.reference.summary["join"]
+    got = learned_ids(state)
+    assert len(got) == len(set(got)), "an example was learned twice"
+    assert set(got) == set(expected), "an example was lost"
+    assert got == expected, "the learned order differs from the uninterrupted run's"
+
+
+@pytest.mark.backlog
+def test_large_backlog_catch_up_equals_the_file_source(broker, tmp_path):
+    backlog = make_backlog(broker, tmp_path, LARGE, 100_000)
+    defaults = catch_up(broker, backlog, "kafka-defaults", 100_000, timeout=600)
+    first = catch_up(broker, backlog, "kafka-1", 100_000, extra=in_order(LARGE), timeout=600)
+    second = catch_up(broker, backlog, "kafka-2", 100_000, extra=in_order(LARGE), timeout=600)
+    for run in (defaults, first, second):
+        assert_same_as_file(run, backlog.reference)
+        assert run.snapshots >= 2, f"{run.snapshots} snapshots while catching up on {run.summary['learned']} examples"
+        assert run.tail_s < TAIL_BOUND
+    assert first.ids == backlog.reference.ids
+    assert second.ids == first.ids
