@@ -208,7 +208,10 @@ class Service:
         """Whether to ask the intake for a barrier now (the snapshot trigger; none while a write is in flight)."""
         if self.snapshots is None or self._barrier_requested or not self.snapshots.idle:
             return False
-        reason = self.snapshots.trigger.check(self.learned, time.monotonic(), self._drifts(), self._lowest_score)
+        # The barrier is honoured after the batches already on their way: ask that many examples early, so that
+        # snapshots keep their interval while a backlog streams in.
+        ahead = self.learned + self._channel.examples_in_flight()
+        reason = self.snapshots.trigger.check(ahead, time.monotonic(), self._drifts(), self._lowest_score)
         return reason is not None
 
     def _lowest_score(self) -> float:

@@ -90,6 +90,9 @@ class InlineIntake:
         """Dead-letters examples a model refused (`learn_error`)."""
         self._intake.reject(rejected)
 
+    def examples_in_flight(self) -> int:
+        return 0   # the intake runs only when the learner asks for its next batch
+
     def close(self) -> None:
         self._intake.close()
 
@@ -117,6 +120,7 @@ class ProcessIntake:
         # A socket buffer holds about one batch; this queue lets the intake run a few batches
         # ahead while the learner learns, instead of the two taking turns.
         self._inbox: queue.Queue[Optional[bytes]] = queue.Queue(maxsize=BATCHES_IN_FLIGHT)
+        self._batch_size = config.intake.batch_size
         self._pump = threading.Thread(target=self._receive, name="intake-receiver", daemon=True)
         self._pump.start()
 
@@ -175,6 +179,13 @@ class ProcessIntake:
     def reject(self, rejected: list[Rejected]) -> None:
         """Dead-letters examples a model refused (`learn_error`), through the intake's sink."""
         self._send(Control("reject", rejected=rejected))
+
+    def examples_in_flight(self) -> int:
+        """About how many examples are on their way (received, not learned): full batches while catching up.
+
+        A barrier asked for now rides on the intake's next cut, after these: the learner asks that much early.
+        """
+        return self._inbox.qsize() * self._batch_size
 
     def _send(self, control: Control) -> None:
         try:
