@@ -156,7 +156,7 @@ def create_topics(broker: EmbeddedBroker, partitions: int) -> dict[str, str]:
 
 
 def write_config(path: Path, state_dir: Path, source: str, bootstrap: str, topics: dict[str, str], group: str,
-                 every_examples: int = 100_000, metrics: bool = True, extra: str = "") -> Path:
+                 every_examples: int = 100_000, metrics: bool = True, extra: str = "", batch_size: int = 1000) -> Path:
     """A service config: default join and intake settings, snapshots with an audit log, two River models."""
     path.write_text(f"""
 source = "{source}"
@@ -171,6 +171,7 @@ feedback_topic = "{topics['feedback']}"
 examples_topic = ""
 [intake]
 max_message_bytes = {MAX_MESSAGE_BYTES}
+batch_size = {batch_size}
 [snapshot]
 every_examples = {every_examples}
 audit_log = "{state_dir}/learned.log"

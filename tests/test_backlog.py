@@ -14,7 +14,6 @@ import dataclasses
 import random
 import signal
 import subprocess
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from bench.backlog import (BacklogSpec, Produced, RunResult, backlog_messages, create_topics, in_order, learned_ids,
                            produce, run_file, run_kafka, start_service, write_config)
+from streamlearn.checkpoints.audit import AuditLog
 from tests.conftest import wait_for
 
 # 5 requests per second and model: the small backlog spans 2000 s of event time, longer than join.early_ttl
@@ -33,6 +33,9 @@ LARGE = BacklogSpec(requests=400_000, seed=31)
 SMALL_EVERY = 2000        # snapshot.every_examples of the small runs: about 9 snapshots in a catch-up
 TAIL_BOUND = 10.0         # seconds from the last message consumed to the last example learned (goal: under 1 s)
 KILLS = 10
+# Small hand-offs (as in tests/test_crash_recovery.py): more cuts for the kills to fall between, and each life's
+# first snapshot comes after a few thousand examples, so the restarts make progress through the backlog.
+KILLED_BATCH = 200
 SMALL_FETCHES = '[kafka.settings]\n"max.partition.fetch.bytes" = 16384\n'
 # Static membership (KIP-345): a restarted service takes its killed predecessor's place at once (see
 # tests/test_crash_recovery.py for what Tansu does without it).
@@ -136,9 +139,9 @@ def test_sigkills_mid_backlog_end_as_an_uninterrupted_run(broker, tmp_path, runn
     expected = backlog.reference.ids
     state = tmp_path / "killed"
     config = write_config(tmp_path / "killed.toml", state, "kafka", broker.bootstrap_servers, backlog.topics,
-                          f"killed-{uuid.uuid4().hex[:6]}", every_examples=1000, extra=STATIC_MEMBER + in_order(KILLED))
+                          f"killed-{uuid.uuid4().hex[:6]}", every_examples=1000, extra=STATIC_MEMBER + in_order(KILLED),
+                          batch_size=KILLED_BATCH)
     state.mkdir()
-    audit = state / "learned.log"
     rng = random.Random(7)
     kills = 0
     while kills < KILLS:
@@ -151,9 +154,10 @@ def test_sigkills_mid_backlog_end_as_an_uninterrupted_run(broker, tmp_path, runn
         assert process.poll() is None, f"the service exited ({process.returncode}) while starting"
         after_restore = len(learned_ids(state))
         assert after_restore < len(expected), f"the backlog was learned before kill {kills + 1}: make it larger"
-        wait_for(lambda: len(learned_ids(state)) > after_restore or process.poll() is not None, timeout=120,
-                 what=f"learning to resume before kill {kills + 1}")
-        time.sleep(rng.uniform(0.0, 1.0))
+        # A random point in the backlog, a little past the restored one (the audit log grows in 8 kB writes).
+        target = after_restore + rng.randrange(1000, 6000)
+        wait_for(lambda: len(learned_ids(state)) >= target or process.poll() is not None, timeout=120,
+                 interval=0.02, what=f"learning to reach the point of kill {kills + 1}")
         at_kill = len(learned_ids(state))
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -167,6 +171,21 @@ def test_sigkills_mid_backlog_end_as_an_uninterrupted_run(broker, tmp_path, runn
     assert len(got) == len(set(got)), "an example was learned twice"
     assert set(got) == set(expected), "an example was lost"
     assert got == expected, "the learned order differs from the uninterrupted run's"
+
+
+def test_audit_log_length_is_right_for_a_snapshot_just_after_a_restore(tmp_path):
+    # A snapshot can come before the restored service learns anything (its trigger restored as due): the length
+    # it records must be the cut-back file's, or the next restore pads the log with zeros and keeps ids twice.
+    path = tmp_path / "learned.log"
+    audit = AuditLog(path)
+    audit.append(["a", "b"])
+    length = audit.sync()
+    audit.append(["c", "d"])   # learned after the snapshot, then killed
+    audit.sync()
+    audit.close()
+    restored = AuditLog(path, truncate_to=length)
+    assert restored.sync() == length == path.stat().st_size
+    restored.close()
 
 
 @pytest.mark.backlog

@@ -29,6 +29,7 @@ class AuditLog:
         self._file = open(self.path, "ab")
         if truncate_to is not None:
             self._file.truncate(truncate_to)
+            self._file.seek(0, os.SEEK_END)   # truncate leaves tell() at the old end until the next write
         elif self._file.tell():
             # No snapshot to agree with: the ids in the file belong to some other run's state.
             self._file.truncate(0)
