@@ -193,7 +193,9 @@ class Intake:
     def _align(self) -> None:
         """Pauses the partitions that ran ahead of the slowest by more than `intake.max_ahead`, resumes the rest
         (Flink's watermark alignment): memory during a catch-up is bounded by that, not by the backlog."""
-        ahead = self.watermarks.ahead(self.max_ahead)
+        # Hysteresis: a paused partition stays paused until it is within half the bound, so that partitions
+        # near the bound are not paused and resumed at every poll (each resume throws the prefetch away).
+        ahead = self.watermarks.ahead(self.max_ahead) | (self._paused & self.watermarks.ahead(self.max_ahead / 2))
         if ahead != self._paused:
             self.source.resume(self._paused - ahead)
             self.source.pause(ahead - self._paused)
