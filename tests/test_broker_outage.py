@@ -43,7 +43,6 @@ examples_topic = ""
 [join]
 ttl = 600.0
 early_ttl = 60.0
-idle_timeout = 1.0
 [intake]
 batch_size = 50
 max_message_bytes = {SPEC.max_message_bytes}

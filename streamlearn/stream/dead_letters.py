@@ -80,19 +80,31 @@ class DeadLetterSink(Protocol):
     def close(self) -> None: ...
 
 
-class FileDeadLetters:
-    """Appends refused lines to `<file>.dlq.jsonl` (the original bytes base64-encoded)."""
+class _KeyedSink:
+    """What both sinks share: a dead letter's key, and the keys a restore found delivered already."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file = path.open("ab")
+    def __init__(self) -> None:
         self._delivered: set[str] = set()
 
     def send(self, topic: str, partition: str, offset: int, raw: bytes, letter: DeadLetter,
              key: Optional[str] = None) -> None:
         key = key or letter_key(partition, offset)
-        if key in self._delivered:
-            return
+        if key not in self._delivered:
+            self._write(key, topic, partition, offset, raw, letter)
+
+    def _write(self, key: str, topic: str, partition: str, offset: int, raw: bytes, letter: DeadLetter) -> None:
+        raise NotImplementedError
+
+
+class FileDeadLetters(_KeyedSink):
+    """Appends refused lines to `<file>.dlq.jsonl` (the original bytes base64-encoded)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._file = path.open("ab")
+
+    def _write(self, key: str, topic: str, partition: str, offset: int, raw: bytes, letter: DeadLetter) -> None:
         record = {"key": key, "reason": letter.reason, "detail": letter.detail, "topic": topic, "line": offset + 1,
                   "raw_b64": base64.b64encode(raw).decode()}
         self._file.write(orjson.dumps(record) + b"\n")
@@ -124,21 +136,17 @@ class FileDeadLetters:
         self._file.close()
 
 
-class KafkaDeadLetters:
+class KafkaDeadLetters(_KeyedSink):
     """Produces refused messages to `<topic>.dlq` through the configured client."""
 
     def __init__(self, config: KafkaConfig, settings: Mapping[str, Setting], topics: list[str]) -> None:
+        super().__init__()
         self._config = config
         self._settings = dict(settings)
         self._topics = [f"{t}.dlq" for t in topics]
         self._producer = Producer(config, settings, "dead letter")
-        self._delivered: set[str] = set()
 
-    def send(self, topic: str, partition: str, offset: int, raw: bytes, letter: DeadLetter,
-             key: Optional[str] = None) -> None:
-        key = key or letter_key(partition, offset)
-        if key in self._delivered:
-            return
+    def _write(self, key: str, topic: str, partition: str, offset: int, raw: bytes, letter: DeadLetter) -> None:
         headers = [("reason", letter.reason.encode()), ("detail", letter.detail[:500].encode()),
                    ("topic", topic.encode()), ("partition", partition.rpartition(":")[2].encode()),
                    ("offset", str(offset).encode())]
