@@ -161,6 +161,9 @@ class ListSource:
     def caught_up(self) -> set[str]:
         return set(self.partitions()) if self.done else set()
 
+    def problem(self) -> str:
+        return ""
+
     def pause(self, keys: set[str]) -> None:
         pass
 

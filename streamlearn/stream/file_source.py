@@ -76,6 +76,9 @@ class FileSource:
     def exhausted(self) -> bool:
         return self._eof
 
+    def problem(self) -> str:
+        return ""   # a file is read or it is missing (a config error at start)
+
     def caught_up(self) -> set[str]:
         return {self.key} if self._eof else set()
 

@@ -270,7 +270,7 @@ class Intake:
             consumer_lag=self.source.lag(), queueing={t: h.state() for t, h in self.queueing.items()},
             watermark=self._watermark, assigned=sorted(self._known_partitions),
             caught_up=self._watermark >= self.watermarks.newest() and not self.joiner.held,
-            broker=self.source.problem() if hasattr(self.source, "problem") else "",
+            broker=self.source.problem(),
         )
 
     def reject(self, rejected: list[Rejected]) -> None:

@@ -53,10 +53,7 @@ class Source(Protocol):
     def lag(self) -> dict[tuple[str, int], int]: ...
 
     def problem(self) -> str:
-        """What keeps the source from reading, in words (e.g. "broker HOST:PORT unreachable for 12 s ..."); "" when nothing.
-
-        Optional: a source without it (a file) never has one.
-        """
+        """What keeps the source from reading, in words (e.g. "broker HOST:PORT unreachable for 12 s ..."); "" if nothing."""
         ...
 
     def close(self) -> None: ...
