@@ -192,6 +192,42 @@ class GateConfig(_Section):
     holdout_every: NonNegativeInt = 20             # 1 in this many of a model's examples is held out (0: none)
     holdout_size: PositiveInt = 1000               # the most recent held-out examples the gate scores
     min_shadow_examples: NonNegativeInt = 1000     # examples scored side by side before the gate decides
+    # After a real concept change the drift policy confirmed, while production predates it (rule=concept_change):
+    # probes and held-out examples from before the change no longer count; the candidate must have been made
+    # after the change and beat production on recent and shadow examples by this margin.
+    change_margin: NonNegative = 0.1               # how far above production the candidate must score, on each
+    change_min_recent: NonNegativeInt = 30         # held-out examples since the change before it decides (waits)
+    change_candidates: NonNegativeInt = 3          # candidates asked for at once from the confirmation (0: trigger only)
+
+
+Share = Annotated[float, msgspec.Meta(gt=0, le=1)]
+
+
+class PolicyConfig(_Section):
+    """What a classifier does about a drift detection: which drift it is, and what to do (drift_actions_total).
+
+    A detection opens a case; the next examples are judged against a reference copy of the model from
+    before it. New classes (or inputs the reference is unsure of) keep what was learned; familiar inputs
+    whose labels contradict the reference make a suspected change, confirmed if it persists.
+    """
+
+    enabled: bool = True               # false: a detection acts as before the policy (a torch model consolidates)
+    judge_examples: PositiveInt = 200  # examples after a detection judged before the case is classified
+    contradiction: Share = 0.3         # rise in the share of labels contradicting the reference: a suspected change
+    new_class_share: Share = 0.3       # share of judged labels of classes first seen lately: new classes
+    new_class_examples: PositiveInt = 2000   # "lately": within this many examples before the label
+    confirm_examples: PositiveInt = 1000     # a suspected change is confirmed once it held this many examples ...
+    # ... and this many seconds of event time since the detection: a burst of wrong labels shorter than this is
+    # undone, never taken for a change (a broken labeler fixed within minutes; raise it where they last longer)
+    confirm_seconds: NonNegative = 120.0
+    reference_every: PositiveInt = 500       # examples between copies of the model kept as reference
+    # What a suspected change does (undone if it ends as a burst) and a confirmed one keeps:
+    release_ewc: bool = True           # torch: no EWC penalty while suspected; anchor, Fisher dropped when confirmed
+    expire_replay: bool = True         # torch: replay rows older than the detection unused; dropped when confirmed
+    reset_optimizer: bool = True       # torch: the optimizer's moments start afresh
+    lr_boost: Annotated[float, msgspec.Meta(ge=1)] = 20.0   # torch: learning rate times this ...
+    boost_examples: NonNegativeInt = 2000    # ... for this many examples from the suspicion (0: no boost)
+    reset_river: bool = True           # River: learn on from a fresh copy of the model; the reference back on a burst
 
 
 class DriftConfig(_Section):
@@ -202,6 +238,7 @@ class DriftConfig(_Section):
     page_hinkley_delta: NonNegative = 0.005     # error increase tolerated before it accumulates
     page_hinkley_threshold: Positive = 50.0
     grace: PositiveInt = 30                     # examples before a detector may fire
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)   # [drift.policy]: which drift, what to do
 
 
 class EvalConfig(_Section):
@@ -212,6 +249,8 @@ class EvalConfig(_Section):
     every: PositiveInt = 10_000          # examples between evaluations (and history lines)
     segments: PositiveInt = 10           # the most recent complete segments whose probes are kept
     history: bool = True                 # append each evaluation to STATE_DIR/history.jsonl (for `report`)
+    sample_every: NonNegativeInt = 100   # examples of a model between rolling-score samples in the history (0: none)
+    history_max_mb: Positive = 64.0      # history.jsonl past this size becomes history.jsonl.1 (the one before goes)
     served_versions: PositiveInt = 5     # serving versions whose scores are kept per model (from inference logs)
 
 

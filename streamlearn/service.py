@@ -267,7 +267,10 @@ class Service:
             self.served[name].observe(examples)
             if self.handoff is not None:   # shadow scoring, and the gate's held-out share
                 examples = self.handoff.before_learning(name, examples)
-            self.learners[name].learn_batch(examples, now)
+            if self.history is not None:   # cut at every eval.sample_every-th example, to sample the scores
+                self.history.learn(self.learners[name], examples, now)
+            else:
+                self.learners[name].learn_batch(examples, now)
         # The last partial micro-batch is learned at the end of the input; on a stop it stays queued in the
         # final snapshot (unless none is kept), so that a restart continues as if never stopped.
         if batch.exhausted or (batch.final and self.snapshots is None):
@@ -424,4 +427,5 @@ def _handoff(config: Config, learners: dict[str, Learner], state: Optional[bytes
 def _history_recorder(config: Config) -> Optional[HistoryRecorder]:
     if not config.eval.history:
         return None
-    return HistoryRecorder(HistoryWriter(Path(config.state_dir) / "history.jsonl"))
+    writer = HistoryWriter(Path(config.state_dir) / "history.jsonl", int(config.eval.history_max_mb * 2 ** 20))
+    return HistoryRecorder(writer, config.eval.sample_every)

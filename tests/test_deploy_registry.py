@@ -198,7 +198,8 @@ def test_a_torch_model_round_trips_through_safetensors(tmp_path):
 ])
 def test_gate_rules(scores, promote, reason):
     decision = Gate(GateConfig(regression_tolerance=0.05, min_shadow_score=0.7)).decide(scores)
-    assert decision.promote is promote and decision.reasons[0].startswith(reason)
+    assert decision.promote is promote and decision.reasons[1].startswith(reason)
+    assert decision.reasons[0] == "rule=standard" and decision.rule == "standard"   # no change: the rule names itself
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from streamlearn.stream.decode import LabelEntry, LogEntry
+from streamlearn.stream.closed_ids import MERGE_AT
 from streamlearn.stream.join import OUTCOMES, FeedbackJoiner, JoinerState
 
 
@@ -294,3 +295,58 @@ def test_every_input_is_accounted_for_with_pre_joined_examples_too():
     o = joiner.outcomes
     assert o["prejoined"] > 0 and o["duplicate"] > 0
     assert o["prejoined"] <= examples_in
+
+
+def test_closed_ids_past_the_compact_merge_are_still_told_apart_and_survive_a_snapshot():
+    """Beyond `MERGE_AT` the closed ids are kept as hashes: duplicates and late feedback are still recognised."""
+    joiner = FeedbackJoiner(ttl=3600, early_ttl=300, max_pending=1_000_000)
+    n = MERGE_AT + 5_000
+    for i in range(n):
+        joiner.add_log(log(f"r-{i}", i * 0.01))
+        if i % 10:
+            joiner.add_feedback(feedback(f"r-{i}", i * 0.01 + 1))
+    joiner.advance(n * 0.01 + 3601)    # every unmatched log expires; ids closed before 78 s are forgotten
+    assert counts(joiner) == {"matched": n - n // 10 - 1, "expired": n // 10 + 1}
+    restored = FeedbackJoiner(ttl=3600, early_ttl=300, max_pending=1_000_000)
+    restored.restore(msgspec.msgpack.decode(msgspec.msgpack.encode(joiner.state()), type=JoinerState))
+    for j in (joiner, restored):
+        j.add_log(log("r-10011", 5000.0))                # matched long ago, its id hashed: a duplicate
+        j.add_feedback(feedback("r-10010", 5000.0))      # its log expired: late
+        j.add_feedback(feedback(f"r-{n - 1}", 5000.0))   # the newest ids, still strings: matched, a duplicate
+        assert (j.outcomes["duplicate"], j.outcomes["late"]) == (2, 1)
+
+
+def test_closed_ids_are_forgotten_after_ttl_plus_early_ttl_and_bounded_by_max_pending():
+    joiner = FeedbackJoiner(ttl=10, early_ttl=5, max_pending=MERGE_AT + 100)
+    for i in range(MERGE_AT + 1_000):
+        joiner.add_log(log(f"r-{i}", 0.0))
+        joiner.add_feedback(feedback(f"r-{i}", 1.0))
+    joiner.advance(2.0)
+    assert len(joiner._closed) <= MERGE_AT + 100         # the oldest tenth went at once, by close time
+    joiner.add_log(log(f"r-{MERGE_AT + 999}", 2.0))      # the newest are kept
+    assert joiner.outcomes["duplicate"] == 1
+    joiner.advance(16.5)                                  # closed at 1.0: forgotten once the horizon passes 1.0
+    joiner.add_log(log("r-1", 17.0))
+    joiner.add_feedback(feedback("r-1", 18.0))
+    assert joiner.outcomes["duplicate"] == 1 and joiner.outcomes["matched"] == MERGE_AT + 1_001
+
+
+def test_a_snapshot_from_before_the_hashed_closed_ids_still_restores():
+    old = msgspec.msgpack.encode([[], [], [["r-1", 5.0, True], ["r-2", 6.0, False]], [], {"matched": 1}, []])
+    joiner = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=10)
+    joiner.restore(msgspec.msgpack.decode(old, type=JoinerState))
+    joiner.add_log(log("r-1", 7.0))
+    joiner.add_feedback(feedback("r-2", 8.0))
+    assert (joiner.outcomes["duplicate"], joiner.outcomes["late"]) == (1, 1)
+
+
+def test_pending_logs_kept_packed_come_back_whole_after_a_snapshot():
+    joiner = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=100)
+    joiner.add_log(LogEntry("a", 1.0, "m", {"x": 1.5, "c": "pos", "on": True}, "7", True))
+    joiner.add_log(LogEntry("b", 2.0, "m", {"x": 2.5}))
+    restored = FeedbackJoiner(ttl=60, early_ttl=10, max_pending=100)
+    restored.restore(msgspec.msgpack.decode(msgspec.msgpack.encode(joiner.state()), type=JoinerState))
+    restored.add_feedback(feedback("a", 3.0))
+    [example] = restored.advance(100.0)
+    assert (example.features, example.model_version, example.served) == ({"x": 1.5, "c": "pos", "on": True}, "7", True)
+    assert counts(restored) == {"matched": 1, "expired": 1}

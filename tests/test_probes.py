@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
 
-from streamlearn.config import EvalConfig
+from streamlearn.config import DriftConfig, EvalConfig
+from streamlearn.learners.plasticity import ConceptChange
 from streamlearn.learners.probes import ProbeSets
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Example
@@ -113,15 +115,75 @@ def test_only_the_last_segments_are_kept():
     assert [s.number for s in probes.segments] == [3, 4, 5]
 
 
+NO_DRIFT = DriftConfig(detectors=[])   # no detection, so no policy decision: the figures as the probes see them
+
+
 def test_live_forgetting_shows_a_concept_change_and_stays_low_without_one():
-    stationary = RiverLearner("m", "logreg", evaluation=EVAL)
-    changed = RiverLearner("m", "logreg", evaluation=EVAL)
+    stationary = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
+    changed = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
     stationary.learn_batch(stream(8000))
     changed.learn_batch(stream(8000, flip_at=4000))
     assert stationary.probes.forgetting < 0.05
     assert changed.probes.forgetting > 0.5                  # the segments before the change are now wrong
     assert changed.probes.backward_transfer < -0.5
     assert min(changed.probes.accuracies().values()) < 0.2
+
+
+CHANGE = ConceptChange(position=4000, ts=4100.0, confirmed_position=5000, confirmed_ts=5000.0, detector="adwin")
+
+
+def test_a_confirmed_change_retires_the_old_concepts_probes_from_forgetting():
+    changed = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
+    changed.learn_batch(stream(8000, flip_at=4000))
+    assert changed.probes.forgetting > 0.5
+    assert changed.probes.follow(CHANGE) and not changed.probes.follow(CHANGE)   # once; again does nothing
+    # Segments 0-3 hold the old concept, segment 4 straddles the change (ts 4000..4999): all five retired whole.
+    assert [s.number for s in changed.probes.retired] == [0, 1, 2, 3, 4]
+    assert [s.number for s in changed.probes.segments] == [5, 6, 7]
+    changed.evaluate()   # scores only the segments kept
+    assert abs(changed.probes.forgetting) < 0.05 and changed.probes.backward_transfer > -0.05
+    assert set(changed.probes.accuracies()) == {5, 6, 7}
+    assert min(changed.probes.accuracies().values()) > 0.8   # the adapted model, no longer reported as forgetting
+
+
+def test_the_segment_under_way_keeps_only_its_probes_since_the_change():
+    probes = ProbeSets("m", EVAL, seed=3)
+    list(probes.split(stream(4500)))
+    times = [ex.ts for ex in probes.filling]
+    assert len(times) == 25 and min(times) < 4100 < max(times)
+    probes.follow(CHANGE)
+    assert probes.filling and all(ex.ts >= 4100 for ex in probes.filling)
+    list(probes.split(stream(5000)[4500:]))   # the same stream, on to the end of segment 4
+    assert [s.number for s in probes.segments] == [4] and all(ex.ts >= 4100 for ex in probes.segments[0].probes)
+    assert probes.held_out == 250   # what was held out stays counted: those examples were never learned
+
+
+def test_a_newer_change_retires_more_an_older_or_unknown_one_nothing():
+    probes = ProbeSets("m", EVAL, seed=3)
+    list(probes.split(stream(6000)))
+    assert probes.follow(ConceptChange(2000, 2000.0, 2500, 2500.0, "adwin"))
+    assert [s.number for s in probes.retired] == [0, 1]
+    assert not probes.follow(ConceptChange(1000, 1000.0, 1500, 1500.0, "adwin"))
+    assert not probes.follow(ConceptChange(9000, math.nan, 9500, math.nan, "adwin")) and not probes.follow(None)
+    assert probes.follow(ConceptChange(3000, math.nan, 3900, 3900.0, "adwin"))   # detection time unknown
+    assert [s.number for s in probes.retired] == [0, 1, 2, 3] and probes.since == 3900.0
+
+
+def test_what_was_retired_is_in_the_learners_snapshot_and_old_snapshots_restore():
+    learner = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
+    learner.learn_batch(stream(6000, flip_at=4000))
+    learner.probes.follow(CHANGE)
+    restored = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
+    restored.restore(pickle.loads(pickle.dumps(learner.state())))
+    assert restored.probes.since == CHANGE.ts
+    assert [s.number for s in restored.probes.retired] == [s.number for s in learner.probes.retired] == [0, 1, 2, 3, 4]
+    assert [s.number for s in restored.probes.segments] == [5]
+
+    before = ProbeSets("m", EVAL, seed=3)   # pickled before retirement existed: nothing retired
+    list(before.split(stream(2000)))
+    del before.since, before.retired
+    old = pickle.loads(pickle.dumps(before))
+    assert old.since is None and len(old.retired) == 0 and old.follow(ConceptChange(0, 500.0, 1, 600.0, "adwin"))
 
 
 def test_the_service_writes_a_history_line_per_evaluation(tmp_path):
@@ -135,6 +197,7 @@ def test_the_service_writes_a_history_line_per_evaluation(tmp_path):
                               for e in stream(6000, flip_at=3000)))
     config = parse_config({"source": f"file:{path}", "state_dir": str(tmp_path / "state"),
                            "metrics": {"enabled": False}, "intake": {"mode": "inline"},
+                           "drift": {"policy": {"enabled": False}},   # no confirmed change: no probe retired
                            "eval": {"segment_size": 1000, "probe_size": 50, "every": 500}}, env={})
     summary = Service(config).run()
     lines = read_history(tmp_path / "state" / "history.jsonl")

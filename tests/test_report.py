@@ -1,4 +1,5 @@
-"""`streamlearn report`: figures and page from a history file, error paths, and the report of a real run."""
+"""`streamlearn report`: figures and page from a history file, score samples and policy actions, error paths,
+and the report of a real run."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from typer.testing import CliRunner
 
 from streamlearn.cli import app
 from streamlearn.report.series import by_model
-from streamlearn.telemetry.history import DriftMark, HistoryRecord, HistoryWriter, read_history
+from streamlearn.learners.plasticity import PolicyAction
+from streamlearn.telemetry.history import (DriftMark, HistoryRecord, HistoryWriter, ScoreSample, read_history,
+                                           read_history_file)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("scores.png", "probes.png", "latency.png")
@@ -234,3 +237,63 @@ def test_report_of_a_real_run(tmp_path):
     records = read_history(state / "history.jsonl")
     assert {r.model for r in records} == {"a", "b"}
     assert any(r.probe_accuracy for r in records)
+
+
+def sampled_history(actions: bool) -> tuple[list[HistoryRecord], list[ScoreSample]]:
+    """A run of 35,000 examples: an evaluation every 10,000, a score sample every 100, a change at 21,000."""
+    records, samples = [], []
+    marks = [PolicyAction(21_400, 1_700_021_400.0, "change", "release_ewc"),
+             PolicyAction(21_400, 1_700_021_400.0, "change", "expire_replay"),
+             PolicyAction(30_000, 1_700_030_000.0, "burst", "hold")] if actions else []
+    for position in range(100, 35_001, 100):
+        accuracy = 0.95 if position < 21_000 else min(0.95, 0.3 + (position - 21_000) / 3000)
+        samples.append(ScoreSample("fraud", position, 1_700_000_000.0 + position, {"accuracy": accuracy}))
+        if position % 10_000 == 0:
+            records.append(HistoryRecord(
+                model="fraud", time=1_700_000_000.0 + position, position=position, learned=position,
+                scores={"accuracy": accuracy}, scores_all={"accuracy": 0.9},
+                drifts=[DriftMark("adwin", 21_150)] if position == 30_000 else [],
+                actions=[a for a in marks if position - 10_000 < a.position <= position]))
+    return records, samples
+
+
+def test_score_samples_draw_the_curve_and_policy_actions_are_marked(tmp_path):
+    """Hundreds of sampled points make the rolling line; the policy's actions are markers on it, counted on the page."""
+    images = {}
+    for actions in (True, False):
+        state = tmp_path / f"state-{actions}"
+        state.mkdir()
+        records, samples = sampled_history(actions)
+        with HistoryWriter(state / "history.jsonl") as writer:
+            for line in samples + records:
+                writer.append(line)
+        result = runner.invoke(app, ["report", "--state", str(state)])
+        assert result.exit_code == 0, result.output
+        images[actions] = check_png(state / "report" / "scores.png")
+        history = read_history_file(state / "history.jsonl")
+        [fraud] = by_model(history.records, history.samples)
+        assert fraud.sampled and len(fraud.rolling["accuracy"]) == 350 and len(fraud.cumulative["accuracy"]) == 3
+        assert [(a.position, a.action) for a in fraud.actions] == \
+            ([(21_400, "release_ewc"), (21_400, "expire_replay"), (30_000, "hold")] if actions else [])
+        page = (state / "report" / "report.html").read_text()
+        assert "<th>policy actions</th>" in page and "350 score samples" in page
+        row = re.search(r"<tr><td>fraud</td>.*?</tr>", page).group(0)
+        assert row.endswith(f'<td class="num">1</td><td class="num">{3 if actions else 0}</td></tr>'), row
+    assert images[True].shape == images[False].shape and not np.array_equal(images[True], images[False])
+
+
+def test_samples_alone_and_rolled_back_samples(tmp_path):
+    """A run shorter than eval.every has samples only: still a curve and a row; a rollback's leftovers go."""
+    old = [ScoreSample("m", 100 * t, float(t), {"accuracy": 0.5}) for t in range(1, 11)]
+    new = [ScoreSample("m", 100 * t, 100.0 + t, {"accuracy": 0.9}) for t in range(6, 9)]
+    with HistoryWriter(tmp_path / "history.jsonl") as writer:
+        for sample in old + new:
+            writer.append(sample)
+    result = runner.invoke(app, ["report", "--state", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert [line.rsplit("/", 1)[-1] for line in result.stdout.splitlines()] == ["scores.png", "report.html"]
+    history = read_history_file(tmp_path / "history.jsonl")
+    [m] = by_model(history.records, history.samples)
+    assert m.rolling["accuracy"].x.tolist() == [100 * t for t in range(1, 9)] and m.superseded == 2
+    row = re.search(r"<tr><td>m</td>.*?</tr>", (tmp_path / "report" / "report.html").read_text()).group(0)
+    assert "0.9" in row

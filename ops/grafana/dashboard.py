@@ -184,6 +184,11 @@ def quality(layout: Layout) -> list:
         graph(layout, "Drifts detected", "Detections on each model's prequential error, per interval.",
               [(f"sum by (model, detector) (increase(streamlearn_drift_detected_total{{{MODEL}}}[{RATE}]))",
                 "{{model}} {{detector}}")], width=12, bars=True),
+        graph(layout, "Drift policy actions", "What each model's drift policy decided and did: kind change "
+              "(suspect, confirm, release_ewc, ...), new_classes (keep, consolidate) or burst (dismiss, restore), "
+              "per interval.",
+              [(f"sum by (model, kind, action) (increase(streamlearn_drift_actions_total{{{MODEL}}}[{RATE}]))",
+                "{{model}} {{kind}} {{action}}")], width=12, bars=True),
     ]
 
 

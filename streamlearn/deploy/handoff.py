@@ -9,8 +9,22 @@ The service calls it on every batch, left to right:
                                        otherwise the publish trigger may make the learner's state a candidate
 
 One candidate per model waits at a time (the publish trigger is not checked while
-one does). What must survive a crash is in the snapshot (`state()`: the holdout,
-the trigger's last firing, the shadow totals) or in the registry; on start,
+one does).
+
+The handoff follows each learner's drift policy. Once a real concept change is
+confirmed (its policy's `last_change`), the learner's probes from before it are retired
+(`ProbeSets.follow`), only held-out examples since it count as recent, and while
+the production version was made before the change the gate decides by its
+`concept_change` rule (`AfterChange`). At the confirmation a waiting candidate
+made before the change is decided at once (and rejected by that rule), and up to
+`gate.change_candidates` candidates are asked for one after another, without
+waiting for the publish trigger (reason `change`), until one is promoted. While a
+drift case is open (a detection judged, a change suspected), a candidate may be rejected
+but not promoted: one that passes waits for the case to close and is decided again, so
+that a burst of wrong labels is over, or a change confirmed, before anything is promoted.
+
+What must survive a crash is in the snapshot (`state()`: the holdout, the
+trigger's last firing, the shadow totals, the change followed) or in the registry; on start,
 candidates the restored state does not know about (made after the snapshot) are
 rejected as abandoned, and pointers and unsent events are repaired.
 """
@@ -26,13 +40,15 @@ import msgspec
 
 from streamlearn.config import Config
 from streamlearn.deploy.artifacts import ArtifactManifest
-from streamlearn.deploy.gate import Gate, compare, compare_segments
+from streamlearn.deploy.gate import AfterChange, Gate, compare, compare_segments
 from streamlearn.deploy.holdout import Holdout, HoldoutState
 from streamlearn.deploy.model_files import Deployed, deployed, model_files
 from streamlearn.deploy.publisher import Publisher, open_publisher
 from streamlearn.deploy.records import OUTCOMES, GateScores, StreamPosition, VersionRecord
 from streamlearn.deploy.shadow import Shadow, ShadowTally
 from streamlearn.learners.base import Learner
+from streamlearn.learners.plasticity import ConceptChange
+from streamlearn.learners.probes import change_start
 from streamlearn.records import Example
 from streamlearn.triggers import Trigger, TriggerState
 
@@ -47,6 +63,9 @@ class ModelHandoffState(msgspec.Struct):
     trigger: TriggerState = msgspec.field(default_factory=TriggerState)   # the publish trigger
     shadow: Optional[ShadowTally] = None  # the waiting candidate's totals
     decisions: dict[str, int] = {}        # gate outcome -> count
+    change: Optional[ConceptChange] = None   # the learner's confirmed concept change followed last
+    asked: int = 0                        # candidates asked for because of it (up to gate.change_candidates)
+    rules: dict[str, int] = {}            # gate rule -> decisions it made
 
 
 class ModelHandoff:
@@ -60,11 +79,22 @@ class ModelHandoff:
         self.trigger = Trigger("publish", config.publish, time.monotonic(), trigger)
         self.decisions: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self.decisions.update(state.decisions if state else {})
+        self.rules: Counter[str] = Counter(state.rules if state else {})
         self.shadow: Optional[Shadow] = None
+        self.deferred = False   # the waiting candidate passed while a drift case was open: decided again after it
+        # Without a state of its own, a change confirmed before now is followed but asks for no candidates.
+        self.change = state.change if state else learner.policy.last_change
+        self.asked = state.asked if state else g.change_candidates
+
+    @property
+    def since(self) -> Optional[float]:
+        """Event time from which examples belong to the current concept (None: no change confirmed)."""
+        return change_start(self.change)
 
     def state(self) -> ModelHandoffState:
         return ModelHandoffState(self.holdout.state(), self.trigger.state(),
-                                 self.shadow.tally if self.shadow else None, dict(self.decisions))
+                                 self.shadow.tally if self.shadow else None, dict(self.decisions), self.change,
+                                 self.asked, dict(self.rules))
 
 
 class Handoff:
@@ -119,12 +149,64 @@ class Handoff:
             self._refresh(now)
         for name, model in self.models.items():
             try:
-                if model.shadow is None and self._due(name, model, now):
+                self._follow(name, model)
+                if model.shadow is None and (self._asked(name, model, now) or self._due(name, model, now)):
                     self._candidate(name, model, positions, snapshot_seq())
-                if model.shadow is not None and model.shadow.tally.examples >= self.config.gate.min_shadow_examples:
+                if model.shadow is not None and self._ready(name, model):
                     self._decide(name, model)
             except Exception as err:   # the registry, the artifact store or the event sink failed: learning goes on
                 self._give_up(name, model, err)
+
+    def _follow(self, name: str, model: ModelHandoff) -> None:
+        """Takes a concept change the learner's policy confirmed since the last batch: probes, candidates."""
+        learner = self.learners[name]
+        change = learner.policy.last_change
+        if learner.probes is not None:   # idempotent; the learner also does it at its evaluations
+            learner.probes.follow(change)
+        start = change_start(change)
+        if start is None or (model.since is not None and start <= model.since):
+            return
+        model.change, model.asked = change, 0
+        log.info("model %s: concept change confirmed at example %d (detected at %d): following it", name,
+                 change.confirmed_position, change.position)
+        if model.shadow is not None and self._after_change(name, model) is not None:
+            record = self.registry.get(name, model.shadow.candidate.version)
+            if record is not None and (record.position.ts is None or record.position.ts < start):
+                self._decide(name, model)   # made from the old concept: rejected now, not after its shadow
+
+    def _after_change(self, name: str, model: ModelHandoff,
+                      candidate_ts: Optional[float] = None) -> Optional[AfterChange]:
+        """The concept change the gate must follow, if production was made before it (an unknown time: before)."""
+        start = model.since
+        if start is None:
+            return None
+        production = self.registry.production(name)
+        if production is None or (production.position.ts is not None and production.position.ts >= start):
+            return None
+        return AfterChange(model.change, candidate_ts)
+
+    def _asked(self, name: str, model: ModelHandoff, now: float) -> bool:
+        """Whether a candidate is due because of a confirmed change production predates (counted as `change`)."""
+        if model.asked >= self.config.gate.change_candidates:
+            return False
+        if self._after_change(name, model) is None:   # production follows the change already: no more asking
+            model.asked = self.config.gate.change_candidates
+            return False
+        model.asked += 1
+        model.trigger.fire("change", model.holdout.position, now, self.learners[name].drift.total)
+        return True
+
+    def _ready(self, name: str, model: ModelHandoff) -> bool:
+        """Enough shadow examples, no drift case holding a promotion back, and, for the concept_change rule, enough
+        held-out examples since the change."""
+        g = self.config.gate
+        if model.shadow.tally.examples < g.min_shadow_examples:
+            return False
+        if model.deferred:   # a promotion waits for the drift case to close (the decision is made again then)
+            return not self.learners[name].policy.case_open
+        if model.since is None or not g.holdout_every or len(model.holdout.since(model.since)) >= g.change_min_recent:
+            return True
+        return self._after_change(name, model) is None   # it waits only where the concept_change rule decides
 
     def _give_up(self, name: str, model: ModelHandoff, err: Exception) -> None:
         """Logs the failure and rejects the waiting candidate, if any (a promotion already made stands)."""
@@ -151,10 +233,11 @@ class Handoff:
         version = self.registry.next_version(name)
         written = self.artifacts.write(ArtifactManifest(name, version, kind, learner.task, time.time(),
                                                         self.config.models[name]), files)
+        newest = model.holdout.ts if model.holdout.ts != float("-inf") else None
         self.registry.add(VersionRecord(
             name, version, "candidate", written.manifest.created, written.url, written.manifest_sha256,
             written.checksums, production.version if production else None, snapshot,
-            StreamPosition(model.holdout.position, dict(positions))))
+            StreamPosition(model.holdout.position, dict(positions), newest)))
         try:   # the gate scores what serving would load: the artifact as written, read back and verified
             candidate = deployed(self.artifacts.load(name, version, written.manifest_sha256))
         except Exception as err:
@@ -175,11 +258,15 @@ class Handoff:
             log.info("model %s: production changed while v%d waited; shadow scoring starts again", name, version)
             model.shadow = Shadow(shadow.candidate, production)
             return
-        probes = self.learners[name].probes
+        probes = self.learners[name].probes   # its segments from before a confirmed change were retired
         segments = [segment.probes for segment in probes.segments] if probes is not None else []
-        scores = GateScores(compare(shadow.candidate, production, list(model.holdout.recent)),
+        scores = GateScores(compare(shadow.candidate, production, model.holdout.since(model.since)),
                             compare_segments(shadow.candidate, production, segments), shadow.tally.comparison())
-        decision = self.gate.decide(scores)
+        decision = self.gate.decide(scores, self._after_change(name, model, record.position.ts))
+        model.deferred = decision.promote and self.learners[name].policy.case_open
+        if model.deferred:   # neither concept is known to be right yet: a rejection stands, a promotion waits
+            log.info("model %s: v%d passed the gate while a drift case is open; it waits for the case", name, version)
+            return
         if decision.promote:
             self.publisher.promote(name, version, "promote", "gate", scores, decision.reasons)
             self.production_versions[name] = version
@@ -187,6 +274,7 @@ class Handoff:
             self.registry.reject(name, version, scores, decision.reasons, "gate")
         outcome = "promoted" if decision.promote else "rejected"
         model.decisions[outcome] += 1
+        model.rules[decision.rule] += 1
         model.shadow = None
         log.info("model %s: gate %s v%d: %s", name, outcome, version, "; ".join(decision.reasons))
 
@@ -228,7 +316,7 @@ class Handoff:
 
     def summary(self) -> dict[str, dict]:
         return {name: {"production": self.production_versions.get(name), "decisions": dict(model.decisions),
-                       "held_out": model.holdout.held_out,
+                       "rules": dict(model.rules), "held_out": model.holdout.held_out,
                        "waiting": model.shadow.candidate.version if model.shadow else None}
                 for name, model in self.models.items()}
 

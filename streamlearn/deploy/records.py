@@ -18,6 +18,7 @@ import msgspec
 
 Status = Literal["candidate", "production", "rejected", "retired"]
 OUTCOMES = ("promoted", "rejected")   # gate decisions, the `outcome` label of gate_decisions_total
+RULES = ("standard", "concept_change")   # which gate rule decided: the first reason reads "rule=<name>"
 
 
 class Comparison(msgspec.Struct, omit_defaults=True):
@@ -49,6 +50,7 @@ class StreamPosition(msgspec.Struct, omit_defaults=True):
 
     examples: int = 0
     offsets: dict[str, int] = {}
+    ts: Optional[float] = None   # event time of the newest example of the model then (None: made before it was kept)
 
 
 class VersionRecord(msgspec.Struct):
@@ -65,8 +67,14 @@ class VersionRecord(msgspec.Struct):
     snapshot_seq: Optional[int] = None  # the newest durable snapshot then (its state grew from it)
     position: StreamPosition = msgspec.field(default_factory=StreamPosition)
     scores: GateScores = msgspec.field(default_factory=GateScores)
-    reasons: list[str] = []             # why the gate (or an operator) decided as it did
+    reasons: list[str] = []             # why the gate (or an operator) decided as it did; the gate's start "rule=..."
     decided: Optional[float] = None     # unix seconds of the last status change
+
+    @property
+    def rule(self) -> Optional[str]:
+        """The gate rule that decided (one of RULES), or None (not decided by the gate, or before rules were named)."""
+        first = self.reasons[0] if self.reasons else ""
+        return first[5:].split(" ", 1)[0] if first.startswith("rule=") else None
 
 
 class Change(msgspec.Struct):

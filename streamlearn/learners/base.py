@@ -18,6 +18,7 @@ import numpy as np
 
 from streamlearn.config import DriftConfig, EvalConfig
 from streamlearn.learners.drift import DriftEvent, DriftMonitor
+from streamlearn.learners.drift_policy import DriftPolicy, Judged, Transition
 from streamlearn.learners.probes import ProbeSets
 from streamlearn.learners.scores import PrequentialScores
 from streamlearn.records import Example, Rejected
@@ -36,7 +37,7 @@ class Learner:
     """One named model's scores and counters; subclasses bring the model."""
 
     STATE: tuple[str, ...] = ("scores", "drift", "probes", "learned", "errors", "update_seconds", "loop_latency",
-                              "processing", "_marks", "_marked", "error_counts")
+                              "processing", "_marks", "_marked", "error_counts", "policy")
     rolled_back = 0   # updates undone because they made the model non-finite (torch learners)
     model_label = ""  # what the model is ("scaled_logreg", a factory path), for messages
 
@@ -46,6 +47,11 @@ class Learner:
         self.task = task
         self.scores = PrequentialScores(task, window)
         self.drift = DriftMonitor(drift or DriftConfig())
+        policy = (drift or DriftConfig()).policy
+        if task != "classification":   # the policy judges labels against a reference's predictions
+            policy = msgspec.structs.replace(policy, enabled=False)
+        self.policy = DriftPolicy(policy)                  # which drift a detection was, and what was done
+        self._scoring: tuple[int, np.ndarray] = (0, np.zeros(0))   # drift position and event times being scored
         self.probes = _probe_sets(name, task, evaluation, seed)
         self.learned = 0
         self.errors = 0
@@ -74,6 +80,7 @@ class Learner:
 
     def evaluate(self) -> None:
         """Scores the model on every kept probe set (forgetting, backward transfer), then tells the service."""
+        self.probes.follow(self.policy.last_change)   # probes of a concept that is no longer true are retired
         self.probes.record([self.probe_accuracy(segment.probes) for segment in self.probes.segments])
         self.on_evaluation(self)
 
@@ -117,6 +124,8 @@ class Learner:
     def restore(self, state: dict) -> None:
         if "error_counts" not in state:   # a snapshot from before errors were counted by class
             state = {**state, "error_counts": {"other": state["errors"]} if state["errors"] else {}}
+        if "policy" not in state:         # a snapshot from before the drift policy: no case open
+            state = {**state, "policy": self.policy}
         for name in self.STATE:
             setattr(self, name, state[name])
         self._refusals = _RefusalWindow(self.learned + self.errors, self.errors)
@@ -169,7 +178,53 @@ class Learner:
             self.on_drift(event)
 
     def on_drift(self, event: DriftEvent) -> None:
-        """What the learner itself does about a drift (the torch learner consolidates)."""
+        """What the learner itself does about a drift: opens a policy case (the torch learner also consolidates)."""
+        self._open_case(event)
+
+    # --- the drift policy ------------------------------------------------------------------------------------
+
+    def _open_case(self, event: DriftEvent) -> bool:
+        """Opens a drift case dated by the event time of the example it was detected at; False if one is open."""
+        if not self.policy.enabled:   # off, and off for regression: no accuracy to judge by
+            return False
+        start, ts = self._scoring
+        index = event.position - start - 1
+        when = float(ts[index]) if 0 <= index < len(ts) else float("nan")
+        if not self.policy.open(event.position, when, event.detector, 1.0 - self.scores.value("accuracy", True)):
+            return False
+        self._case_opened()
+        return True
+
+    def _case_opened(self) -> None:
+        """Fixes the reference the open case is judged against (learners that judge)."""
+
+    def _judge_scored(self, labels: list, ts: np.ndarray, judge: Callable[[int], Judged]) -> None:
+        """After `len(labels)` classified examples were scored: notes their labels, then judges those after an
+        open case's detection (`judge(i)`: the reference's verdicts on examples i..) and acts on the decisions."""
+        policy = self.policy
+        if not policy.enabled:
+            return
+        n = len(labels)
+        first = self.drift.position - n + 1
+        policy.saw(labels, first)
+        start = policy.judging_from(first, n)
+        if start is None:
+            return
+        for decision in policy.judge(judge(start), np.arange(first + start, first + n), np.asarray(ts)[start:]):
+            log.info("model %s: drift case decided at example %d: %s", self.name, decision.position, decision.kind)
+            self._decided(decision)
+
+    def _decided(self, decision: Transition) -> None:
+        """Acts on a policy decision and counts what was done (subclasses add their model's actions)."""
+        act = self.policy.act
+        if decision.kind == "suspect":
+            act("change", "suspect", decision.position, decision.ts)
+        elif decision.kind == "change":
+            act("change", "confirm", decision.position, decision.ts)
+        elif decision.kind == "burst":
+            act("burst", "dismiss", decision.position, decision.ts)
+        else:
+            act(decision.kind, "keep", decision.position, decision.ts)
 
     def _observe_update(self, seconds: float, label_ts: np.ndarray, consumed: np.ndarray, now: float) -> None:
         self.update_seconds.observe(seconds)

@@ -53,6 +53,14 @@ class OnlineEWC:
         self.recent_batches = 0
         self.consolidations += 1
 
+    def release(self, theta: torch.Tensor) -> None:
+        """Forgets what was consolidated (a confirmed concept change): no penalty until the next consolidation."""
+        self.fisher.zero_()
+        self.recent.zero_()
+        self.anchor.copy_(theta.detach())
+        self.recent_batches = 0
+        self.consolidations = 0
+
     def penalty_grad(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Adds lambda · F (θ − θ*) to `grad` in place and returns it."""
         if self.active:

@@ -14,6 +14,15 @@ before and the first one after it was complete are kept, which gives
 
 over the segments evaluated at least once before (Chaudhry et al. 2018; Lopez-Paz & Ranzato 2017).
 
+After a real concept change the drift policy confirmed (`follow`), the probes of
+the old concept are wrong, not forgotten: every complete segment holding a probe
+older than the change (its event time `ConceptChange.ts`) is retired, and the
+probes of the segment under way that are older than it are dropped. Retired
+segments are kept apart (`retired`, the last `eval.segments`, with their last
+accuracy) and never scored again: forgetting, backward transfer, `probe_accuracy`
+and the gate's historical check cover the segments since the change only. What
+was retired (`since`, `retired`) is pickled with the learner, like the rest.
+
 >>> from streamlearn.config import EvalConfig
 >>> from streamlearn.records import Example
 >>> probes = ProbeSets("m", EvalConfig(segment_size=100, probe_size=10, every=50), seed=1)
@@ -33,6 +42,7 @@ from collections import deque
 from typing import Iterator, Optional
 
 from streamlearn.config import EvalConfig
+from streamlearn.learners.plasticity import ConceptChange
 from streamlearn.records import Example
 
 
@@ -68,6 +78,14 @@ class ProbeSets:
         self.segments: deque[Segment] = deque(maxlen=config.segments)   # complete ones, oldest first
         self.held_out = 0
         self._stride = max(1, config.segment_size // config.probe_size) if config.probe_size else 0
+        self.since: Optional[float] = None       # event time of the change followed last: older probes are retired
+        self.retired: deque[Segment] = deque(maxlen=config.segments)   # segments of an old concept, oldest first
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickles, also probe sets pickled before retirement existed (nothing retired)."""
+        self.__dict__.update(state)
+        self.__dict__.setdefault("since", None)
+        self.__dict__.setdefault("retired", deque(maxlen=self.config.segments))
 
     def split(self, examples: list[Example]) -> Iterator[tuple[list[Example], bool]]:
         """Yields `(examples to learn, evaluate after them?)` pieces; holds the probes out on the way."""
@@ -115,6 +133,24 @@ class ProbeSets:
             self.segments.append(Segment(number, self.filling))
         self.filling = []
 
+    def follow(self, change: Optional[ConceptChange]) -> bool:
+        """Retires the probes older than a confirmed concept change not followed yet; True if it was new.
+
+        Idempotent (a change already followed does nothing), so the learner may call it at every evaluation.
+        A segment that straddles the change is retired whole: its accuracy history mixes both concepts.
+        """
+        start = change_start(change)
+        if start is None or (self.since is not None and start <= self.since):
+            return False
+        self.since = start
+        kept = [s for s in self.segments if min(ex.ts for ex in s.probes) >= start]
+        gone = [s for s in self.segments if min(ex.ts for ex in s.probes) < start]
+        # New deques, assigned whole: a metrics scrape iterating the old ones meanwhile is not disturbed.
+        self.segments = deque(kept, maxlen=self.config.segments)
+        self.retired = deque([*self.retired, *gone], maxlen=self.config.segments)
+        self.filling = [ex for ex in self.filling if ex.ts >= start]
+        return True
+
     def record(self, accuracies: list[float]) -> None:
         """Takes the accuracy now on each kept segment (in the order of `segments`)."""
         for segment, accuracy in zip(self.segments, accuracies):
@@ -135,6 +171,16 @@ class ProbeSets:
     def accuracies(self) -> dict[int, float]:
         """Segment number -> the latest accuracy on its probes."""
         return {s.number: s.now for s in self.segments if s.now is not None}
+
+
+def change_start(change: Optional[ConceptChange]) -> Optional[float]:
+    """Event time from which examples belong to the new concept: the detection's, else the confirmation's."""
+    if change is None:
+        return None
+    for ts in (change.ts, change.confirmed_ts):
+        if math.isfinite(ts):
+            return ts
+    return None
 
 
 def _next_multiple(position: int, size: int) -> int:

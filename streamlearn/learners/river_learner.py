@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -34,12 +35,66 @@ import numpy as np
 
 from streamlearn.config import DriftConfig, EvalConfig, TrainConfig
 from streamlearn.learners.base import Learner
+from streamlearn.learners.drift_policy import Judged, Transition
 from streamlearn.learners.guard import (EXPLODED_RANGES, MAX_CULPRITS, RANGE_WARMUP, SUSPECT_ERRORS, UnsoundOutput,
                                         UpdateGuard, finite_state)
 from streamlearn.learners.models import NUMERIC_ONLY, ModelError, build_model
 from streamlearn.records import Example
 
 log = logging.getLogger(__name__)
+
+
+class _PolicySide:
+    """What a River learner does for its drift policy: reference copies, judging, and the model's actions."""
+
+    def _copies_references(self) -> bool:
+        return self.policy.enabled and self.policy.case is None
+
+    def _keep_reference(self, position: int) -> None:
+        """Keeps a pickled copy of the model as it is (the last two are kept)."""
+        self._references = [*self._references, pickle.dumps(self.model, protocol=pickle.HIGHEST_PROTOCOL)][-2:]
+        self._reference_due = position + self.policy.config.reference_every
+
+    def _case_opened(self) -> None:
+        """The case is judged against the older kept copy (from before the change), or the model now."""
+        self._reference = (self._references[0] if self._references
+                           else pickle.dumps(self.model, protocol=pickle.HIGHEST_PROTOCOL))
+        self._reference_model = None
+
+    def _judge_examples(self, examples: list[Example]) -> None:
+        if self.policy.enabled:
+            self._judge_scored([ex.label for ex in examples], self._scoring[1], lambda i: self._judged(examples[i:]))
+
+    def _judged(self, examples: list[Example]) -> Judged:
+        """The reference model's verdict on examples scored after the detection."""
+        if self._reference_model is None:
+            self._reference_model = pickle.loads(self._reference)
+        agree, known = [], []
+        for ex in examples:
+            try:
+                proba = self._reference_model.predict_proba_one(ex.features)
+            except Exception:   # what the reference cannot score says nothing about the labels
+                proba = {}
+            agree.append(bool(proba) and max(proba, key=proba.get) == ex.label)
+            known.append(ex.label in proba)
+        return Judged(agree, known, [ex.label for ex in examples])
+
+    def _decided(self, decision: Transition) -> None:
+        """A suspected change learns on from a fresh model; a burst after one brings the reference back."""
+        super()._decided(decision)
+        policy = self.policy
+        if decision.kind == "suspect":
+            if policy.config.reset_river:
+                self.model = self.model.clone()
+                self.guard = UpdateGuard()
+                policy.act("change", "reset_model", decision.position, decision.ts)
+            return
+        if decision.kind == "burst" and decision.suspected and policy.config.reset_river:
+            self.model = pickle.loads(self._reference)
+            self.guard = UpdateGuard()
+            policy.act("burst", "restore", decision.position, decision.ts)
+        self._reference, self._reference_model, self._references = None, None, []
+        self._reference_due = self.drift.position + policy.config.reference_every
 
 
 @dataclass
@@ -54,10 +109,11 @@ class MicroBatchQueue:
     scored: int = 0
 
 
-class RiverLearner(Learner):
+class RiverLearner(_PolicySide, Learner):
     """One named River estimator with its prequential scores and learning counters."""
 
-    STATE = Learner.STATE + ("model", "target_range", "rolled_back", "queue")
+    STATE = Learner.STATE + ("model", "target_range", "rolled_back", "queue", "_references", "_reference",
+                             "_reference_due")
 
     def __init__(self, name: str, model: str = "logreg", task: str = "classification",
                  learn_mode: str = "one", window: int = 1000, params: Optional[dict] = None,
@@ -72,6 +128,12 @@ class RiverLearner(Learner):
         self.target_range = [math.inf, -math.inf, 0]   # lowest and highest regression target seen, and how many
         self.rolled_back = 0                           # updates the guard undid
         self.guard = UpdateGuard()
+        # The drift policy's references: pickled copies every `reference_every` examples (the older of the last
+        # two judges a case), and the one the open case is judged against.
+        self._references: list[bytes] = []
+        self._reference: Optional[bytes] = None
+        self._reference_due = self.policy.config.reference_every
+        self._reference_model = None   # `_reference` unpickled (not in snapshots)
         if model in NUMERIC_ONLY:
             log.warning("model %s (%s) takes numbers only: an example with a string feature is refused "
                         "(dead letter learn_error); for string features use model = \"%s\"", name, model,
@@ -111,8 +173,12 @@ class RiverLearner(Learner):
             state = {**state, "target_range": [math.inf, -math.inf, 0], "rolled_back": 0}
         if "queue" not in state:          # a snapshot from before micro-batches were queued: nothing waits
             state = {**state, "queue": MicroBatchQueue()}
+        if "_references" not in state:    # a snapshot from before the drift policy
+            state = {**state, "_references": [], "_reference": None,
+                     "_reference_due": state["learned"] + self.policy.config.reference_every}
         super().restore(state)
         self.guard = UpdateGuard()
+        self._reference_model = None
 
     def _test_then_train_classifier(self, examples: list[Example]) -> None:
         guard, weighted = self.guard, self._takes_weight
@@ -120,7 +186,9 @@ class RiverLearner(Learner):
             self._keep_copy()
         predict, learn = self.model.predict_proba_one, self.model.learn_one
         since, every = guard.since, guard.every
-        p_true, p_best, n_classes = [], [], []
+        p_true, p_best, n_classes, scored = [], [], [], []
+        # scored examples until the next reference copy (none while a drift case is open)
+        copy_at = self._reference_due - self.drift.position if self._copies_references() else math.inf
         for ex in examples:
             x, y = ex.features, ex.label
             try:
@@ -145,17 +213,23 @@ class RiverLearner(Learner):
             p_true.append(true)
             p_best.append(best)
             n_classes.append(n)
+            scored.append(ex)
             since.append(ex)
             if len(since) >= every:
                 self._keep_copy()
                 predict, learn = self.model.predict_proba_one, self.model.learn_one
                 since, every = guard.since, guard.every
+            if len(scored) >= copy_at:
+                self._keep_reference(self.drift.position + len(scored))
+                copy_at = self._reference_due - self.drift.position
         self.learned += len(p_true)
         p = np.asarray(p_true, dtype=float)
         # Correct when the true label has the highest probability; an empty or uniform proba
         # (a model that knows nothing yet) is a miss.
         correct = (p >= np.asarray(p_best, dtype=float)) & (p * np.asarray(n_classes) > 1.0)
+        self._scoring = (self.drift.position, np.fromiter((e.ts for e in scored), float, len(scored)))
         self._scored_classification(correct, p)
+        self._judge_examples(scored)
 
     def _test_then_train_regressor(self, examples: list[Example]) -> None:
         guard, weighted = self.guard, self._takes_weight
@@ -378,6 +452,8 @@ class RiverLearner(Learner):
             return
         record()
         self.learned += len(batch)
+        if self._copies_references() and self.drift.position >= self._reference_due:
+            self._keep_reference(self.drift.position)
         label_ts = np.fromiter((e.label_ts for e in batch), float, len(batch))
         consumed = np.fromiter((e.consumed for e in batch), float, len(batch))
         self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
@@ -394,7 +470,12 @@ class RiverLearner(Learner):
         X = _frame(examples) if X is None else X
         if self.task == "classification":
             correct, p_true = _hits(self.model.predict_proba_many(X), [ex.label for ex in examples])
-            return lambda: self._scored_classification(correct, p_true)
+
+            def record() -> None:
+                self._scoring = (self.drift.position, np.fromiter((e.ts for e in examples), float, len(examples)))
+                self._scored_classification(correct, p_true)
+                self._judge_examples(examples)
+            return record
         guess = np.asarray(self.model.predict_many(X), dtype=float)
         y_true = np.fromiter((float(ex.label) for ex in examples), float, len(examples))
         return lambda: self._scored_regression(y_true, guess)

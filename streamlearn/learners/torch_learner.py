@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
 from streamlearn.learners.base import Learner
 from streamlearn.learners.drift import DriftEvent
+from streamlearn.learners.drift_policy import Judged, Transition
 from streamlearn.learners.encoder import FeatureEncoder, RunningMoments
 from streamlearn.learners.ewc import OnlineEWC
 from streamlearn.learners.flat import FlatParameters
@@ -100,7 +101,8 @@ class Queue:
 class TorchLearner(Learner):
     """One named torch network with its encoder, optimizer, replay buffer and EWC state."""
 
-    STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "consolidation")
+    STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "consolidation",
+                             "_reference_due")
 
     def __init__(self, name: str, config: ModelConfig, seed: int = 42, threads: int = 0,
                  drift: Optional[DriftConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
@@ -124,8 +126,13 @@ class TorchLearner(Learner):
         self.rolled_back = 0
         # Its clock is event time and starts with the first micro-batch (`_consolidation_due`).
         self.consolidation = Trigger("consolidate", config.ewc.consolidate, 0.0)
-        self._scoring: tuple[int, np.ndarray] = (0, np.zeros(0))   # drift position and event times being scored
         self._class_index: dict = {}
+        # The drift policy's references: weights and classes known, copied every `reference_every` examples (the
+        # older of the two judges a case), and the one the open case is judged against.
+        self._references: list[tuple[torch.Tensor, int]] = []
+        self._reference: Optional[tuple[torch.Tensor, int]] = None
+        self._reference_due = self.policy.config.reference_every
+        self._names = [name for name, p in self.net.named_parameters() if p.requires_grad]
         self._good: list[torch.Tensor] = []      # the last good weights and optimizer state ...
         self._guarded: list[torch.Tensor] = []   # ... of these tensors
         # Dropout and batch norm behave differently in training: only then switch modes and random streams.
@@ -175,7 +182,7 @@ class TorchLearner(Learner):
         unscored = slice(self.queue.scored, None)
         if len(self.queue) > self.queue.scored:
             raw, y, ts, known = (self.queue.columns[i][unscored] for i in (0, 1, 3, 6))
-            self._score(self._forward(raw), y, known, ts)
+            self._score(self._forward(raw), y, known, ts, raw)
             self.queue.scored = len(self.queue)
 
     def _forward(self, raw: np.ndarray) -> torch.Tensor:
@@ -216,10 +223,11 @@ class TorchLearner(Learner):
             self.classes.append(label)
         return index
 
-    def _score(self, out: torch.Tensor, y: np.ndarray, known: np.ndarray, ts: np.ndarray) -> None:
+    def _score(self, out: torch.Tensor, y: np.ndarray, known: np.ndarray, ts: np.ndarray, raw: np.ndarray) -> None:
         """Prequential scores of rows; row i is scored over the `known[i]` classes seen before it.
 
-        `ts`: the rows' event times, which date a drift detected among them (`on_drift`).
+        `ts`: the rows' event times, which date a drift detected among them (`on_drift`); `raw`: the rows, which
+        an open drift case judges against its reference weights.
         """
         self._scoring = (self.drift.position, ts)
         if self.task == "regression":
@@ -229,6 +237,7 @@ class TorchLearner(Learner):
         n, top = len(y), int(known[-1])   # classes only ever grow: the last row knows the most
         if top == 0:  # knows no class yet: every guess is a miss
             self._scored_classification(np.zeros(n, dtype=bool), np.zeros(n))
+            self._judge_scored(y.astype(np.int64).tolist(), ts, lambda i: self._judged(raw[i:], y[i:]))
             return
         logits = out[:, :top]
         if known[0] < top:  # a class first seen within these rows
@@ -241,6 +250,7 @@ class TorchLearner(Learner):
         with np.errstate(invalid="ignore"):
             correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
         self._scored_classification(correct, p_true)
+        self._judge_scored(classes.tolist(), ts, lambda i: self._judged(raw[i:], y[i:]))
 
     def _predict_labels(self, examples: list[Example]) -> list:
         return self.predict_many([ex.features for ex in examples])
@@ -272,6 +282,7 @@ class TorchLearner(Learner):
         started = time.perf_counter()
         if self.task == "regression":
             self.targets.update(y.reshape(-1, 1).astype(np.float64))
+        self._set_lr()
         x_all, y_all, w_all = self._mixed(raw, y, w)
         xs = torch.from_numpy(self.encoder.scale(x_all))   # scaled as it was scored: statistics learn after
         ys = torch.from_numpy(y_all)
@@ -283,13 +294,14 @@ class TorchLearner(Learner):
         for step in range(self.config.train.steps_per_batch):
             out = self._step(xs, ys, ws)
             if step == 0 and scored < len(y):
-                self._score(out[scored:len(y)], y[scored:], known[scored:], ts[scored:])
+                self._score(out[scored:len(y)], y[scored:], known[scored:], ts[scored:], raw[scored:])
         self.encoder.learn(raw)
         if self.replay is not None:
             self.replay.add(raw, y, ts)
         self.learned += len(y)
-        if self._consolidation_due(ts):
+        if self._consolidation_due(ts) and not self._holding_ewc():
             self.consolidate()
+        self._keep_reference()
         self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
 
     def _consolidation_due(self, ts: np.ndarray) -> bool:
@@ -307,7 +319,9 @@ class TorchLearner(Learner):
         if self.replay is None:
             return raw, y, w
         ratio = self.config.replay.ratio
-        rows = self.replay.sample(int(round(len(y) * ratio / (1 - ratio))))
+        policy = self.policy
+        since = policy.case.ts if policy.suspected and policy.config.expire_replay else None   # the new concept's rows
+        rows = self.replay.sample(int(round(len(y) * ratio / (1 - ratio))), since)
         store = self.replay.store
         return (np.concatenate([raw, store.x[rows]]), np.concatenate([y, store.y[rows]]),
                 np.concatenate([w, np.ones(len(rows), dtype=np.float32)]))
@@ -332,7 +346,8 @@ class TorchLearner(Learner):
             self.rolled_back += 1
             return out.detach()
         self.ewc.observe(grad, len(ys))
-        self.ewc.penalty_grad(self.flat.param, grad)
+        if not self._holding_ewc():
+            self.ewc.penalty_grad(self.flat.param, grad)
         self._keep_good()
         self.optimizer.step()
         if not _finite(self.flat.param):
@@ -353,10 +368,98 @@ class TorchLearner(Learner):
         return (losses * ws).sum() / ws.sum()
 
     def on_drift(self, event: DriftEvent) -> None:
+        """Opens a policy case and consolidates, as without a policy; a detection within an open case does nothing
+        (the weights by then may hold what the case is about)."""
+        if self.policy.enabled and not self._open_case(event):
+            return
         if self.consolidation.config.on_drift:   # what was learned before the change becomes what to keep
             start, ts = self._scoring   # dated by the event time of the example it was detected at
             self.consolidation.fire("drift", self.learned, float(ts[event.position - start - 1]))
             self.consolidate()
+
+    # --- the drift policy's side -------------------------------------------------------------------------
+
+    def _keep_reference(self) -> None:
+        """Copies the weights every `reference_every` examples while no case is open; the last two are kept."""
+        if self.policy.enabled and self.policy.case is None and self.learned >= self._reference_due:
+            self._references = [*self._references, (self.flat.param.detach().clone(), len(self.classes))][-2:]
+            self._reference_due = self.learned + self.policy.config.reference_every
+
+    def _case_opened(self) -> None:
+        """The case is judged against the older kept copy (from before the change), or the weights now."""
+        self._reference = self._references[0] if self._references else (self.flat.param.detach().clone(),
+                                                                        len(self.classes))
+
+    def _judged(self, raw: np.ndarray, y: np.ndarray) -> Judged:
+        """The reference weights' verdict on rows `raw` with class indices `y`."""
+        weights, top = self._reference
+        labels = y.astype(np.int64)
+        if top == 0:
+            none = np.zeros(len(labels), dtype=bool)
+            return Judged(none, none, labels.tolist())
+        params, offset = {}, 0
+        for name, p in zip(self._names, self.flat._params):
+            params[name] = weights[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        with torch.no_grad():
+            if self._stochastic:
+                self.net.eval()
+            out = torch.func.functional_call(self.net, params, (torch.from_numpy(self.encoder.scale(raw)),))
+            if self._stochastic:
+                self.net.train()
+        proba = torch.softmax(out[:, :top], dim=1)
+        predicted = proba.argmax(dim=1).numpy()
+        return Judged(predicted == labels, labels < top, labels.tolist())
+
+    def _holding_ewc(self) -> bool:
+        """No EWC penalty and no consolidation while a change is suspected or its learning rate is raised."""
+        policy = self.policy
+        return policy.config.release_ewc and (policy.suspected or policy.boosted(self.drift.position))
+
+    def _set_lr(self) -> None:
+        lr = self.config.train.lr
+        if self.policy.boosted(self.drift.position):
+            lr *= self.policy.config.lr_boost
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _decided(self, decision: Transition) -> None:
+        """Makes the network plastic on a suspected change, keeps that on a confirmed one, undoes it on a burst."""
+        super()._decided(decision)
+        policy, cfg = self.policy, self.policy.config
+        act = lambda kind, action: policy.act(kind, action, decision.position, decision.ts)  # noqa: E731
+        if decision.kind == "suspect":
+            if cfg.release_ewc and self.ewc.active:
+                act("change", "suspend_ewc")
+            if cfg.expire_replay and self.replay is not None:
+                act("change", "mask_replay")
+            if cfg.reset_optimizer:
+                self.optimizer.state.clear()
+                self._good = []   # the optimizer makes new state tensors at its next step
+                act("change", "reset_optimizer")
+            if cfg.lr_boost > 1 and cfg.boost_examples:
+                policy.boost_until = decision.position + cfg.boost_examples
+                act("change", "raise_lr")
+            return
+        if decision.kind == "change":
+            if cfg.release_ewc:
+                self.ewc.release(self.flat.param)
+                act("change", "release_ewc")
+            if cfg.expire_replay and self.replay is not None:
+                self.replay.expire(policy.last_change.ts)
+                act("change", "expire_replay")
+        elif decision.kind == "burst" and decision.suspected:
+            # Back to the weights from before the burst (the reference), its learning rate, EWC penalty and replay.
+            with torch.no_grad():
+                self.flat.param.copy_(self._reference[0])
+            self.optimizer.state.clear()
+            self._good = []
+            policy.boost_until = 0
+            act("burst", "restore")
+        elif decision.kind == "new_classes" and self.consolidation.config.on_drift:
+            act("new_classes", "consolidate")   # the consolidation at the detection stays
+        self._reference, self._references = None, []   # the next case is judged against weights from after this one
+        self._reference_due = self.learned + cfg.reference_every
 
     def consolidate(self) -> None:
         """Makes the weights as they are now the EWC anchor (when `ewc.consolidate` fires, or when called)."""
@@ -389,7 +492,16 @@ class TorchLearner(Learner):
         arrays.update({k: v.numpy() for k, v in self.ewc.tensors().items()})
         if self.replay is not None:
             arrays.update(self.replay.arrays())
+        arrays.update(self._reference_arrays())
         return arrays
+
+    def _reference_arrays(self) -> dict[str, np.ndarray]:
+        """The policy's reference weights: the kept copies, then the open case's (if any), with their class counts."""
+        kept = [*self._references, *([self._reference] if self._reference is not None else [])]
+        size = self.flat.param.numel()
+        return {"policy.references": (torch.stack([w for w, _ in kept]).numpy() if kept
+                                      else np.zeros((0, size), dtype=np.float32)),
+                "policy.classes": np.array([n for _, n in kept] + [int(self._reference is not None)], dtype=np.int64)}
 
     def restore_tensors(self, arrays: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
@@ -407,8 +519,20 @@ class TorchLearner(Learner):
         self.ewc.load({k: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("ewc.")})
         if self.replay is not None:
             self.replay.load(arrays)
+        self._load_references(arrays)
+
+    def _load_references(self, arrays: dict[str, np.ndarray]) -> None:
+        if "policy.references" not in arrays:   # a snapshot from before the drift policy
+            self._references, self._reference = [], None
+            return
+        weights, classes = arrays["policy.references"], arrays["policy.classes"]
+        kept = [(torch.from_numpy(weights[i].copy()), int(classes[i])) for i in range(len(weights))]
+        self._reference = kept.pop() if classes[-1] else None
+        self._references = kept
 
     def restore(self, state: dict) -> None:
+        if "_reference_due" not in state:   # a snapshot from before the drift policy
+            state = {**state, "_reference_due": state["learned"] + self.policy.config.reference_every}
         super().restore(state)
         self._class_index = {label: i for i, label in enumerate(self.classes)}
 

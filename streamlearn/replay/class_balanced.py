@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamlearn.replay.store import ReplayStore, load_rng, rng_state
+from typing import Optional
+
+from streamlearn.replay.store import ReplayStore, load_rng, rng_state, uniform_rows
 
 
 class ClassBalancedBuffer:
@@ -53,9 +55,15 @@ class ClassBalancedBuffer:
             return
         store.put(int(rows[self.rng.integers(len(rows))]), x, label, ts)
 
-    def sample(self, n: int) -> np.ndarray:
-        size = self.store.size
-        return self.rng.integers(size, size=n) if size else np.empty(0, dtype=np.int64)
+    def sample(self, n: int, since: Optional[float] = None) -> np.ndarray:
+        return uniform_rows(self.store, self.rng, n, since)
+
+    def expire(self, before: float) -> int:
+        """Drops rows older than `before`; each class's count of examples seen restarts from its rows kept."""
+        dropped = self.store.drop_before(before)
+        held = np.bincount(self.store.y[:self.store.size].astype(np.int64), minlength=len(self.seen))
+        self.seen = held[:max(len(self.seen), len(held))].astype(np.int64)
+        return dropped
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {**self.store.arrays("balanced"), "balanced.seen": self.seen, "balanced.rng": rng_state(self.rng)}

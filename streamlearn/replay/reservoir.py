@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamlearn.replay.store import ReplayStore, load_rng, rng_state
+from typing import Optional
+
+from streamlearn.replay.store import ReplayStore, load_rng, rng_state, uniform_rows
 
 
 class ReservoirBuffer:
@@ -42,9 +44,14 @@ class ReservoirBuffer:
             for i in np.flatnonzero(rows < store.capacity):  # in order: a later one overwrites an earlier
                 store.put(int(rows[i]), x[fill + i], y[fill + i], ts[fill + i])
 
-    def sample(self, n: int) -> np.ndarray:
-        size = self.store.size
-        return self.rng.integers(size, size=n) if size else np.empty(0, dtype=np.int64)
+    def sample(self, n: int, since: Optional[float] = None) -> np.ndarray:
+        return uniform_rows(self.store, self.rng, n, since)
+
+    def expire(self, before: float) -> int:
+        """Drops rows older than `before`; the reservoir goes on as a uniform sample of the rows since."""
+        dropped = self.store.drop_before(before)
+        self.seen = self.store.size
+        return dropped
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {**self.store.arrays("reservoir"), "reservoir.seen": np.array([self.seen], dtype=np.int64),

@@ -14,7 +14,7 @@ whole state, numpy arrays only, so a snapshot stores them without pickle.
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -32,6 +32,22 @@ class ReplayStore:
     def put(self, row: int, x: np.ndarray, y: float, ts: float) -> None:
         self.x[row], self.y[row], self.ts[row] = x, y, ts
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Keeps only `rows` (ascending), moved to the front in order; the rest is free again."""
+        n = len(rows)
+        self.x[:n], self.y[:n], self.ts[:n] = self.x[rows], self.y[rows], self.ts[rows]
+        self.size = n
+
+    def drop_before(self, ts: float) -> int:
+        """Drops the rows older than event time `ts`; returns how many went."""
+        size = self.size
+        self.keep(self.since(ts))
+        return size - self.size
+
+    def since(self, ts: float) -> np.ndarray:
+        """Indices of the filled rows of event time `ts` or later."""
+        return np.flatnonzero(self.ts[:self.size] >= ts)
+
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.x": self.x, f"{prefix}.y": self.y, f"{prefix}.ts": self.ts,
                 f"{prefix}.size": np.array([self.size], dtype=np.int64)}
@@ -48,12 +64,25 @@ class ReplayBuffer(Protocol):
 
     def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None: ...
 
-    def sample(self, n: int) -> np.ndarray:
-        """Row indices of `n` replayed examples (fewer when the buffer holds fewer)."""
+    def sample(self, n: int, since: Optional[float] = None) -> np.ndarray:
+        """Row indices of `n` replayed examples (fewer when the buffer holds fewer); only rows of event
+        time `since` or later when given (none if there are none)."""
+
+    def expire(self, before: float) -> int:
+        """Drops the rows older than event time `before` (a confirmed concept change); returns how many."""
 
     def arrays(self) -> dict[str, np.ndarray]: ...
 
     def load(self, arrays: dict[str, np.ndarray]) -> None: ...
+
+
+def uniform_rows(store: ReplayStore, rng: np.random.Generator, n: int, since: Optional[float]) -> np.ndarray:
+    """`n` row indices drawn uniformly from the filled rows (those of event time `since` or later, if given)."""
+    if since is None:
+        size = store.size
+        return rng.integers(size, size=n) if size else np.empty(0, dtype=np.int64)
+    rows = store.since(since)
+    return rows[rng.integers(len(rows), size=n)] if len(rows) else np.empty(0, dtype=np.int64)
 
 
 def rng_state(rng: np.random.Generator) -> np.ndarray:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from typing import Optional
+
 from streamlearn.replay.store import ReplayStore, load_rng, rng_state
 
 
@@ -27,6 +29,7 @@ class TimeDecayedBuffer:
         self.order = np.zeros(capacity, dtype=np.int64)   # arrival number of each row
         self.seen = 0
         self.rng = np.random.default_rng(seed)
+        self.floor = -np.inf   # rows older than this event time are expired: never replayed, overwritten in turn
 
     def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None:
         store = self.store
@@ -39,22 +42,35 @@ class TimeDecayedBuffer:
         self.seen += len(rows)
         store.size = min(self.seen, store.capacity)
 
-    def weights(self) -> np.ndarray:
-        """Sampling probability of each filled row."""
+    def weights(self, since: Optional[float] = None) -> np.ndarray:
+        """Sampling probability of each filled row (rows older than `since` or expired: none; all zero if none left)."""
         age = (self.seen - 1) - self.order[:self.store.size]
         w = np.exp2(-age / self.half_life)
-        return w / w.sum()
+        floor = self.floor if since is None else max(since, self.floor)
+        if floor > -np.inf:
+            w[self.store.ts[:self.store.size] < floor] = 0.0
+        total = w.sum()
+        return w / total if total > 0 else w
 
-    def sample(self, n: int) -> np.ndarray:
-        size = self.store.size
-        return self.rng.choice(size, size=n, p=self.weights()) if size else np.empty(0, dtype=np.int64)
+    def sample(self, n: int, since: Optional[float] = None) -> np.ndarray:
+        if not self.store.size:
+            return np.empty(0, dtype=np.int64)
+        p = self.weights(since)
+        return self.rng.choice(self.store.size, size=n, p=p) if p.any() else np.empty(0, dtype=np.int64)
+
+    def expire(self, before: float) -> int:
+        """Rows older than `before` are never replayed again (the ring overwrites them in turn); returns how many."""
+        self.floor = max(self.floor, before)
+        return int((self.store.ts[:self.store.size] < self.floor).sum())
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {**self.store.arrays("decayed"), "decayed.order": self.order,
-                "decayed.seen": np.array([self.seen], dtype=np.int64), "decayed.rng": rng_state(self.rng)}
+                "decayed.seen": np.array([self.seen], dtype=np.int64), "decayed.rng": rng_state(self.rng),
+                "decayed.floor": np.array([self.floor])}
 
     def load(self, arrays: dict[str, np.ndarray]) -> None:
         self.store.load(arrays, "decayed")
         self.order = arrays["decayed.order"].copy()
         self.seen = int(arrays["decayed.seen"][0])
         load_rng(self.rng, arrays["decayed.rng"])
+        self.floor = float(arrays["decayed.floor"][0]) if "decayed.floor" in arrays else -np.inf   # older snapshots

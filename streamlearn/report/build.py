@@ -40,8 +40,9 @@ class FigureSpec:
 
 FIGURES = (
     FigureSpec("scores.png", "Prequential score over the stream", plot_scores,
-               "Test-then-train score of each model: rolling window (solid) and cumulative (dashed); "
-               "vertical lines mark drift detections, named by detector.",
+               "Test-then-train score of each model: rolling window (solid; sampled every eval.sample_every "
+               "examples) and cumulative (dashed; at each evaluation); vertical lines mark drift detections, "
+               "named by detector; markers on the rolling line mark the drift policy's actions.",
                "the history records carry no scores"),
     FigureSpec("probes.png", "Probe accuracy per segment", plot_probes,
                "Accuracy on each segment's held-out probes as the model moves on; below, forgetting and "
@@ -69,24 +70,25 @@ def build_report(state_dir: Path, out_dir: Optional[Path] = None, summary_path: 
     """
     state = check_state_dir(Path(state_dir))
     history_file = state / HISTORY_FILE
-    records = load_history(history_file)
+    history = load_history(history_file)
+    records, samples = history.records, history.samples
     summary = load_summary(Path(summary_path)) if summary_path is not None else None
     notes: list[str] = []
-    if not records:
+    if not records and not samples:
         reason = "is missing" if not history_file.exists() else "has no readable records"
         if summary is None:
             raise ReportError(f"nothing to report: {history_file} {reason} "
                               "(the service writes it when eval.history is on; --summary FILE reports final figures alone)")
         notes.append(f"No history to plot: {history_file} {reason}; only the summary's final figures are shown.")
-    models = by_model(records)
+    models = by_model(records, samples)
     superseded = sum(m.superseded for m in models)
     if superseded:
         notes.append(f"{superseded} history record{'s' if superseded > 1 else ''} from before a rollback "
                      "left out (a later run rewrote those positions).")
     out = Path(out_dir) if out_dir is not None else state / "report"
+    times = [r.time for r in records] + [s.time for s in samples]
     header = PageHeader(str(state), notes, records=len(records), models=len(models),
-                        first_time=min((r.time for r in records), default=None),
-                        last_time=max((r.time for r in records), default=None),
+                        first_time=min(times, default=None), last_time=max(times, default=None), samples=len(samples),
                         summary_file=str(summary_path) if summary is not None else None, summary=summary)
     try:
         out.mkdir(parents=True, exist_ok=True)

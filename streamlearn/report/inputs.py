@@ -17,7 +17,7 @@ from typing import Optional
 
 import msgspec
 
-from streamlearn.telemetry.history import HistoryRecord, read_history
+from streamlearn.telemetry.history import History, read_history_file
 
 HISTORY_FILE = "history.jsonl"
 
@@ -57,12 +57,12 @@ def check_state_dir(state_dir: Path) -> Path:
     return state_dir
 
 
-def load_history(path: Path) -> list[HistoryRecord]:
-    """The records of `path`, newest per model and position; none if the file is missing or empty."""
+def load_history(path: Path) -> History:
+    """The lines of `path` (and its rotated part), newest per model and position; none if the file is missing."""
     if not path.exists():
-        return []
+        return History([], [])
     try:
-        return read_history(path)
+        return read_history_file(path)
     except OSError as err:   # a folder in its place, no permission: say which file and why
         raise ReportError(f"cannot read {path}: {err.strerror or err}") from None
 

@@ -39,12 +39,13 @@ class FinalFigures:
 
     model: str
     task: str
-    learned: int
+    learned: Optional[int]               # None: the history has score samples of the model only
     errors: Optional[int]
     scores: dict[str, Optional[float]]   # summary names: "accuracy" (cumulative), "accuracy_rolling", ...
     forgetting: Optional[float]
     backward_transfer: Optional[float]
     drifts: Optional[int]                # counted in the history; the summary has no list of drifts
+    actions: Optional[int] = None        # the drift policy's actions, counted in the history
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class PageHeader:
     state_dir: str
     notes: list[str]                        # shown in a box above everything (e.g. "no history to plot")
     records: int = 0
+    samples: int = 0                        # score samples (eval.sample_every)
     models: int = 0
     first_time: Optional[float] = None      # unix seconds of the oldest and newest history record
     last_time: Optional[float] = None
@@ -68,18 +70,24 @@ def final_figures(models: list[ModelSeries], summary: Optional[RunSummary]) -> l
     for name in sorted(set(history) | set(summary.models if summary else ())):
         series = history.get(name)
         drifts = len(series.drifts) if series else None
+        actions = len(series.actions) if series else None
         if summary and name in summary.models:
             s = summary.models[name]
             rows.append(FinalFigures(name, s.task, s.learned, s.errors, dict(s.scores), s.forgetting,
-                                     s.backward_transfer, drifts))
+                                     s.backward_transfer, drifts, actions))
+        elif series.last is None:   # a run shorter than eval.every: its score samples only
+            scores = {f"{metric}_rolling": value for metric, value in series.last_sample.scores.items()}
+            rows.append(FinalFigures(name, "", None, None, scores, None, None, drifts, actions))
         else:
             last = series.last
             scores: dict[str, Optional[float]] = {}
             for metric in dict.fromkeys(list(last.scores_all) + list(last.scores)):
                 scores[metric] = last.scores_all.get(metric)
                 scores[f"{metric}_rolling"] = last.scores.get(metric)
+            if series.last_sample is not None and series.last_sample.position > last.position:
+                scores.update({f"{m}_rolling": v for m, v in series.last_sample.scores.items()})
             rows.append(FinalFigures(name, "", last.learned, None, scores, last.forgetting,
-                                     last.backward_transfer, drifts))
+                                     last.backward_transfer, drifts, actions))
     return rows
 
 
@@ -92,7 +100,7 @@ def render_page(header: PageHeader, panels: list[Panel], rows: list[FinalFigures
     parts.append(_table(rows) if rows else "<p>No models.</p>")
     source = (f"from the summary {html.escape(header.summary_file)}" if header.summary_file
               else "from each model's newest history record")
-    parts.append(f'<p class="small">Final figures {source}; drifts counted in the history.</p>')
+    parts.append(f'<p class="small">Final figures {source}; drifts and policy actions counted in the history.</p>')
     for panel in panels:
         parts.append(f"<h2>{html.escape(panel.title)}</h2>")
         if panel.png is None:
@@ -107,12 +115,12 @@ def render_page(header: PageHeader, panels: list[Panel], rows: list[FinalFigures
 
 def _intro(header: PageHeader) -> str:
     lines = [f"State folder <code>{html.escape(header.state_dir)}</code>."]
-    if header.records:
+    if header.records or header.samples:
         span = ""
         if header.first_time is not None and header.last_time is not None:
             span = f", recorded {_utc(header.first_time)} to {_utc(header.last_time)} UTC"
-        lines.append(f"History: {header.records:,} records of {header.models} model"
-                     f"{'' if header.models == 1 else 's'}{span}.")
+        lines.append(f"History: {header.records:,} records and {header.samples:,} score samples of "
+                     f"{header.models} model{'' if header.models == 1 else 's'}{span}.")
     if header.summary is not None:
         s = header.summary
         dead = sum(s.dead_letters.values())
@@ -124,11 +132,11 @@ def _intro(header: PageHeader) -> str:
 def _table(rows: list[FinalFigures]) -> str:
     metrics = list(dict.fromkeys(name for row in rows for name in row.scores))
     heads = ["model", "task", "learned", "errors"] + [_metric_head(m) for m in metrics]
-    heads += ["forgetting", "backward transfer", "drifts"]
+    heads += ["forgetting", "backward transfer", "drifts", "policy actions"]
     out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in heads) + "</tr></thead><tbody>"]
     for row in rows:
         cells = [row.model, row.task or None, row.learned, row.errors] + [row.scores.get(m) for m in metrics]
-        cells += [row.forgetting, row.backward_transfer, row.drifts]
+        cells += [row.forgetting, row.backward_transfer, row.drifts, row.actions]
         out.append("<tr>" + "".join(_cell(c) for c in cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)

@@ -38,12 +38,16 @@ PALETTE = colormaps["tab10"].colors
 HIGHER_IS_BETTER = {"accuracy": True, "log_loss": False, "mae": False, "rmse": False}
 DETECTOR_STYLES = (":", "-.", (0, (5, 2, 1, 2)), (0, (1, 3)))
 QUANTILE_STYLES = {"p50": "-", "p90": "-.", "p95": "-.", "p99": "--", "p999": ":"}
+ACTION_MARKERS = ("v", "^", "D", "s", "P", "X", "*", "h")   # one per policy action name, in order of appearance
 MAX_SEGMENT_LEGEND = 8   # more segments than this get a colour bar instead of one legend entry each
 X_LABEL = "position in the model's stream (examples taken)"
 
 
 def plot_scores(models: list[ModelSeries]) -> Optional[Figure]:
-    """Rolling (solid) and cumulative (dashed) prequential scores, one panel per metric, drifts as vertical lines."""
+    """Rolling (solid) and cumulative (dashed) prequential scores, one panel per metric, drifts as vertical lines.
+
+    The drift policy's actions are markers on the model's rolling line, one shape per action.
+    """
     metrics = _ordered(list(m.rolling) + list(m.cumulative) for m in models)
     if not metrics:
         return None
@@ -52,12 +56,17 @@ def plot_scores(models: list[ModelSeries]) -> Optional[Figure]:
     colors = _model_colors(models)
     detectors = {d: DETECTOR_STYLES[i % len(DETECTOR_STYLES)]
                  for i, d in enumerate(_ordered([mark.detector for mark in m.drifts] for m in models))}
+    actions = {a: ACTION_MARKERS[i % len(ACTION_MARKERS)]
+               for i, a in enumerate(_ordered([act.action for act in m.actions] for m in models))}
     labelled: set[str] = set()   # drift labels go on the first panel of each model only: the lines say the rest
     for ax, metric in zip(axes, metrics):
         shown = [m for m in models if metric in m.rolling or metric in m.cumulative]
         for m in shown:
-            _line(ax, m.rolling.get(metric), color=colors[m.model], lw=1.6)
+            rolling = m.rolling.get(metric)
+            _line(ax, rolling, color=colors[m.model], lw=1.4 if m.sampled else 1.6,
+                  **({} if m.sampled or rolling is None or len(rolling) > 60 else {"marker": "."}))
             _line(ax, m.cumulative.get(metric), color=colors[m.model], lw=1.2, ls="--")
+            _action_markers(ax, m, rolling, colors[m.model], actions)
         _drift_lines(ax, [m for m in shown if m.model not in labelled], [m for m in shown if m.model in labelled],
                      colors, detectors)
         labelled.update(m.model for m in shown)
@@ -65,6 +74,7 @@ def plot_scores(models: list[ModelSeries]) -> Optional[Figure]:
         ax.set_ylabel(metric.replace("_", " ") + ("" if better is None else f"\n({'higher' if better else 'lower'}"
                                                                            " is better)"))
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     axes[-1].set_xlabel(X_LABEL)
     fig.suptitle("Prequential score over the stream", fontweight="bold")
     handles = [Line2D([], [], color=colors[m.model], lw=2, label=m.model) for m in models]
@@ -72,6 +82,10 @@ def plot_scores(models: list[ModelSeries]) -> Optional[Figure]:
                 Line2D([], [], color="0.3", lw=1.2, ls="--", label="cumulative")]
     handles += [Line2D([], [], color="0.3", lw=1.2, ls=style, label=f"drift: {name}")
                 for name, style in detectors.items()]
+    kinds = {a: _ordered([[act.kind for act in m.actions if act.action == a] for m in models]) for a in actions}
+    handles += [Line2D([], [], color="0.3", marker=marker, ls="", markeredgecolor="k",
+                       label=f"policy: {action.replace('_', ' ')} ({', '.join(kinds[action])})")
+                for action, marker in actions.items()]
     fig.legend(handles=handles, loc="outside right upper", fontsize=9)
     return fig
 
@@ -209,6 +223,23 @@ def _drift_lines(ax: Axes, labelled: list[ModelSeries], unlabelled: list[ModelSe
                             color=colors[model])
                 last[row] = position
                 break
+
+
+def _action_markers(ax: Axes, m: ModelSeries, rolling: Optional[Curve], color: tuple,
+                    markers: dict[str, str]) -> None:
+    """A marker per policy action, on the model's rolling line where it acted (at the bottom if there is none)."""
+    if not m.actions:
+        return
+    x = np.array([a.position for a in m.actions], dtype=float)
+    if rolling is not None and len(rolling):
+        y, where = np.interp(x, rolling.x, rolling.y), ax.transData
+    else:
+        y, where = np.full(len(x), 0.03), ax.get_xaxis_transform()   # x in data, y in axes fraction
+    for action, marker in markers.items():
+        chosen = np.array([a.action == action for a in m.actions])
+        if chosen.any():
+            ax.plot(x[chosen], y[chosen], ls="", marker=marker, ms=8, color=color, markeredgecolor="k",
+                    transform=where, zorder=5)
 
 
 def _legend_right(ax: Axes) -> None:

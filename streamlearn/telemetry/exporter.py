@@ -190,6 +190,7 @@ def _learner_metrics(learners: list[Learner], served: Mapping[str, ServedScores]
     yield errors
     yield score
     yield drifts
+    yield _drift_actions(learners)
     yield from _neural_metrics(learners)
     yield _histogram("update_seconds", "Duration of one learner update (one micro-batch of examples).",
                      [((l.name,), l.update_seconds.state()) for l in learners], ["model"])
@@ -214,6 +215,16 @@ def _neural_metrics(learners: list[Learner]) -> Iterator[Metric]:
     for learner in learners:
         rollbacks.add_metric([learner.name], learner.rolled_back)
     yield rollbacks
+
+
+def _drift_actions(learners) -> CounterMetricFamily:
+    """drift_actions_total{model,kind,action}: what each model's drift policy did (kinds and actions: fixed names)."""
+    actions = CounterMetricFamily(PREFIX + "drift_actions", "Drift policy actions by how the case ended and what "
+                                  "was done.", labels=["model", "kind", "action"])
+    for learner in learners:
+        for (kind, action), n in sorted(learner.policy.counts.items()):
+            actions.add_metric([learner.name, kind, action], n)
+    return actions
 
 
 def _histogram(name: str, documentation: str, series: list[tuple[tuple[str, ...], HistogramState]],

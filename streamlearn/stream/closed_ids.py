@@ -1,0 +1,131 @@
+"""The request ids a join has closed recently, kept compactly, so that a repeat is told apart from a new id.
+
+A join remembers every id it closed for `ttl + early_ttl` of event time (a log
+or feedback sent again is a `duplicate`, a feedback after its log expired is
+`late`). At 100 requests a second that is ~400,000 ids; as a dict of strings
+they took ~160 bytes each, and a backlog that fills the window grew the intake
+by ~60 MB. Here the newest ids sit in a small dict and the rest as sorted 64-bit
+hashes (BLAKE2b of the id) next to their close time and outcome: 17 bytes an id.
+Two different ids share a hash with probability ~n / 2**64 per lookup (n ids
+kept): such an id would be counted a `duplicate`, never lost silently.
+
+An id is remembered while its close time is at or above the horizon that the
+join moves with the watermark; what falls below it is invisible at once and
+dropped at the next merge. At most `max_entries` ids are kept: past that the
+oldest tenth (by close time) goes when the horizon next moves, so the trimming is paid once per many ids.
+
+>>> closed = ClosedIds(max_entries=1000, merge_at=2)
+>>> for n in range(5):
+...     closed.add(f"r-{n}", float(n), matched=n % 2 == 0)
+>>> closed.get("r-2"), closed.get("r-3"), closed.get("r-9")
+(True, False, None)
+>>> closed.expire(3.0)
+>>> closed.get("r-2"), closed.get("r-3")
+(None, False)
+>>> closed.max_entries = 1
+>>> closed.expire(3.0); len(closed), closed.get("r-4")
+(1, True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import msgspec
+import numpy as np
+
+MERGE_AT = 32_768      # ids kept as strings before they are hashed into the sorted arrays
+TRIM_SHARE = 0.1       # past `max_entries`, this share of the oldest goes at once
+
+
+class ClosedIdsState(msgspec.Struct, array_like=True):
+    """The snapshot form: the newest ids as strings, the rest as the sorted arrays' bytes."""
+
+    recent: list[tuple[str, float, bool]]
+    keys: bytes = b""      # uint64, sorted
+    at: bytes = b""        # float64 close times, in the keys' order
+    matched: bytes = b""   # bool
+
+
+class ClosedIds:
+    """Closed request ids with their close time and whether they matched (a dict of the newest, hashes of the rest)."""
+
+    def __init__(self, max_entries: int, merge_at: int = MERGE_AT) -> None:
+        self.max_entries = max_entries
+        self.merge_at = merge_at
+        self.horizon = -math.inf                       # ids closed before this are forgotten
+        self._recent: dict[str, tuple[float, bool]] = {}
+        self._keys = np.empty(0, np.uint64)
+        self._at = np.empty(0, np.float64)
+        self._matched = np.empty(0, np.bool_)
+
+    def __len__(self) -> int:
+        return len(self._recent) + len(self._keys)
+
+    def get(self, rid: str) -> Optional[bool]:
+        """Whether `rid` matched when it was closed; None when it is not remembered."""
+        found = self._recent.get(rid)
+        if found is not None:
+            return found[1] if found[0] >= self.horizon else None
+        if not len(self._keys):
+            return None
+        key = np.uint64(_hash(rid))   # a numpy scalar: searchsorted converts a Python int slowly
+        i = self._keys.searchsorted(key)
+        if i < len(self._keys) and self._keys[i] == key and self._at[i] >= self.horizon:
+            return bool(self._matched[i])
+        return None
+
+    def add(self, rid: str, ts: float, matched: bool) -> None:
+        """Remembers `rid` as closed at event time `ts` (a later close of the same id replaces the earlier)."""
+        self._recent.pop(rid, None)   # re-inserted: the dict's order stays the order of closing
+        self._recent[rid] = (ts, matched)
+        if len(self._recent) >= self.merge_at:
+            self._merge()
+
+    def expire(self, horizon: float) -> None:
+        """Forgets the ids closed before `horizon` (never moves back), and keeps to `max_entries`."""
+        self.horizon = max(self.horizon, horizon)
+        if len(self) > self.max_entries:
+            self._merge()
+
+    def state(self) -> ClosedIdsState:
+        keep = self._at >= self.horizon
+        return ClosedIdsState([(rid, at, m) for rid, (at, m) in self._recent.items() if at >= self.horizon],
+                              self._keys[keep].tobytes(), self._at[keep].tobytes(), self._matched[keep].tobytes())
+
+    def restore(self, state: ClosedIdsState) -> None:
+        self.horizon = -math.inf
+        self._keys = np.frombuffer(state.keys, np.uint64).copy()
+        self._at = np.frombuffer(state.at, np.float64).copy()
+        self._matched = np.frombuffer(state.matched, np.bool_).copy()
+        self._recent = {}
+        for rid, at, matched in state.recent:
+            self.add(rid, at, matched)
+
+    def _merge(self) -> None:
+        """Hashes the dict's ids into the sorted arrays, dropping what is forgotten, then trims to the bound."""
+        recent = self._recent
+        keys = np.concatenate([self._keys, np.fromiter(map(_hash, recent), np.uint64, len(recent))])
+        at = np.concatenate([self._at, np.fromiter((v[0] for v in recent.values()), np.float64, len(recent))])
+        matched = np.concatenate([self._matched, np.fromiter((v[1] for v in recent.values()), np.bool_, len(recent))])
+        self._recent = {}
+        order = np.argsort(keys, kind="stable")   # equal keys keep their age order: the last is the newest close
+        keys, at, matched = keys[order], at[order], matched[order]
+        newest = np.append(keys[1:] != keys[:-1], True)
+        kept = np.flatnonzero(newest & (at >= self.horizon))
+        if len(kept) > self.max_entries:
+            kept = np.sort(_newest(kept, at, self.max_entries - int(self.max_entries * TRIM_SHARE)))
+        self._keys, self._at, self._matched = keys[kept], at[kept], matched[kept]
+
+
+def _newest(indices: np.ndarray, at: np.ndarray, room: int) -> np.ndarray:
+    """The `room` indices of the latest close times."""
+    if room <= 0:
+        return indices[:0]
+    return indices[np.argpartition(at[indices], len(indices) - room)[len(indices) - room:]]
+
+
+def _hash(rid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
