@@ -94,16 +94,21 @@ def demo(
     events: int = typer.Option(20_000, help="Inference requests to simulate."),
     metrics_port: int = typer.Option(9108, help="Port of /metrics, /healthz, /readyz (0 = any free port)."),
     seed: int = typer.Option(42, help="Seed of the simulated traffic and the model."),
-    rate: float = typer.Option(2_000.0, help="Requests per second to play (0 = as fast as possible)."),
+    rate: float = typer.Option(2_000.0, help="Requests per second, of wall time and of event time (0 = as fast "
+                                            "as possible: the traffic is then a backlog that ended at the start)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON only."),
     record: Optional[Path] = typer.Option(None, help="Also write the traffic to this JSONL file (for the file source)."),
+    torch: bool = typer.Option(True, "--torch/--no-torch", help="Also learn a torch mlp on the same requests."),
+    start_ts: Optional[float] = typer.Option(None, "--start-ts", metavar="EPOCH_SECONDS",
+                                             help="Event time of the first request (default: the wall clock when "
+                                                  "the traffic starts); fixed, the same options give the same bytes."),
 ) -> None:
     """Start an embedded Kafka-compatible broker, play drifting traffic through the service, summarize."""
     from streamlearn.demo.run import DemoOptions, print_summary, run_demo
 
     _setup_logging("warning")
     options = DemoOptions(requests=events, metrics_port=metrics_port, seed=seed, rate=rate, record=record,
-                          progress=not as_json)
+                          progress=not as_json, torch=torch, start_ts=start_ts)
     try:
         result = run_demo(options)
     except ConfigError as err:

@@ -73,6 +73,8 @@ class Batch(msgspec.Struct):
                                      # larger release, positions empty; wait for the cut to commit)
     barrier: Union[bytes, None] = None  # on a cut the learner asked for: the intake's own state at this
                                         # point (opaque here), to be snapshotted with the models
+    barrier_follows: bool = False    # the barrier travels as the channel's next frame, not inside the batch
+                                     # (a backlog's join state is megabytes: one copy of it, not two)
     exhausted: bool = False          # final because the source has no more input (a file at its end), not
                                      # because the intake was stopped: learners flush only then
 

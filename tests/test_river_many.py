@@ -142,10 +142,12 @@ def test_ties_score_alike_in_both_modes(mode):
     assert hits == [1.0, 1.0, 0.0]
 
 
-def test_many_scores_each_example_as_one_does():
+@pytest.mark.parametrize("model", ["logreg", "scaled_logreg", "naive_bayes"])   # every built-in with learn_many
+def test_many_scores_each_example_as_one_does(model):
     """The same model state scores the same examples alike in both modes (hits and log loss)."""
     examples = stream(60)
-    one, batch = RiverLearner("m", model="logreg"), many(train=TrainConfig(batch_size=60, max_wait=1e9))
+    one = RiverLearner("m", model=model)
+    batch = many(model=model, train=TrainConfig(batch_size=60, max_wait=1e9))
     for ex in stream(200, seed=4)[100:]:   # the same trained model in both
         one.model.learn_one(ex.features, ex.label)
         batch.model.learn_one(ex.features, ex.label)
@@ -213,3 +215,24 @@ def test_an_absent_feature_does_not_poison_a_scaled_model():
     proba = learner.model.predict_proba_one({"x": 1.0, "z": 1.0})
     assert all(np.isfinite(list(proba.values()))) and proba[True] > 0.5
     assert learner.scores.value("accuracy", rolling=True) > 0.8
+
+
+def test_many_scores_a_regression_as_one_does():
+    """linreg: the same model state gives the same errors in both modes."""
+    rows = [Example(f"{i}", "p", {"x": float(i % 7), "z": float(i % 3)}, 2.0 * (i % 7) - (i % 3), 1.0, i, i)
+            for i in range(120)]
+    one = RiverLearner("p", model="linreg", task="regression")
+    batch = RiverLearner("p", model="linreg", task="regression", learn_mode="many",
+                         train=TrainConfig(batch_size=60, max_wait=1e9))
+    for ex in rows[:80]:   # the same trained model in both
+        one.model.learn_one(ex.features, ex.label)
+        batch.model.learn_one(ex.features, ex.label)
+    scored = []
+    for learner in (one, batch):
+        before = pickle.dumps(learner.model)
+        for ex in rows[80:]:
+            learner.model = pickle.loads(before)
+            learner.learn_batch([ex])
+            learner.flush()
+        scored.append(learner.scores.values())
+    assert scored[0]["mae"] > 0 and scored[0] == pytest.approx(scored[1], rel=1e-9)

@@ -219,7 +219,16 @@ def test_demo_acceptance():
     assert summary["dead_letters"] == summary["malformed_sent"]
     assert summary["join_balance"]["valid_inputs"] == summary["join_balance"]["accounted"]
     assert summary["learned"] + summary["held_out"] == summary["join"]["matched"]
-    assert summary["accuracy_after_recovery"] >= summary["accuracy_before_drift"] - 0.05
+    assert set(summary["models"]) == {"fraud", "fraud_mlp"}   # River and torch, on the same requests
+    for name, model in summary["models"].items():
+        assert model["learned"] > 0.8 * summary["requests"], name
+        assert model["accuracy_after_recovery"] >= model["accuracy_before_drift"] - 0.05, name
+        # several evaluated segments, so a real figure (None while the stream is shorter than one segment)
+        assert model["probe_segments"] >= 4 and isinstance(model["forgetting"], float), name
+        # the traffic's event time is the wall clock: feedback to model updated takes well under a minute
+        # (a demo stamped a year ago averaged 3.2e7 s here)
+        latency = model["loop_latency_seconds"]
+        assert 0 < latency["p50"] < 60 and 0 < latency["mean"] < 60, (name, latency)
 
 
 def test_demo_stops_its_broker_on_ctrl_c():
@@ -237,6 +246,15 @@ def test_demo_stops_its_broker_on_ctrl_c():
         return status == 200 and any(name == "streamlearn_examples_learned_total" and value > 0
                                      for (name, _), value in samples(text).items())
     wait_for(learning, what="the demo to learn")
+
+    def loop_latency() -> dict:   # the real endpoint's histogram, summed over the models
+        status, text = http_get(int(metrics_port), "/metrics")
+        figures = {name: sum(v for (n, _), v in samples(text).items() if n == name) if status == 200 else 0
+                   for name in ("streamlearn_loop_latency_seconds_sum", "streamlearn_loop_latency_seconds_count")}
+        return figures if figures["streamlearn_loop_latency_seconds_count"] > 0 else {}
+    latency = wait_for(loop_latency, what="a loop latency on /metrics")
+    mean = latency["streamlearn_loop_latency_seconds_sum"] / latency["streamlearn_loop_latency_seconds_count"]
+    assert 0 < mean < 60, latency   # event time is the wall clock: seconds at most, not a year
     process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0

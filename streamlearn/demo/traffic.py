@@ -5,6 +5,10 @@ never. The concept comes from River's SEA stream and changes abruptly once
 (`drift_at`). A small share of extra messages is malformed, each with the
 dead-letter reason the service must give it. Same spec, same bytes.
 
+A `shadow` model (a second model the serving system runs on every request) gets
+a copy of each valid log and feedback, its request id suffixed `/<shadow>`: both
+models see the same examples, and the base model's messages are unchanged.
+
 >>> generator = TrafficGenerator(TrafficSpec(requests=200))
 >>> messages = list(generator.messages())
 >>> generator.totals.requests, len(messages) == sum(generator.totals.sent.values())
@@ -42,6 +46,7 @@ class TrafficSpec:
     start_ts: float = 1_763_800_000.0
     model: str = "fraud"
     max_message_bytes: int = 65_536  # too_large messages are just over this
+    shadow: str = ""                 # a second model logged on every request too ("": none)
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,20 @@ class TrafficGenerator:
     def _emit(self, rng: random.Random, topic: str, key: bytes, value: bytes, ts: float) -> Iterator[Message]:
         self.totals.sent[topic] += 1
         yield Message(topic, key, value, ts, None)
+        if self.spec.shadow:   # draws nothing from rng: the base model's traffic stays byte for byte the same
+            self.totals.sent[topic] += 1
+            yield self._shadowed(topic, key, value, ts)
         if rng.random() < self.spec.malformed_rate:
             yield self._malformed(rng, topic, key, value, ts)
+
+    def _shadowed(self, topic: str, key: bytes, value: bytes, ts: float) -> Message:
+        """The same log or feedback for the shadow model, under its own request id."""
+        event = orjson.loads(value)
+        rid = f"{event['request_id']}/{self.spec.shadow}"
+        event["request_id"] = rid
+        if topic == INFERENCE_TOPIC:
+            event["model"] = self.spec.shadow
+        return Message(topic, rid.encode(), orjson.dumps(event), ts, None)
 
     def _malformed(self, rng: random.Random, topic: str, key: bytes, value: bytes, ts: float) -> Message:
         reasons = MALFORMED_REASONS if topic == INFERENCE_TOPIC else MALFORMED_REASONS[:-1]

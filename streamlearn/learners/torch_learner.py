@@ -207,7 +207,7 @@ class TorchLearner(Learner):
         for i, ex in enumerate(examples):
             before[i] = len(self.classes)
             try:
-                y[i] = self._class_of(ex.label) if self.task == "classification" else float(ex.label)
+                y[i] = self._class_of(ex.label) if self.task == "classification" else _finite_target(ex.label)
             except (ModelError, TypeError, ValueError) as err:
                 self._count_error(ex, err)
                 y[i] = np.nan
@@ -563,3 +563,11 @@ def _replay_buffer(config: ModelConfig, width: int, seed: int) -> Optional[Repla
         return TimeDecayedBuffer(r.capacity, width, r.half_life, seed)
     kind = ClassBalancedBuffer if r.kind == "class_balanced" else ReservoirBuffer
     return kind(r.capacity, width, seed)
+
+
+def _finite_target(label) -> float:
+    """A regression target: an infinite one would turn the running target statistics, and every prediction, NaN."""
+    target = float(label)
+    if target - target != 0.0:
+        raise ValueError(f"label {label!r} is not a finite number")
+    return target

@@ -5,6 +5,19 @@ the learner itself (two messages per example), so the intake gets its own
 process and hands the learner compact msgpack batches over a socket. The socket's
 small buffer is the back-pressure: a busy learner stops the intake from reading
 ahead. Control flows back on the same socket: commit positions, stop.
+
+Inline, over a JSONL file: a barrier asked for rides on the next cut, here the final one.
+
+>>> import pathlib, tempfile
+>>> from streamlearn.config import parse_config
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "events.jsonl"
+>>> _ = path.write_text('{"id": "e-1", "ts": 5, "features": {"x": 1.0}, "label": true}\\n')
+>>> channel = start_intake(parse_config({"source": f"file:{path}", "intake": {"mode": "inline"}}, env={}))
+>>> channel.request_barrier()
+>>> batch = next(channel.batches())
+>>> [e.id for e in batch.examples], batch.final, batch.barrier is not None, batch.positions == {f"file:{path}": 1}
+(['e-1'], True, True, True)
+>>> channel.commit(batch.positions, final=True); channel.close()
 """
 
 from __future__ import annotations
@@ -69,10 +82,11 @@ def open_intake(config: Config, resume: Resume) -> Intake:
 
 
 class InlineIntake:
-    """The intake in the learner's own thread: simplest, for files and debugging."""
+    """The intake in the learner's own thread: simplest, for files, debugging and tests (`intake`: one built over
+    another source, e.g. `streamlearn.testing.memory_intake`)."""
 
-    def __init__(self, config: Config, resume: Resume) -> None:
-        self._intake = open_intake(config, resume)
+    def __init__(self, config: Config, resume: Resume, intake: Optional[Intake] = None) -> None:
+        self._intake = intake or open_intake(config, resume)
         self._stop = False
 
     def batches(self, stopping: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
@@ -158,6 +172,11 @@ class ProcessIntake:
                     return
                 raise IntakeDied(f"intake process died (exit code {code}); its log lines above say why")
             batch = decode_batch(data)
+            if batch.barrier_follows:
+                batch.barrier = self._inbox.get()
+                if batch.barrier is None:   # the intake ended between the two frames: as if before the batch
+                    self._inbox.put(None)
+                    continue
             yield batch
             if batch.final:
                 return
@@ -235,7 +254,11 @@ def _intake_main(fd: int) -> None:
     controls = _ControlReader(conn, intake)
     try:
         for batch in intake.batches(controls.stop_requested):
+            barrier, batch.barrier = batch.barrier, None
+            batch.barrier_follows = barrier is not None
             conn.send_bytes(encode_batch(batch))
+            if barrier is not None:
+                conn.send_bytes(barrier)
         controls.await_final_commit(FINAL_COMMIT_WAIT)
     except (OSError, EOFError):
         pass  # the learner went away; nothing to hand over to

@@ -105,26 +105,60 @@ class ClosedIds:
             self.add(rid, at, matched)
 
     def _merge(self) -> None:
-        """Hashes the dict's ids into the sorted arrays, dropping what is forgotten, then trims to the bound."""
-        recent = self._recent
-        keys = np.concatenate([self._keys, np.fromiter(map(_hash, recent), np.uint64, len(recent))])
-        at = np.concatenate([self._at, np.fromiter((v[0] for v in recent.values()), np.float64, len(recent))])
-        matched = np.concatenate([self._matched, np.fromiter((v[1] for v in recent.values()), np.bool_, len(recent))])
+        """Hashes the dict's ids into the sorted arrays, dropping what is forgotten, then trims to the bound.
+
+        Only the dict's ids are sorted; they are then placed among the old entries kept, one array at a time,
+        so that a merge needs about twice the arrays' size for a moment, not five times.
+        """
+        keys, at, matched = self._recent_sorted()
         self._recent = {}
-        order = np.argsort(keys, kind="stable")   # equal keys keep their age order: the last is the newest close
+        old = self._keys
+        keep = self._at >= self.horizon
+        where = np.searchsorted(old, keys)
+        again = where < len(old)
+        again[again] = old[where[again]] == keys[again]
+        keep[where[again]] = False            # closed again since: the newer close replaces the older
+        fresh = at >= self.horizon
+        keys, at, matched = keys[fresh], at[fresh], matched[fresh]
+        kept = np.flatnonzero(keep)
+        kept_keys = old[kept]
+        slots = np.searchsorted(kept_keys, keys) + np.arange(len(keys))   # where each new id lands
+        others = np.ones(len(kept) + len(keys), np.bool_)
+        others[slots] = False
+        self._keys = _placed(kept_keys, keys, slots, others)
+        del kept_keys, old
+        self._at = _placed(self._at[kept], at, slots, others)
+        self._matched = _placed(self._matched[kept], matched, slots, others)
+        if len(self._keys) > self.max_entries:
+            newest = np.sort(_newest(self._at, self.max_entries - int(self.max_entries * TRIM_SHARE)))
+            self._keys, self._at, self._matched = self._keys[newest], self._at[newest], self._matched[newest]
+
+    def _recent_sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The dict's ids as (hash, close time, matched) arrays sorted by hash, one entry per hash."""
+        recent = self._recent
+        n = len(recent)
+        keys = np.fromiter(map(_hash, recent), np.uint64, n)
+        at = np.fromiter((v[0] for v in recent.values()), np.float64, n)
+        matched = np.fromiter((v[1] for v in recent.values()), np.bool_, n)
+        order = np.argsort(keys, kind="stable")
         keys, at, matched = keys[order], at[order], matched[order]
-        newest = np.append(keys[1:] != keys[:-1], True)
-        kept = np.flatnonzero(newest & (at >= self.horizon))
-        if len(kept) > self.max_entries:
-            kept = np.sort(_newest(kept, at, self.max_entries - int(self.max_entries * TRIM_SHARE)))
-        self._keys, self._at, self._matched = keys[kept], at[kept], matched[kept]
+        last = np.append(keys[1:] != keys[:-1], True)   # two ids with one hash: the later close stands
+        return keys[last], at[last], matched[last]
 
 
-def _newest(indices: np.ndarray, at: np.ndarray, room: int) -> np.ndarray:
-    """The `room` indices of the latest close times."""
+def _placed(old: np.ndarray, new: np.ndarray, slots: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """`new` at `slots` and `old`, in order, everywhere else (`others`)."""
+    out = np.empty(len(others), old.dtype)
+    out[slots] = new
+    out[others] = old
+    return out
+
+
+def _newest(at: np.ndarray, room: int) -> np.ndarray:
+    """The indices of the `room` latest close times."""
     if room <= 0:
-        return indices[:0]
-    return indices[np.argpartition(at[indices], len(indices) - room)[len(indices) - room:]]
+        return np.zeros(0, np.int64)
+    return np.argpartition(at, len(at) - room)[len(at) - room:]
 
 
 def _hash(rid: str) -> int:

@@ -6,6 +6,20 @@ still held by the joiner, whose state is the intake's own. When the joiner
 releases more than `batch_size` examples at once (a backlog catching up), the
 release goes out in pieces; only the last piece is a `cut` whose positions
 describe a consistent state, so only after it may positions be committed.
+
+Over an in-memory source (`streamlearn.testing`): a log and its feedback joined, a bad
+message dead-lettered with its position, and the final cut's positions.
+
+>>> from streamlearn.config import Config
+>>> from streamlearn.testing import MemorySource, memory_intake
+>>> source = MemorySource({"inference-logs:0": [{"request_id": "r-1", "ts": 1, "features": {"x": 0.5}}],
+...                        "feedback:0": [{"request_id": "r-1", "ts": 2, "label": True}, b"{broken"]})
+>>> intake = memory_intake(Config(), source)
+>>> batches = list(intake.batches())
+>>> [(e.id, e.label) for b in batches for e in b.examples], batches[-1].final, batches[-1].positions
+([('r-1', True)], True, {'feedback:0': 2, 'inference-logs:0': 1})
+>>> [(letter.key, letter.reason) for letter in intake.dead_letters.letters]
+[('feedback:0@1', 'invalid_json')]
 """
 
 from __future__ import annotations

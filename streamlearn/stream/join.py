@@ -250,11 +250,11 @@ class FeedbackJoiner:
         return early, self._early
 
     def _compact(self) -> None:
-        # Matched entries stay in the expiry heaps until popped; rebuild when they dominate.
+        # Matched entries stay in the expiry heaps until popped (holding their ids): rebuild when they are a fifth.
+        # An id pending again after it expired may keep its old entry too; `_expire` checks each on popping.
         for heap, pending in ((self._log_expiry, self._logs), (self._early_expiry, self._early)):
-            if len(heap) > 1.5 * len(pending) + 1024:
-                heap[:] = [item for item in heap if item[1] in pending
-                           and _expiry_of(self._entry(pending, item[1]), self) == item[0]]
+            if len(heap) > 1.25 * len(pending) + 1024:
+                heap[:] = [item for item in heap if item[1] in pending]
                 heapq.heapify(heap)
 
 
