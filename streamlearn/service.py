@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry
 from streamlearn.checkpoints.audit import AuditLog
 from streamlearn.checkpoints.catalog import open_store, problem_with
 from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
-from streamlearn.checkpoints.snapshotter import Snapshotter, config_fingerprint
+from streamlearn.checkpoints.cut import Cut
+from streamlearn.checkpoints.snapshotter import Serialize, Snapshotter, config_fingerprint
 from streamlearn.checkpoints.store import Snapshot, SnapshotStore
 from streamlearn.config import Config, ConfigError, ModelConfig
 from streamlearn.learners.base import Learner
@@ -43,7 +44,6 @@ from streamlearn.telemetry.server import MetricsServer
 from streamlearn.triggers import Trigger
 
 log = logging.getLogger(__name__)
-COMMIT_SECONDS = 1.0
 STALL_SECONDS = 60.0  # /healthz fails when the loop has not turned for this long
 
 
@@ -83,7 +83,7 @@ class Service:
         self._stop = threading.Event()
         self._last_turn = time.monotonic()
         self._started = 0.0
-        self._barrier_requested = False
+        self._cut = Cut(self.snapshots)   # barrier, snapshot and commit, in the order `checkpoints.cut` numbers
         for name, learner in self.learners.items():
             learner.on_evaluation = self._record_evaluation
             learner.model_label = config.models[name].model   # for the messages of a model that refuses examples
@@ -138,7 +138,7 @@ class Service:
         restore = _install_signal_handlers(self.stop)
         self._started = time.monotonic()
         self._channel = start_intake(self.config, self._resume)
-        last_commit = time.monotonic()
+        self._cut.begin()
         stopping = False
         try:
             batches = self._channel.batches(self._stop.is_set)   # a stop is heard even while no batch comes
@@ -151,15 +151,10 @@ class Service:
                 if not stopping and (self._stop.is_set() or (until is not None and until(self))):
                     self._channel.request_stop()  # the intake drains and sends a final batch (with a barrier)
                     stopping = True
-                elif self._snapshot_due():
-                    self._channel.request_barrier()
-                    self._barrier_requested = True
-                if time.monotonic() - last_commit >= COMMIT_SECONDS:
-                    self._channel.commit(self._committable())
-                    last_commit = time.monotonic()
-            if self.snapshots is not None:
-                self.snapshots.wait()
-            self._channel.commit(self._committable(), final=True)
+                else:   # cut step 1; steps 3-4 run in `_learn` when the barrier arrives
+                    self._cut.ask_if_due(self._channel, lambda: self.learned, self._drifts, self._lowest_score)
+                self._cut.commit_if_due(self._channel, self.positions)   # cut step 6
+            self._cut.finish(self._channel, self.positions)   # cut steps 5-6: the write in flight, the last commit
         finally:
             self._channel.close()
             restore()
@@ -180,14 +175,13 @@ class Service:
         for batch in batches:   # not learned; the final cut's barrier is not honoured either
             if batch.final:
                 break
+        self._cut.finish(self._channel, self.positions)   # the write in flight ends, then the last commit
         if self.snapshots is not None:
-            self.snapshots.wait()
             seq = self.snapshots.store.latest_seq()
             where = f"state and offsets stay at snapshot {seq}" if seq is not None else \
                 "no snapshot yet, no offsets committed"
         else:
             where = "offsets stay at the batch before (snapshots are off)"
-        self._channel.commit(self._committable(), final=True)
         raise LearnFailure(f"{failure}; {where}") from None
 
     def _quarantine(self, rejected: list[Rejected]) -> None:
@@ -204,16 +198,6 @@ class Service:
         """One line for each model that refuses most of its recent examples."""
         return [problem for l in self.learners.values() if (problem := l.health_problem()) is not None]
 
-    def _snapshot_due(self) -> bool:
-        """Whether to ask the intake for a barrier now (the snapshot trigger; none while a write is in flight)."""
-        if self.snapshots is None or self._barrier_requested or not self.snapshots.idle:
-            return False
-        # The barrier is honoured after the batches already on their way: ask that many examples early, so that
-        # snapshots keep their interval while a backlog streams in.
-        ahead = self.learned + self._channel.examples_in_flight()
-        reason = self.snapshots.trigger.check(ahead, time.monotonic(), self._drifts(), self._lowest_score)
-        return reason is not None
-
     def _lowest_score(self) -> float:
         return min((l.watched_score for l in self.learners.values()), default=float("nan"))
 
@@ -224,13 +208,8 @@ class Service:
         if self.history is not None:
             self.history.record(learner, self.stats, time.time())
 
-    def _committable(self) -> dict[str, int]:
-        """Offsets for the consumer group: those of the newest durable snapshot, when snapshots are on."""
-        return self.snapshots.durable_offsets if self.snapshots is not None else self.positions
-
-    def _snapshot(self, intake_state: bytes, final: bool) -> None:
-        """At a barrier: hands the whole state as it is now to the snapshot writer."""
-        started = time.perf_counter()
+    def _capture(self, intake_state: bytes, final: bool) -> Serialize:
+        """Cut step 3: the whole state as it is at the barrier, as files when called (where the writer runs)."""
         if final:
             self.snapshots.trigger.fire("shutdown", self.learned, time.monotonic(), self._drifts())
         audit_length = self.audit.sync() if self.audit is not None else 0
@@ -239,10 +218,7 @@ class Service:
         states = {name: l.state() for name, l in self.learners.items()}
         tensors = {name: l.tensors() for name, l in self.learners.items()}
         handoff = self.handoff.state if self.handoff is not None else lambda: None   # serialized where the writer runs
-        self.snapshots.submit(lambda: pack(states, tensors, intake_state, figures, handoff()), dict(self.positions),
-                              {"learned": float(self.learned)})
-        self._barrier_requested = False
-        self.snapshots.stall.observe(time.perf_counter() - started)
+        return lambda: pack(states, tensors, intake_state, figures, handoff())
 
     def stop(self) -> None:
         """Asks the loop to drain the current batch and return (safe from any thread or signal)."""
@@ -285,8 +261,8 @@ class Service:
         if self.handoff is not None:
             self.handoff.after_learning(self.positions, self._newest_snapshot)
         self.stats = batch.stats
-        if batch.barrier is not None and self.snapshots is not None:
-            self._snapshot(batch.barrier, batch.final)
+        if batch.barrier is not None and self.snapshots is not None:   # cut steps 3-4
+            self._cut.take(batch.barrier, batch.final, self.positions, self.learned, self._capture)
 
     def _newest_snapshot(self) -> Optional[int]:
         return self.snapshots.store.latest_seq() if self.snapshots is not None else None

@@ -10,6 +10,8 @@ With `snapshot.serialize = "inline"` the loop pickles and a thread writes.
 A failed write leaves the last good snapshot in place, is counted and logged in
 one line, and the next trigger tries again. No trigger fires while a write is in
 flight, so a slow disk stretches the interval instead of stalling the loop.
+
+Here are steps 4 (fork and write) and 5 (durable) of the cut procedure that `checkpoints.cut` numbers.
 """
 
 from __future__ import annotations
@@ -74,17 +76,17 @@ class Snapshotter:
         return self._idle.is_set()
 
     def submit(self, serialize: Serialize, offsets: dict[str, int], meta: dict[str, float]) -> None:
-        """Starts writing the state `serialize` returns; waits first if the previous write is still going."""
-        self._idle.wait()
+        """Cut step 4: starts writing the state `serialize` returns; waits first if the previous write still goes."""
+        self._idle.wait()   # no timeout: no barrier is asked for while a write is in flight, so rarely waits
         self._idle.clear()
         started = time.perf_counter()
         wait = None
-        if self.settings.serialize == "fork":
+        if self.settings.serialize == "fork":   # 4. fork: the child's copy-on-write image is the state at the barrier
             try:
                 wait = self._fork_writer(serialize, dict(offsets), meta)
             except OSError as err:  # no memory or processes left for a child: serialize here this time
                 log.warning("snapshot: cannot fork a writer (%s); serializing in the loop", err)
-        if wait is None:
+        if wait is None:   # 4. or pickle here, now, while the state is the barrier's; a thread writes
             state = _serialized_now(serialize)
             wait = lambda: self._write(state, offsets, meta)  # noqa: E731
         threading.Thread(target=self._finish, args=(wait, offsets, started), name="snapshot-writer",
@@ -133,6 +135,7 @@ class Snapshotter:
         return lambda: _child_outcome(pid, read_end)
 
     def _finish(self, wait: Callable[[], WriteOutcome], offsets: dict[str, int], started: float) -> None:
+        """Cut step 5: once the store has named the snapshot latest, its offsets become the ones to commit."""
         try:
             outcome = wait()
         except Exception as err:
@@ -147,6 +150,7 @@ class Snapshotter:
             took = time.perf_counter() - started
             self.seconds.observe(took)
             self.parent = None
+            # 5. Durable (tmp → fsync → rename → LATEST, in `SnapshotStore.write`): only now may the group follow.
             self.durable_offsets = dict(offsets)  # one reference swap: readers see old or new
             self.last_success = outcome.manifest.created
             log.info("snapshot %d written in %.3f s", outcome.manifest.seq, took)

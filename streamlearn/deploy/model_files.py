@@ -28,11 +28,16 @@ from streamlearn.records import Features
 RIVER_MODEL = "model.pkl"
 TORCH_WEIGHTS = "weights.safetensors"
 TORCH_ENCODING = "encoding.pkl"
+KINDS = ("river", "torch")   # learner kinds (the `kind` each learner class declares) that have an artifact format
 
 
 def model_files(learner: Learner) -> tuple[str, dict[str, bytes]]:
-    """The learner's model as (kind, files) for an artifact."""
-    if hasattr(learner, "net"):   # a TorchLearner (torch is imported only for torch models)
+    """The learner's model as (kind, files) for an artifact; the kind is the one the learner class declares."""
+    kind = getattr(type(learner), "kind", None)
+    if kind not in KINDS:
+        raise ValueError(f"learner {learner.name!r} ({type(learner).__name__}, kind {kind!r}) has no artifact format;"
+                         f" known kinds: {', '.join(KINDS)}")
+    if kind == "torch":   # torch is imported only for torch models
         import safetensors.torch
 
         # The layers' weights are views of one flat tensor: copies, so that safetensors sees no shared memory.

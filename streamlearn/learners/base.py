@@ -17,13 +17,12 @@ import msgspec
 import numpy as np
 
 from streamlearn.config import DriftConfig, EvalConfig
-from streamlearn.learners.drift import DriftEvent, DriftMonitor
+from streamlearn.learners.drift import DriftMark, DriftMonitor, finite_or_none
 from streamlearn.learners.drift_policy import DriftPolicy, Judged, Transition
 from streamlearn.learners.probes import ProbeSets
 from streamlearn.learners.scores import PrequentialScores
 from streamlearn.records import Example, Rejected
 from streamlearn.telemetry.histogram import LATENCY_BUCKETS, WAIT_BUCKETS, Histogram
-from streamlearn.telemetry.history import DriftMark, finite_or_none
 from streamlearn.triggers import Trigger
 
 log = logging.getLogger(__name__)
@@ -173,17 +172,17 @@ class Learner:
     def _watch(self, errors: np.ndarray) -> None:
         for event in self.drift.update(errors):
             log.info("model %s: drift detected by %s at example %d", self.name, event.detector, event.position)
-            self.drifts.append(DriftMark(event.detector, event.position))
+            self.drifts.append(event)
             del self.drifts[:-100]   # drained by the history; bounded when nobody records it
             self.on_drift(event)
 
-    def on_drift(self, event: DriftEvent) -> None:
+    def on_drift(self, event: DriftMark) -> None:
         """What the learner itself does about a drift: opens a policy case (the torch learner also consolidates)."""
         self._open_case(event)
 
     # --- the drift policy ------------------------------------------------------------------------------------
 
-    def _open_case(self, event: DriftEvent) -> bool:
+    def _open_case(self, event: DriftMark) -> bool:
         """Opens a drift case dated by the event time of the example it was detected at; False if one is open."""
         if not self.policy.enabled:   # off, and off for regression: no accuracy to judge by
             return False

@@ -17,8 +17,10 @@ change is dropped; Page-Hinkley runs in its "up" mode.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from itertools import compress, count, islice
+from typing import Optional
 
 import msgspec
 import numpy as np
@@ -27,9 +29,15 @@ from river import drift
 from streamlearn.config import DriftConfig
 
 
-class DriftEvent(msgspec.Struct):
+class DriftMark(msgspec.Struct, frozen=True):
+    """A drift detection: which detector, at which of the model's positions (the monitor, the learner and the history)."""
+
     detector: str
     position: int      # examples scored by the model when it fired
+
+
+# The record's former name: snapshots pickled before the two records became one still find it here.
+DriftEvent = DriftMark
 
 
 class DriftMonitor:
@@ -39,26 +47,31 @@ class DriftMonitor:
         self.detectors = {name: _detector(name, settings) for name in settings.detectors}
         self.detected: Counter[str] = Counter({name: 0 for name in self.detectors})
         self.position = 0
-        self.last: list[DriftEvent] = []   # the most recent events, newest last (bounded)
+        self.last: list[DriftMark] = []   # the most recent events, newest last (bounded)
 
     @property
     def total(self) -> int:
         """Detections so far, all detectors."""
         return sum(self.detected.values())
 
-    def update(self, errors) -> list[DriftEvent]:
+    def update(self, errors) -> list[DriftMark]:
         """Feeds a batch of errors in order; returns the drifts detected in it, in stream order."""
         values = np.asarray(errors, dtype=float)
         events = []
         for name, detector in self.detectors.items():
             rises = _adwin_rises(detector, values) if isinstance(detector, drift.ADWIN) else _rises(detector, values)
-            events += [DriftEvent(name, self.position + i + 1) for i in rises]
+            events += [DriftMark(name, self.position + i + 1) for i in rises]
         events.sort(key=lambda e: e.position)   # stable: detectors in configured order at one position
         self.position += len(values)
         for event in events:
             self.detected[event.detector] += 1
         self.last = (self.last + events)[-20:]
         return events
+
+
+def finite_or_none(value: float) -> Optional[float]:
+    """None for NaN (JSON has no NaN): a figure not measured yet."""
+    return None if math.isnan(value) else value
 
 
 def _adwin_rises(detector: drift.ADWIN, values: np.ndarray) -> list[int]:

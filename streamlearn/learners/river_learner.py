@@ -112,6 +112,7 @@ class MicroBatchQueue:
 class RiverLearner(_PolicySide, Learner):
     """One named River estimator with its prequential scores and learning counters."""
 
+    kind = "river"   # the artifact format (deploy/model_files.py) and the learner kind, declared
     STATE = Learner.STATE + ("model", "target_range", "rolled_back", "queue", "_references", "_reference",
                              "_reference_due")
 

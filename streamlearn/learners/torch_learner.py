@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
 from streamlearn.learners.base import Learner
-from streamlearn.learners.drift import DriftEvent
+from streamlearn.learners.drift import DriftMark
 from streamlearn.learners.drift_policy import Judged, Transition
 from streamlearn.learners.encoder import FeatureEncoder, RunningMoments
 from streamlearn.learners.ewc import OnlineEWC
@@ -101,6 +101,7 @@ class Queue:
 class TorchLearner(Learner):
     """One named torch network with its encoder, optimizer, replay buffer and EWC state."""
 
+    kind = "torch"   # the artifact format (deploy/model_files.py) and the learner kind, declared
     STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "consolidation",
                              "_reference_due")
 
@@ -367,7 +368,7 @@ class TorchLearner(Learner):
             losses = (out[:, 0] - ys) ** 2
         return (losses * ws).sum() / ws.sum()
 
-    def on_drift(self, event: DriftEvent) -> None:
+    def on_drift(self, event: DriftMark) -> None:
         """Opens a policy case and consolidates, as without a policy; a detection within an open case does nothing
         (the weights by then may hold what the case is about)."""
         if self.policy.enabled and not self._open_case(event):

@@ -5,7 +5,7 @@ that appears late (probe segments, forgetting) starts where it starts instead
 of being drawn as a drop to zero. The rolling score is drawn from the frequent
 score samples where the history has them, else from the evaluation records.
 
->>> from streamlearn.telemetry.history import DriftMark, HistoryRecord, ScoreSample
+>>> from streamlearn.telemetry.history import HistoryRecord, ScoreSample
 >>> records = [HistoryRecord(model="m", time=t, position=100 * t, learned=99 * t, scores={"accuracy": 0.5 + t / 10},
 ...                          probe_accuracy={0: 0.9 - t / 10} if t > 1 else {}) for t in (1, 2, 3)]
 >>> [m] = by_model(records)
@@ -24,8 +24,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from streamlearn.learners.drift import DriftMark
 from streamlearn.learners.plasticity import PolicyAction
-from streamlearn.telemetry.history import DriftMark, HistoryRecord, ScoreSample
+from streamlearn.telemetry.history import HistoryRecord, ScoreSample
 
 
 @dataclass(frozen=True)

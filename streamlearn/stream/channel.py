@@ -44,7 +44,8 @@ from streamlearn.stream.intake import Intake, Resume
 from streamlearn.stream.kafka_source import kafka_topics, open_kafka_source
 
 log = logging.getLogger(__name__)
-FINAL_COMMIT_WAIT = 30.0
+FINAL_COMMIT_WAIT = 30.0   # the learner's final commit follows the last snapshot's write: room for a slow disk
+EXIT_WAIT_SECONDS = 5.0    # an intake whose socket closed is exiting: reaping it takes moments
 BATCHES_IN_FLIGHT = 4
 MMAP_THRESHOLD = 128 * 1024   # bytes: glibc's default before it adapts (see `_child_environment`)
 # After a stop, how long the learner waits for the intake's next word before it stops without one (an
@@ -166,7 +167,7 @@ class ProcessIntake:
                 return
             quiet_since = None
             if data is None:
-                code = self._process.wait(5)
+                code = self._process.wait(EXIT_WAIT_SECONDS)
                 if stopping():
                     log.warning("the intake process ended (exit code %s) while stopping", code)
                     return

@@ -165,6 +165,8 @@ class Intake:
     def _barrier(self, final: bool) -> Optional[bytes]:
         """The state a snapshot asked for (the final cut: always), once every dead letter so far has landed.
 
+        This is step 2 of the cut procedure (`streamlearn.checkpoints.cut`): step 1 set `barrier_requested`;
+        the learner takes steps 3 to 6 when this cut's batch, carrying the state, reaches it.
         The snapshot keeps where the dead letters end, so each one before the cut must be delivered first.
         While the broker takes none (an outage), the cut goes out without a barrier and the next one tries
         again: the intake keeps its heartbeat instead of blocking on the flush.

@@ -37,24 +37,18 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import msgspec
 
+from streamlearn.learners.drift import DriftMark, finite_or_none
 from streamlearn.learners.plasticity import PolicyAction
 from streamlearn.records import IntakeStats
 from streamlearn.telemetry.histogram import Histogram, HistogramState
 
-if TYPE_CHECKING:   # the learners use DriftMark from here
+if TYPE_CHECKING:   # telemetry reads the learners; the learners never import this module
     from streamlearn.learners.base import Learner
     from streamlearn.records import Example
 
 log = logging.getLogger(__name__)
 ROTATED_SUFFIX = ".1"   # history.jsonl -> history.jsonl.1 when the file outgrows its bound
 SCORE_DIGITS = 4        # score samples are rounded: a curve needs no more, and the lines stay short
-
-
-class DriftMark(msgspec.Struct):
-    """A drift detection: which detector, at which of the model's positions."""
-
-    detector: str
-    position: int
 
 
 class HistoryRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -211,17 +205,9 @@ def model_position(learner: "Learner") -> int:
 def _drain_marks(learner: "Learner") -> tuple[list[DriftMark], list[PolicyAction]]:
     """The learner's drift detections and its policy's actions since they were last taken, taken now."""
     drifts, learner.drifts = learner.drifts, []
-    # The drift policy (`learner.policy`, learners/plasticity.py) is not on every learner yet: read it if present.
-    policy = getattr(learner, "policy", None)
-    actions: list[PolicyAction] = []
-    if policy is not None:
-        actions, policy.actions = list(policy.actions), []
+    policy = learner.policy
+    actions, policy.actions = list(policy.actions), []
     return drifts, actions
-
-
-def finite_or_none(value: float) -> Optional[float]:
-    """None for NaN (JSON has no NaN): a figure not measured yet."""
-    return None if math.isnan(value) else value
 
 
 def _finite_values(values: dict[str, float]) -> dict[str, float]:
