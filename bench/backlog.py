@@ -42,6 +42,7 @@ from typing import Iterable, Iterator, Optional
 
 from streamlearn.demo.traffic import Message, TrafficGenerator, TrafficSpec
 from streamlearn.stream.broker import EmbeddedBroker
+from streamlearn.testing import kafka_toml
 
 MODELS = ("fraud", "churn")
 START_TS = 1_763_800_000.0
@@ -162,14 +163,7 @@ def write_config(path: Path, state_dir: Path, source: str, bootstrap: str, topic
 source = "{source}"
 state_dir = "{state_dir}"
 seed = 3
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "{group}"
-session_timeout_ms = 6000
-inference_topic = "{topics['inference-logs']}"
-feedback_topic = "{topics['feedback']}"
-examples_topic = ""
-[intake]
+{kafka_toml(bootstrap, group, topics)}[intake]
 max_message_bytes = {MAX_MESSAGE_BYTES}
 batch_size = {batch_size}
 [snapshot]

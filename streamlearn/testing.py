@@ -61,7 +61,7 @@ from streamlearn.stream.intake import Intake, Resume
 from streamlearn.stream.source import Chunk, split_position
 
 __all__ = ["ABORT", "EOF", "Letter", "MemoryDeadLetters", "MemorySource", "Resume", "SourceAborted",
-           "encode_message", "memory_intake"]
+           "encode_message", "kafka_toml", "memory_intake"]
 
 
 class EOF:
@@ -314,3 +314,15 @@ def memory_intake(config: Config, source: MemorySource, dead_letters: Optional[M
     """
     return Intake(config, source, dead_letters if dead_letters is not None else MemoryDeadLetters(),
                   clock=clock, resume=resume)
+
+
+def kafka_toml(bootstrap: str, group: str, topics: Mapping[str, str], examples_topic: str = "") -> str:
+    """The `[kafka]` table of a test or bench config: a broker, a group, the two input topics (a short session,
+    so that a killed member's partitions come back quickly).
+
+    >>> print(kafka_toml("127.0.0.1:9092", "g", {"inference-logs": "logs", "feedback": "fb"}).splitlines()[2])
+    group_id = "g"
+    """
+    return (f'[kafka]\nbootstrap_servers = "{bootstrap}"\ngroup_id = "{group}"\nsession_timeout_ms = 6000\n'
+            f'inference_topic = "{topics["inference-logs"]}"\nfeedback_topic = "{topics["feedback"]}"\n'
+            f'examples_topic = "{examples_topic}"\n')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -56,3 +57,16 @@ def own_broker():
     """A broker of this test's own (not the session's), for tests that pause, stop or restart it."""
     with EmbeddedBroker() as running:
         yield running
+
+
+@pytest.fixture
+def running():
+    """Every service process a test starts (with its log file); whatever is still alive at the end is killed,
+    and its log's tail printed (pytest shows it when the test failed)."""
+    processes: list[tuple[subprocess.Popen, object]] = []
+    yield processes
+    for process, log in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        print(f"--- {log.name} (exit {process.returncode}) ---\n{log.read_text()[-4000:]}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import signal
-import subprocess
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -123,18 +122,6 @@ def test_idle_timeout_neither_loses_joins_nor_holds_the_tail(broker, small, idle
                    extra=f"[join]\nidle_timeout = {idle_timeout}\n{SMALL_FETCHES}")
     assert_same_as_file(run, small.reference)
     assert run.tail_s < TAIL_BOUND, f"the tail was learned {run.tail_s:.1f} s after the last message was consumed"
-
-
-@pytest.fixture
-def running():
-    """Every service process a test starts; whatever is still alive at the end is killed, its log printed."""
-    processes: list[tuple[subprocess.Popen, Path]] = []
-    yield processes
-    for process, log in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        print(f"--- {log.name} (exit {process.returncode}) ---\n{log.read_text()[-3000:]}")  # shown on failure
 
 
 def test_sigkills_mid_backlog_end_as_an_uninterrupted_run(broker, tmp_path, running):

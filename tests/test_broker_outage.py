@@ -21,6 +21,7 @@ import pytest
 from streamlearn.config import load_config
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec, write_jsonl
 from streamlearn.service import Service
+from streamlearn.testing import kafka_toml
 from tests.conftest import http_get, wait_for
 
 SPEC = TrafficSpec(requests=1000, seed=13, model="fraud", max_message_bytes=65_536)
@@ -33,14 +34,7 @@ def write_config(path, state_dir, bootstrap: str, source: str = "kafka") -> None
 source = "{source}"
 state_dir = "{state_dir}"
 seed = 3
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "outage"
-session_timeout_ms = 6000
-inference_topic = "{TOPICS['inference-logs']}"
-feedback_topic = "{TOPICS['feedback']}"
-examples_topic = ""
-[join]
+{kafka_toml(bootstrap, "outage", TOPICS)}[join]
 ttl = 600.0
 early_ttl = 60.0
 [intake]

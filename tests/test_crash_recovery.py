@@ -22,13 +22,13 @@ import uuid
 
 import numpy as np
 import orjson
-import pytest
 
 from streamlearn.checkpoints.content import unpack
 from streamlearn.checkpoints.store import SnapshotStore
 from streamlearn.config import load_config
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec, write_jsonl
 from streamlearn.service import Service
+from streamlearn.testing import kafka_toml
 from tests.conftest import wait_for
 
 SPEC = TrafficSpec(requests=2500, seed=11, model="fraud", max_message_bytes=65_536)
@@ -41,14 +41,7 @@ def write_config(path, state_dir, topics: dict[str, str], bootstrap: str, source
 source = "{source}"
 state_dir = "{state_dir}"
 seed = 3
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "crash-{topics['feedback']}"
-session_timeout_ms = 6000
-inference_topic = "{topics['inference-logs']}"
-feedback_topic = "{topics['feedback']}"
-examples_topic = ""
-[kafka.settings]
+{kafka_toml(bootstrap, f"crash-{topics['feedback']}", topics)}[kafka.settings]
 # Static membership (KIP-345): a restarted service takes its old member's place at once. Without it,
 # the killed service's intake process leaves the group on its way out, and Tansu, when that leave
 # crosses a join in progress, keeps the departed member as the leader of a generation that never
@@ -139,18 +132,6 @@ def start(config_path, running: list) -> subprocess.Popen:
                                    stdout=subprocess.DEVNULL, stderr=stderr)
     running.append((process, log))
     return process
-
-
-@pytest.fixture
-def running():
-    """Every service process a test starts; whatever is still alive at the end is killed, its log printed."""
-    processes: list[tuple[subprocess.Popen, object]] = []
-    yield processes
-    for process, log in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        print(f"--- {log.name} (exit {process.returncode}) ---\n{log.read_text()[-4000:]}")  # shown on failure
 
 
 def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_path, running):

@@ -17,8 +17,9 @@ from collections import Counter
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec
 from streamlearn.stream.dead_letters import FileDeadLetters, letter_key
 from streamlearn.stream.decode import DeadLetter
+from streamlearn.testing import kafka_toml
 from tests.conftest import wait_for
-from tests.test_crash_recovery import learned_ids, play, running, start  # noqa: F401  (running: the fixture)
+from tests.test_crash_recovery import learned_ids, play, start
 
 SPEC = TrafficSpec(requests=1500, seed=23, model="fraud", malformed_rate=0.06, max_message_bytes=65_536)
 KILLS = 5
@@ -28,14 +29,7 @@ def write_config(path, state_dir, topics: dict[str, str], bootstrap: str) -> Non
     path.write_text(f"""
 source = "kafka"
 state_dir = "{state_dir}"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "dlq-{topics['feedback']}"
-session_timeout_ms = 6000
-inference_topic = "{topics['inference-logs']}"
-feedback_topic = "{topics['feedback']}"
-examples_topic = ""
-[kafka.settings]
+{kafka_toml(bootstrap, f"dlq-{topics['feedback']}", topics)}[kafka.settings]
 "group.instance.id" = "dlq-test"
 [intake]
 batch_size = 50

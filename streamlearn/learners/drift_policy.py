@@ -112,7 +112,7 @@ class DriftPolicy:
 
     @property
     def case_open(self) -> bool:
-        """A detection is being judged or a change is suspected: the gate decides nothing meanwhile."""
+        """A detection is being judged or a change is suspected: the gate promotes nothing meanwhile."""
         return self.case is not None
 
     def saw(self, labels: Iterable[Hashable], first_position: int) -> None:
