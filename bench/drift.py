@@ -144,7 +144,7 @@ class Positions:
         for model, rows in self.rows.items():
             learner = service.learners[model]
             handoff = service.handoff.models[model].holdout.position if service.handoff is not None else 0
-            rows.append((learner.probes.position, handoff, newest.get(model, rows[-1][2])))
+            rows.append((learner.evaluation.probes.position, handoff, newest.get(model, rows[-1][2])))
 
     def at_time(self, model: str, ts: float) -> int:
         """The learner's position when its examples reached event time `ts`."""
@@ -196,12 +196,12 @@ def run_service(config: dict, models: list[str], on_batch: Optional[Callable] = 
     out = {"summary": summary, "seconds": time.perf_counter() - started, "positions": positions, "models": {}}
     for model in models:
         learner = service.learners[model]
-        policy = getattr(learner, "policy", None)   # the drift policy, where the learners have one
+        policy = learner.evaluation.policy   # the drift policy (every learner's evaluation has one)
         leftover = list(policy.actions) if policy is not None else []
         out["models"][model] = {
             "samples": [(s.position, s.scores.get("accuracy")) for s in history.samples if s.model == model],
             "drifts": [(d.detector, d.position) for r in history.records if r.model == model for d in r.drifts]
-            + [(d.detector, d.position) for d in learner.drifts],
+            + [(d.detector, d.position) for d in learner.evaluation.drifts],
             "actions": [(a.kind, a.action, a.position) for r in history.records if r.model == model
                         for a in r.actions] + [(a.kind, a.action, a.position) for a in leftover],
             "has_policy": policy is not None,

@@ -8,6 +8,12 @@ is measured the same way at micro-batches of 32 and 256, plain and with replay +
 EWC, against the bare torch loop of `torch_loop.py` on the same tensors. Then a
 fixed offered rate, below capacity, gives the feedback-to-learned latency.
 
+What bounds the Kafka path is measured in the same rounds (`limits.py`): the bare
+consume of the two topics with the same client and no decoding, the intake alone
+(decode, validate, join, hand-off; no learner), and a hand-written confluent-kafka
+loop with a dict join and no guarantees. The service's limit is the lower of the
+bare learner and the bare consume; the service is reported against it too.
+
     .venv/bin/python bench/throughput.py [--examples 100000] [--torch-examples 50000] [--repeat 3]
                                          [--rate 5000] [--seconds 10]
 
@@ -29,6 +35,7 @@ from collections import deque
 import orjson
 
 import torch
+from limits import bare_consume, dict_join_loop, intake_alone
 from torch_loop import bare_torch_loop, encoded, learner_loop, model_table
 
 from streamlearn.config import parse_config
@@ -180,6 +187,14 @@ def loop_latency(bootstrap: str, rate: float, seconds: float) -> list[float]:
 
 
 SERVICE_PATHS = (("confluent-kafka", "process"), ("kafka-python", "process"), ("confluent-kafka", "inline"))
+LIMITS = ("bare consume", "intake alone", "dict join loop")
+
+
+def limit_rounds(bootstrap: str, total: int) -> dict[str, float]:
+    """One round of the reference rows of `limits.py` on the backlog (examples/s)."""
+    return {"bare consume": bare_consume(bootstrap, TOPICS[:2], total),
+            "intake alone": intake_alone(service_config(bootstrap, "confluent-kafka", "process"), total),
+            "dict join loop": dict_join_loop(bootstrap, TOPICS[:2], total, MODEL)}
 
 
 def main() -> None:
@@ -196,6 +211,7 @@ def main() -> None:
     x, y = encoded(examples[:args.torch_examples])
     bare: list[float] = []
     service: dict[tuple[str, str], list[float]] = {path: [] for path in SERVICE_PATHS}
+    limits: dict[str, list[float]] = {name: [] for name in LIMITS}
     torch_runs: dict[tuple[int, str], dict[str, list[float]]] = {
         run: {"bare": [], "learner": [], "service": []} for run in TORCH_RUNS}
     with EmbeddedBroker() as broker:
@@ -205,6 +221,8 @@ def main() -> None:
             bare.append(bare_loop(examples))
             for client, mode in SERVICE_PATHS:
                 service[(client, mode)].append(service_throughput(broker.bootstrap_servers, client, mode, len(examples)))
+            for name, eps in limit_rounds(broker.bootstrap_servers, len(examples)).items():
+                limits[name].append(eps)
             for batch, config in TORCH_RUNS:
                 torch_runs[(batch, config)]["bare"].append(bare_torch_loop(x, y, batch, config))
                 torch_runs[(batch, config)]["learner"].append(learner_loop(examples[:args.torch_examples], batch, config))
@@ -215,11 +233,11 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         broker.create_topics(TOPICS, partitions=2)
         latencies = sorted(loop_latency(broker.bootstrap_servers, args.rate, args.seconds))
-    report(args, bare, service, latencies, torch_runs)
+    report(args, bare, service, limits, latencies, torch_runs)
 
 
-def report(args, bare: list[float], service: dict[tuple[str, str], list[float]], latencies: list[float],
-           torch_runs: dict[tuple[int, str], dict[str, list[float]]]) -> None:
+def report(args, bare: list[float], service: dict[tuple[str, str], list[float]], limits: dict[str, list[float]],
+           latencies: list[float], torch_runs: dict[tuple[int, str], dict[str, list[float]]]) -> None:
     bare_eps = statistics.median(bare)
     print(f"{'path':<40} {'examples/s':>11} {'min':>9} {'max':>9} {'x bare':>7}")
     print(f"{'bare River loop (in memory)':<40} {bare_eps:>11,.0f} {min(bare):>9,.0f} {max(bare):>9,.0f} {1:>7.2f}")
@@ -228,6 +246,15 @@ def report(args, bare: list[float], service: dict[tuple[str, str], list[float]],
         medians[(client, mode)] = eps = statistics.median(runs)
         print(f"{'service: ' + client + ', intake ' + mode:<40} {eps:>11,.0f} {min(runs):>9,.0f} {max(runs):>9,.0f} "
               f"{eps / bare_eps:>7.2f}")
+    limit_eps = {name: statistics.median(runs) for name, runs in limits.items()}
+    for name, runs in limits.items():
+        print(f"{'reference: ' + name:<40} {limit_eps[name]:>11,.0f} {min(runs):>9,.0f} {max(runs):>9,.0f} "
+              f"{limit_eps[name] / bare_eps:>7.2f}")
+    limit = min(bare_eps, limit_eps["bare consume"])
+    service_eps = medians[SERVICE_PATHS[0]]
+    print(f"limit (lower of bare learner and bare consume) {limit:,.0f} examples/s: service (confluent-kafka, intake "
+          f"process) {service_eps / limit:.2f} x limit, {service_eps / limit_eps['dict join loop']:.2f} x the dict "
+          f"join loop; intake alone {limit_eps['intake alone'] / limit_eps['bare consume']:.2f} x bare consume")
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
     print(f"median of {args.repeat} rounds of {args.examples:,} examples; loop latency at {args.rate:,.0f} examples/s "
           f"offered: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms ({len(latencies):,} examples)")
@@ -247,8 +274,12 @@ def report(args, bare: list[float], service: dict[tuple[str, str], list[float]],
     print(f"service: end to end through Kafka; learner: the TorchLearner alone on the same examples in memory. "
           f"EWC penalty at batch 32: {100 * ewc_cost:.1f}% of the learner's throughput (ewc vs plain)")
     service_eps, kafka_python_eps, inline_eps = (medians[path] for path in SERVICE_PATHS)
+    consume_eps, intake_eps, loop_eps = (limit_eps[name] for name in LIMITS)
     print(json.dumps({
         "service_eps": round(service_eps), "bare_eps": round(bare_eps), "ratio": round(service_eps / bare_eps, 3),
+        "bare_consume_eps": round(consume_eps), "intake_eps": round(intake_eps), "dict_join_loop_eps": round(loop_eps),
+        "limit_eps": round(limit), "limit_ratio": round(service_eps / limit, 3),
+        "loop_ratio": round(service_eps / loop_eps, 3), "intake_consume_ratio": round(intake_eps / consume_eps, 3),
         "kafka_python_eps": round(kafka_python_eps), "kafka_python_ratio": round(kafka_python_eps / bare_eps, 3),
         "inline_eps": round(inline_eps), "inline_ratio": round(inline_eps / bare_eps, 3),
         "offered_rate": args.rate, "latency_p50_ms": round(p50 * 1000, 1), "latency_p99_ms": round(p99 * 1000, 1),

@@ -36,7 +36,7 @@ def model_table(batch: int, config: str) -> dict:
     """The service's [models.default] table for one configuration."""
     replay, ewc = CONFIGS[config]
     return {"model": "mlp", "params": {"hidden": HIDDEN}, "encoder": ENCODER,
-            "train": {"batch_size": batch, "max_classes": 2},
+            "train": {"batch_size": batch, "max_classes": 2, "steps_per_batch": 1, "loss": "cross_entropy"},  # as below
             "replay": REPLAY if replay else {"kind": "none"},
             "ewc": EWC if ewc else {"lambda": 0.0}}
 
@@ -54,7 +54,7 @@ def learner_loop(examples, batch: int, config: str, seed: int = 42) -> float:
     started = time.perf_counter()
     for chunk in chunks:
         learner.learn_batch(chunk, now=0.0)
-    return learner.learned / (time.perf_counter() - started)
+    return learner.evaluation.learned / (time.perf_counter() - started)
 
 
 def encoded(examples) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,13 +91,17 @@ class TrainConfig(_Section):
     """How a torch model learns; River models with `learn_mode = "many"` use `batch_size` and `max_wait` (only)."""
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: Positive = 1e-3
+    lr: Positive = 2e-3                   # with steps_per_batch = 3: what one pass needs (bench/forgetting.py)
     weight_decay: NonNegative = 0.0
     batch_size: PositiveInt = 32          # examples per micro-batch (before replay is mixed in)
     max_wait: Positive = 1.0              # event-time seconds: a partial micro-batch is learned before an
                                           # example this much newer than its oldest (and at the end of input)
-    steps_per_batch: PositiveInt = 1      # gradient steps on each mixed micro-batch
+    steps_per_batch: PositiveInt = 3      # gradient steps on each mixed micro-batch (a service sees each example once)
     max_classes: PositiveInt = 100        # output width: classes appear as the stream brings them
+    # "er_ace" (classification): incoming rows' cross-entropy over the classes present among them only, replayed
+    # rows' over every class seen (Caccia et al. 2022): new classes stop overwriting old ones (bench/forgetting.py).
+    # "auto": er_ace for a classifier with replay, else cross-entropy (regression: squared error, always).
+    loss: Literal["auto", "cross_entropy", "er_ace"] = "auto"
 
 
 class EncoderConfig(_Section):
@@ -111,7 +115,8 @@ class EncoderConfig(_Section):
 class ReplayConfig(_Section):
     kind: Literal["reservoir", "class_balanced", "time_decayed", "none"] = "reservoir"
     capacity: PositiveInt = 1000
-    ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3   # share of replayed examples in a mixed batch
+    # share of replayed examples in a mixed batch: 2/3, two replayed rows per incoming one (bench/forgetting.py)
+    ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.667
     half_life: Positive = 1000.0          # time_decayed: examples until a replay weight halves
 
 
@@ -343,6 +348,9 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: gate.holdout_every: 1 would hold out every example; 0 (none) or >= 2")
     if config.publish.enabled:
         _check_publish(config.publish)
+    for name, model in config.models.items():
+        if model.train.loss == "er_ace" and model.task != "classification":
+            raise ConfigError(f"config error: models.{name}.train.loss: \"er_ace\" needs task = \"classification\"")
 
 
 def check_source(config: Config) -> None:

@@ -2,7 +2,7 @@
 
 The intake stage (consume, decode, join) and the learner may run in different
 processes, so everything here is a msgspec Struct that travels as msgpack. A
-`Batch` carries the source positions it covers and the intake's counters at that
+`Batch` carries the source offsets it covers and the intake's counters at that
 point, so the learner side always holds one consistent cut of the whole state.
 
 >>> b = Batch(examples=[Example("r-1", "default", {"x": 1.0}, 1, 1.0, 10.0, 10.0)])
@@ -63,14 +63,14 @@ class IntakeStats(msgspec.Struct):
 
 
 class Batch(msgspec.Struct):
-    """Examples in learning order, the source positions after them, and the intake's counters."""
+    """Examples in learning order, the source offsets after them, and the intake's counters."""
 
     examples: list[Example]
-    positions: dict[str, int] = {}   # "topic:partition" (or "file:PATH") -> next offset to read
+    offsets: dict[str, int] = {}   # "topic:partition" (or "file:PATH") -> next offset to read
     stats: Union[IntakeStats, None] = None
     final: bool = False              # the source is exhausted (file) or the intake has stopped
-    cut: bool = True                 # positions describe the state after this batch (False: a piece of a
-                                     # larger release, positions empty; wait for the cut to commit)
+    cut: bool = True                 # offsets describe the state after this batch (False: a piece of a
+                                     # larger release, offsets empty; wait for the cut to commit)
     barrier: Union[bytes, None] = None  # on a cut the learner asked for: the intake's own state at this
                                         # point (opaque here), to be snapshotted with the models
     barrier_follows: bool = False    # the barrier travels as the channel's next frame, not inside the batch

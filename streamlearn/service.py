@@ -1,7 +1,7 @@
 """The service: intake batches in, test-then-train per model, metrics out.
 
 The learner side owns everything a snapshot will need: the models, the scores,
-the positions of the last batch learned and the intake's counters at that point.
+the offsets of the last batch learned and the intake's counters at that point.
 
 >>> import tempfile, pathlib
 >>> from streamlearn.config import parse_config
@@ -31,9 +31,9 @@ from streamlearn.checkpoints.cut import Cut
 from streamlearn.checkpoints.snapshotter import Serialize, Snapshotter, config_fingerprint
 from streamlearn.checkpoints.store import Snapshot, SnapshotStore
 from streamlearn.config import Config, ConfigError, ModelConfig
-from streamlearn.learners.base import Learner
+from streamlearn.learners.contract import Learner, build_learner
+from streamlearn.learners.evaluation import ModelEvaluation
 from streamlearn.learners.models import ModelError
-from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.learners.served import ServedScores
 from streamlearn.records import Batch, Example, IntakeStats, Rejected
 from streamlearn.stream.channel import Channel, start_intake
@@ -61,7 +61,7 @@ class Service:
         self.served = {name: ServedScores(m.task, config.eval.served_versions) for name, m in config.models.items()}
         self.history = _history_recorder(config)
         self.stats: Optional[IntakeStats] = None
-        self.positions: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}
         self.snapshots: Optional[Snapshotter] = None
         self.restored_from: Optional[int] = None
         self._learning_seconds = 0.0
@@ -84,9 +84,8 @@ class Service:
         self._last_turn = time.monotonic()
         self._started = 0.0
         self._cut = Cut(self.snapshots)   # barrier, snapshot and commit, in the order `checkpoints.cut` numbers
-        for name, learner in self.learners.items():
-            learner.on_evaluation = self._record_evaluation
-            learner.model_label = config.models[name].model   # for the messages of a model that refuses examples
+        for learner in self.learners.values():
+            learner.evaluation.on_evaluation = self._record_evaluation
 
     def _restore(self, wanted: Optional[int]) -> Optional[int]:
         """Loads the newest snapshot that verifies (or exactly `wanted`); returns its audit length."""
@@ -99,7 +98,6 @@ class Service:
         content = unpack(snapshot)
         for name, learner in self.learners.items():
             learner.restore(content.learners[name])
-            learner.restore_tensors(content.tensors.get(name, {}))
         self._learning_seconds = content.figures.learning_seconds
         for name, tallies in content.figures.served.items():
             if name in self.served:
@@ -109,7 +107,7 @@ class Service:
         self.snapshots.trigger = Trigger("snapshot", self.config.snapshot, time.monotonic(),
                                          content.figures.snapshot_trigger)
         self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
-        self.positions = dict(snapshot.manifest.offsets)
+        self.offsets = dict(snapshot.manifest.offsets)
         self.restored_from = self.snapshots.parent = snapshot.manifest.seq
         log.info("restored snapshot %d: %d examples learned", self.restored_from, content.figures.learned)
         if wanted is not None and wanted != store.latest_seq():
@@ -153,8 +151,8 @@ class Service:
                     stopping = True
                 else:   # cut step 1; steps 3-4 run in `_learn` when the barrier arrives
                     self._cut.ask_if_due(self._channel, lambda: self.learned, self._drifts, self._lowest_score)
-                self._cut.commit_if_due(self._channel, self.positions)   # cut step 6
-            self._cut.finish(self._channel, self.positions)   # cut steps 5-6: the write in flight, the last commit
+                self._cut.commit_if_due(self._channel, self.offsets)   # cut step 6
+            self._cut.finish(self._channel, self.offsets)   # cut steps 5-6: the write in flight, the last commit
         finally:
             self._channel.close()
             restore()
@@ -167,7 +165,7 @@ class Service:
             self._stop_on_failure(failure, batches)
 
     def _stop_on_failure(self, failure: LearnFailure, batches: Iterator[Batch]) -> NoReturn:
-        """on_error = "fail": drains the intake without learning, commits the last durable positions, raises.
+        """on_error = "fail": drains the intake without learning, commits the last durable offsets, raises.
 
         Nothing of the failing batch reaches a snapshot or a commit: a restart reads it again.
         """
@@ -175,7 +173,7 @@ class Service:
         for batch in batches:   # not learned; the final cut's barrier is not honoured either
             if batch.final:
                 break
-        self._cut.finish(self._channel, self.positions)   # the write in flight ends, then the last commit
+        self._cut.finish(self._channel, self.offsets)   # the write in flight ends, then the last commit
         if self.snapshots is not None:
             seq = self.snapshots.store.latest_seq()
             where = f"state and offsets stay at snapshot {seq}" if seq is not None else \
@@ -196,17 +194,17 @@ class Service:
 
     def _unhealthy_models(self) -> list[str]:
         """One line for each model that refuses most of its recent examples."""
-        return [problem for l in self.learners.values() if (problem := l.health_problem()) is not None]
+        return [problem for l in self.learners.values() if (problem := l.evaluation.health_problem()) is not None]
 
     def _lowest_score(self) -> float:
-        return min((l.watched_score for l in self.learners.values()), default=float("nan"))
+        return min((l.evaluation.watched_score for l in self.learners.values()), default=float("nan"))
 
     def _drifts(self) -> int:
-        return sum(l.drift.total for l in self.learners.values())
+        return sum(l.evaluation.drift.total for l in self.learners.values())
 
-    def _record_evaluation(self, learner: Learner) -> None:
+    def _record_evaluation(self, evaluation: ModelEvaluation) -> None:
         if self.history is not None:
-            self.history.record(learner, self.stats, time.time())
+            self.history.record(evaluation, self.stats, time.time())
 
     def _capture(self, intake_state: bytes, final: bool) -> Serialize:
         """Cut step 3: the whole state as it is at the barrier, as files when called (where the writer runs)."""
@@ -215,10 +213,11 @@ class Service:
         audit_length = self.audit.sync() if self.audit is not None else 0
         figures = ServiceFigures(self.learned, self._learning_seconds, audit_length, self.snapshots.trigger.state(),
                                  {name: served.state() for name, served in self.served.items()})
-        states = {name: l.state() for name, l in self.learners.items()}
-        tensors = {name: l.tensors() for name, l in self.learners.items()}
+        learners = dict(self.learners)
         handoff = self.handoff.state if self.handoff is not None else lambda: None   # serialized where the writer runs
-        return lambda: pack(states, tensors, intake_state, figures, handoff())
+        # The learners' snapshots are taken where the writer runs too (the forked child: a copy-on-write image of
+        # them as they are now), so that the loop does not stall on pickling them.
+        return lambda: pack({name: l.snapshot() for name, l in learners.items()}, intake_state, figures, handoff())
 
     def stop(self) -> None:
         """Asks the loop to drain the current batch and return (safe from any thread or signal)."""
@@ -252,29 +251,29 @@ class Service:
         if batch.exhausted or (batch.final and self.snapshots is None):
             for learner in self.learners.values():
                 learner.flush(now)
-        self._quarantine([r for learner in self.learners.values() for r in learner.take_rejected()])
+        self._quarantine([r for learner in self.learners.values() for r in learner.evaluation.take_rejected()])
         self._learning_seconds += time.perf_counter() - started
         if self.audit is not None and batch.examples:
             self.audit.append(ex.id for ex in batch.examples)
         if batch.cut:
-            self.positions = batch.positions
+            self.offsets = batch.offsets
         if self.handoff is not None:
-            self.handoff.after_learning(self.positions, self._newest_snapshot)
+            self.handoff.after_learning(self.offsets, self._newest_snapshot)
         self.stats = batch.stats
         if batch.barrier is not None and self.snapshots is not None:   # cut steps 3-4
-            self._cut.take(batch.barrier, batch.final, self.positions, self.learned, self._capture)
+            self._cut.take(batch.barrier, batch.final, self.offsets, self.learned, self._capture)
 
     def _newest_snapshot(self) -> Optional[int]:
         return self.snapshots.store.latest_seq() if self.snapshots is not None else None
 
     @property
     def learned(self) -> int:
-        return sum(l.learned for l in self.learners.values())
+        return sum(l.evaluation.learned for l in self.learners.values())
 
     @property
     def held_out(self) -> int:
         """Examples kept aside as forgetting probes or for the gate: taken from the stream but never learned."""
-        probes = sum(l.probes.held_out for l in self.learners.values() if l.probes is not None)
+        probes = sum(l.evaluation.probes.held_out for l in self.learners.values() if l.evaluation.probes is not None)
         return probes + (self.handoff.held_out if self.handoff is not None else 0)
 
     def health(self) -> tuple[bool, str]:
@@ -320,9 +319,9 @@ class Service:
             "join_pending": stats.join_pending,
             "learned": self.learned,
             "held_out": self.held_out,
-            "models": {name: {**l.summary(), "served_versions": self.served[name].summary()}
-                       for name, l in self.learners.items()},
-            "positions": dict(sorted(self.positions.items())),
+            "models": {name: {**l.evaluation.summary(), **l.metrics().extra,
+                              "served_versions": self.served[name].summary()} for name, l in self.learners.items()},
+            "offsets": dict(sorted(self.offsets.items())),
             "elapsed_seconds": round(elapsed, 3),
             "learning_seconds": round(self._learning_seconds, 3),
             "examples_per_second": round(self.learned / elapsed, 1) if elapsed else 0.0,
@@ -381,12 +380,7 @@ def _usable_snapshot(store: SnapshotStore, fingerprint: str, wanted: Optional[in
 def _build_learner(name: str, model: ModelConfig, config: Config) -> Learner:
     """A learner per configured model; a model that cannot be built is a config error naming its key."""
     try:
-        if model.is_torch:
-            from streamlearn.learners.torch_learner import TorchLearner  # torch loads only when a model needs it
-
-            return TorchLearner(name, model, config.seed, config.torch_threads, config.drift, config.eval)
-        return RiverLearner(name, model.model, model.task, model.learn_mode, model.window, model.params,
-                            config.seed, config.drift, config.eval, model.train)
+        return build_learner(name, model, config)
     except ModelError as err:
         raise ConfigError(f"config error: models.{name}.{err.key}: {err}") from None
 

@@ -14,10 +14,10 @@ Two markers steer a run, as bytewax's `TestingSource` does:
   is caught up, as a Kafka partition is, until `extend` brings more.)
 - `ABORT()`: the first poll that reaches it raises `SourceAborted` (a crash). The marker
   remembers that it fired: a new source over the same lists, started from a snapshot's
-  positions, passes it by, so a test can crash a run mid-stream and resume it.
+  offsets, passes it by, so a test can crash a run mid-stream and resume it.
 
 Every item, marker or message, takes one offset (as Kafka's transaction markers do), so
-positions are the list indices to read next. `MemoryDeadLetters` keeps dead letters in a
+offsets are the list indices to read next. `MemoryDeadLetters` keeps dead letters in a
 list that outlives the intake (as a topic outlives its producer): hand the same sink to
 the intake of the resumed run and it sends none of the letters delivered after the
 snapshot's mark again. `memory_intake` builds an `Intake` from a `Config` over both.
@@ -35,12 +35,12 @@ snapshot's mark again. `memory_intake` builds an `Intake` from a `Config` over b
 ...     for batch in intake.batches():
 ...         learned += [e.id for e in batch.examples]
 ...         if batch.barrier:
-...             snapshot = (list(learned), Resume(batch.positions, batch.barrier))
+...             snapshot = (list(learned), Resume(batch.offsets, batch.barrier))
 ... except SourceAborted as crashed:
 ...     print(crashed)
 memory source crashed at feedback:0@2 (ABORT marker)
 >>> learned, resume = snapshot               # back to the snapshot, as a restarted service would be
->>> again = memory_intake(config, MemorySource(feed, start=resume.positions), resume=resume)
+>>> again = memory_intake(config, MemorySource(feed, start=resume.offsets), resume=resume)
 >>> learned + [e.id for batch in again.batches() for e in batch.examples]
 ['r-1', 'r-2']
 """
@@ -154,7 +154,7 @@ class _Partition:
 class MemorySource:
     """A `Source` over in-memory partitions (`"topic:partition"` -> items), with `EOF` and `ABORT` markers.
 
-    `start` gives each key's offset to read first (a snapshot's positions; 0 for keys not in it).
+    `start` gives each key's offset to read first (a snapshot's offsets; 0 for keys not in it).
     `follow`: a partition at the end of its items waits for more (Kafka) instead of ending (a file).
     `per_poll` caps the messages one poll takes from one partition (default: `max_records`), so that
     partitions interleave as a broker's fetches do. A poll with nothing to read waits up to its
@@ -216,7 +216,7 @@ class MemorySource:
         raise SourceAborted(self._crashed)
 
     def _check_open(self) -> None:
-        if self._crashed:   # a crashed run stays crashed: resume with a new source from the snapshot's positions
+        if self._crashed:   # a crashed run stays crashed: resume with a new source from the snapshot's offsets
             raise SourceAborted(self._crashed)
         if self._closed:
             raise RuntimeError("memory source is closed")
@@ -242,8 +242,8 @@ class MemorySource:
         """The partitions the intake paused (they ran ahead in event time)."""
         return set(self._paused)
 
-    def commit(self, positions: dict[str, int]) -> None:
-        self.committed.update({k: v for k, v in positions.items() if k in self._parts})
+    def commit(self, offsets: dict[str, int]) -> None:
+        self.committed.update({k: v for k, v in offsets.items() if k in self._parts})
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Per partition, the offsets not read yet (markers included, as Kafka counts its control records)."""

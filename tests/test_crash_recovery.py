@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -114,7 +115,6 @@ def restored_torch_learner(store: SnapshotStore, config):
     learner = TorchLearner("fraud_torch", config.models["fraud_torch"], config.seed, drift=config.drift,
                            evaluation=config.eval)
     learner.restore(content.learners["fraud_torch"])
-    learner.restore_tensors(content.tensors["fraud_torch"])
     learner.flush()   # the SIGTERM left the last partial micro-batch queued; the file run learned it at its end
     return learner
 
@@ -184,7 +184,7 @@ def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_pat
     assert got == expected  # single partition, fixed seed: the very same order
 
     store = SnapshotStore(state_dir / "snapshots")
-    final = unpack(store.load(store.latest_seq())).learners["fraud"]["model"]
+    final = pickle.loads(unpack(store.load(store.latest_seq())).learners["fraud"].state)["model"]
     probe = [m for m in messages if m.topic == "inference-logs" and not m.malformed][:200]
     for m in probe:
         x = {k: v for k, v in orjson.loads(m.value)["features"].items() if v is not None}
@@ -193,10 +193,10 @@ def test_sigkill_anywhere_loses_nothing_and_learns_nothing_twice(broker, tmp_pat
     # The torch model: the same weights, scores and predictions, bit for bit (micro-batches by event time).
     torch_final = restored_torch_learner(store, load_config(config_path, env={}))
     torch_reference = reference.learners["fraud_torch"]
-    assert torch_reference.learned > 0.8 * TORCH_SPEC.requests
-    assert np.array_equal(torch_final.tensors()["flat"], torch_reference.tensors()["flat"])
-    assert torch_final.scores.values() == torch_reference.scores.values()
-    assert torch_final.learned == torch_reference.learned
+    assert torch_reference.evaluation.learned > 0.8 * TORCH_SPEC.requests
+    assert np.array_equal(torch_final.snapshot().tensors["flat"], torch_reference.snapshot().tensors["flat"])
+    assert torch_final.evaluation.scores.values() == torch_reference.evaluation.scores.values()
+    assert torch_final.evaluation.learned == torch_reference.evaluation.learned
     rows = [{k: v for k, v in orjson.loads(m.value)["features"].items() if v is not None}
             for m in messages if m.topic == "inference-logs" and not m.malformed and b'"t-' in m.value][:200]
     assert torch_final.predict_many(rows) == torch_reference.predict_many(rows)

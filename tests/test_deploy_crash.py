@@ -22,7 +22,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from streamlearn.config import load_config
+from streamlearn.config import ModelConfig, load_config
 from streamlearn.deploy import load_production
 from streamlearn.deploy.artifacts import ArtifactManifest, open_artifacts
 from streamlearn.deploy.faults import PAUSE_ENV, POINTS
@@ -60,7 +60,7 @@ def state(tmp_path) -> Path:
     cfg = load_config(path, env={})
     publisher = open_publisher(cfg)
     for version in (1, 2, 3):
-        learner = RiverLearner("fraud", model="logreg")
+        learner = RiverLearner("fraud", ModelConfig(model="logreg"))
         learner.learn_batch([Example(f"r-{i}", "fraud", {"x": float(i % 3)}, i % 3 == version % 3, 1.0, i, i)
                              for i in range(100)])
         kind, files = model_files(learner)

@@ -96,7 +96,7 @@ def test_a_poisoning_burst_never_reaches_serving(broker, topics):
     try:
         summary = service.run(until=lambda s: s.stats is not None and s.stats.caught_up
                               and s.learned + s.held_out >= EXAMPLES,
-                              on_batch=lambda s, b: forgetting.append(s.learners["fraud"].probes.forgetting))
+                              on_batch=lambda s, b: forgetting.append(s.learners["fraud"].evaluation.probes.forgetting))
     finally:
         service.close()
     assert summary["learned"] + summary["held_out"] == EXAMPLES

@@ -26,7 +26,7 @@ ROWS = [{"x": float(i % 2)} for i in range(10)]
 
 
 def trained(flip: bool = False, seed: int = 0) -> RiverLearner:
-    learner = RiverLearner("fraud", model="logreg", seed=seed)
+    learner = RiverLearner("fraud", ModelConfig(model="logreg"), seed)
     learner.learn_batch([Example(f"r-{i}", "fraud", {"x": float(i % 2)}, (i % 2 == 1) != flip, 1.0, i, i)
                          for i in range(300)])
     return learner

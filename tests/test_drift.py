@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from river.datasets import synth
 
-from streamlearn.config import DriftConfig, parse_config
+from streamlearn.config import DriftConfig, ModelConfig, parse_config
 from streamlearn.learners.drift import DriftMonitor
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Example
@@ -24,13 +24,13 @@ def sea_with_abrupt_drift(seed: int, n: int = 2 * CHANGE) -> list[Example]:
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_adwin_fires_soon_after_an_abrupt_change_and_never_before(seed):
-    learner = RiverLearner("m", model="scaled_logreg", drift=DriftConfig(detectors=["adwin"]))
+    learner = RiverLearner("m", ModelConfig(model="scaled_logreg"), drift=DriftConfig(detectors=["adwin"]))
     learner.learn_batch(sea_with_abrupt_drift(seed))
-    positions = [event.position for event in learner.drift.last]
+    positions = [event.position for event in learner.evaluation.drift.last]
     assert positions, "no drift detected"
     assert min(positions) > CHANGE, f"fired on the stationary part (learning included): {positions}"
     assert min(positions) <= CHANGE + 2_000, f"fired too late: {positions}"
-    assert learner.drift.detected["adwin"] == len(positions)
+    assert learner.evaluation.drift.detected["adwin"] == len(positions)
 
 
 def test_page_hinkley_fires_on_a_rise_in_error_and_not_on_a_fall():
@@ -58,6 +58,6 @@ def test_the_torch_learner_consolidates_when_drift_is_detected():
                                            "ewc": {"consolidate": {"on_drift": True}}}}}, env={}).models["m"]
     learner = TorchLearner("m", model, seed=1)
     learner.learn_batch(sea_with_abrupt_drift(seed=1))
-    assert learner.drift.detected["adwin"] >= 1
-    assert learner.ewc.consolidations == learner.drift.detected["adwin"]
-    assert dict(learner.consolidation.fired) == {"drift": learner.drift.detected["adwin"]}
+    assert learner.evaluation.drift.detected["adwin"] >= 1
+    assert learner.ewc.consolidations == learner.evaluation.drift.detected["adwin"]
+    assert dict(learner.consolidation.fired) == {"drift": learner.evaluation.drift.detected["adwin"]}

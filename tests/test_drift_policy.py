@@ -6,13 +6,12 @@ the labels (the same inputs now mean the next class) for good; a burst rotates t
 
 from __future__ import annotations
 
-import pickle
 import random
 
 import numpy as np
 import pytest
 
-from streamlearn.config import ConfigError, parse_config
+from streamlearn.config import ConfigError, ModelConfig, parse_config
 from streamlearn.learners.plasticity import KINDS, DriftPolicy
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.learners.torch_learner import TorchLearner
@@ -45,7 +44,7 @@ def torch_learner(policy: dict = POLICY, seed: int = 3, **model) -> TorchLearner
 
 def river_learner(policy: dict = POLICY) -> RiverLearner:
     config = parse_config({"drift": {"policy": policy}}, env={})
-    return RiverLearner("m", model="logreg", drift=config.drift)
+    return RiverLearner("m", ModelConfig(model="logreg"), drift=config.drift)
 
 
 def learn(learner, examples: list[Example], size: int = 250) -> None:
@@ -54,55 +53,55 @@ def learn(learner, examples: list[Example], size: int = 250) -> None:
 
 
 def done(learner) -> set[tuple[str, str]]:
-    return set(learner.policy.counts)
+    return set(learner.evaluation.policy.counts)
 
 
 def test_a_real_change_is_confirmed_and_the_torch_model_follows_it():
     learner = torch_learner()
     learn(learner, stream())
-    change = learner.policy.last_change
-    assert change is not None and CHANGE < change.position < CHANGE + 300, learner.policy.changes
+    change = learner.evaluation.policy.last_change
+    assert change is not None and CHANGE < change.position < CHANGE + 300, learner.evaluation.policy.changes
     assert change.ts == stream()[change.position - 1].ts and change.confirmed_position >= change.position + 1000
     assert {("change", "suspect"), ("change", "release_ewc"), ("change", "expire_replay"),
             ("change", "raise_lr"), ("change", "reset_optimizer")} <= done(learner)
     assert not learner.ewc.active or learner.ewc.consolidations   # released (re-consolidated later at most)
     rows = learner.replay.store
     assert (rows.ts[:rows.size] >= change.ts).all()             # rows of the old concept are gone
-    assert learner.scores.value("accuracy", rolling=True) > 0.85
-    assert all(a.kind in KINDS for a in learner.policy.actions)
+    assert learner.evaluation.scores.value("accuracy", rolling=True) > 0.85
+    assert all(a.kind in KINDS for a in learner.evaluation.policy.actions)
 
 
 def test_without_the_policy_the_torch_model_keeps_the_old_concept():
     learner = torch_learner({"enabled": False})
     learn(learner, stream())
-    assert learner.policy.last_change is None and not learner.policy.counts
-    assert learner.scores.value("accuracy", rolling=True) < 0.5
+    assert learner.evaluation.policy.last_change is None and not learner.evaluation.policy.counts
+    assert learner.evaluation.scores.value("accuracy", rolling=True) < 0.5
 
 
 def test_a_real_change_resets_the_river_model_and_is_confirmed():
     learner = river_learner()
     learn(learner, stream())
-    assert learner.policy.last_change is not None
+    assert learner.evaluation.policy.last_change is not None
     assert ("change", "reset_model") in done(learner) and ("change", "confirm") in done(learner)
-    assert learner.scores.value("accuracy", rolling=True) > 0.9
+    assert learner.evaluation.scores.value("accuracy", rolling=True) > 0.9
 
 
 @pytest.mark.parametrize("make", [torch_learner, river_learner], ids=["torch", "river"])
 def test_a_burst_that_ends_is_not_taken_for_a_change(make):
     learner = make()
     learn(learner, stream(rotate=(CHANGE, CHANGE + 500)))
-    assert learner.policy.changes == []
+    assert learner.evaluation.policy.changes == []
     assert ("burst", "restore") in done(learner) and ("burst", "dismiss") in done(learner)
-    assert learner.policy.case is None
-    assert learner.scores.value("accuracy", rolling=True) > 0.9   # back to the old concept's weights
+    assert learner.evaluation.policy.case is None
+    assert learner.evaluation.scores.value("accuracy", rolling=True) > 0.9   # back to the old concept's weights
 
 
 def test_new_classes_keep_what_was_learned():
     """Classes 2 and 3 arrive on the same inputs: no change; the consolidation made at the detection stays."""
     learner = torch_learner(ewc={"consolidate": {"on_drift": True, "every_examples": 0}})
     learn(learner, stream(3000) + stream(2000, seed=1, offset=2)[:2000])
-    assert learner.drift.total >= 1
-    assert learner.policy.changes == []
+    assert learner.evaluation.drift.total >= 1
+    assert learner.evaluation.policy.changes == []
     assert ("new_classes", "consolidate") in done(learner)
     assert not any(kind == "change" for kind, _ in done(learner))
     assert learner.ewc.active
@@ -113,30 +112,30 @@ def test_a_restored_learner_continues_a_drift_case_exactly():
     examples = stream()
     original = torch_learner(replay={"capacity": 64})
     learn(original, examples[:CHANGE + 400])
-    assert original.policy.suspected
-    arrays = {k: v.copy() for k, v in original.tensors().items()}
+    assert original.evaluation.policy.suspected
     resumed = torch_learner(replay={"capacity": 64})
-    resumed.restore(pickle.loads(pickle.dumps(original.state())))
-    resumed.restore_tensors(arrays)
+    resumed.restore(original.snapshot())
     for learner in (original, resumed):
         learn(learner, examples[CHANGE + 400:])
         learner.flush()
-    assert np.array_equal(original.tensors()["flat"], resumed.tensors()["flat"])
-    assert original.policy.changes == resumed.policy.changes and original.policy.changes
-    assert original.policy.counts == resumed.policy.counts
+    assert np.array_equal(original.snapshot().tensors["flat"], resumed.snapshot().tensors["flat"])
+    before, after = original.evaluation.policy, resumed.evaluation.policy
+    assert before.changes == after.changes and before.changes
+    assert before.counts == after.counts
 
 
 def test_a_restored_river_learner_continues_a_drift_case_exactly():
     examples = stream()
     original = river_learner()
     learn(original, examples[:CHANGE + 400])
-    assert original.policy.suspected
+    assert original.evaluation.policy.suspected
     resumed = river_learner()
-    resumed.restore(pickle.loads(pickle.dumps(original.state())))
+    resumed.restore(original.snapshot())
     for learner in (original, resumed):
         learn(learner, examples[CHANGE + 400:])
-    assert original.policy.changes == resumed.policy.changes and original.policy.changes
-    assert original.scores.values() == resumed.scores.values()
+    before, after = original.evaluation.policy, resumed.evaluation.policy
+    assert before.changes == after.changes and before.changes
+    assert original.evaluation.scores.values() == resumed.evaluation.scores.values()
 
 
 def test_how_the_stream_is_cut_changes_no_decision():
@@ -146,7 +145,7 @@ def test_how_the_stream_is_cut_changes_no_decision():
         learner = torch_learner()
         learn(learner, examples, size)
         learner.flush()
-        runs.append((learner.policy.actions, learner.tensors()["flat"]))
+        runs.append((learner.evaluation.policy.actions, learner.snapshot().tensors["flat"]))
     assert runs[0][0] and all(actions == runs[0][0] for actions, _ in runs)
     assert all(np.array_equal(flat, runs[0][1]) for _, flat in runs)
 

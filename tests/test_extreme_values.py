@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from streamlearn.config import parse_config
+from streamlearn.config import ModelConfig, parse_config
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Example
 from streamlearn.service import Service
@@ -45,7 +45,7 @@ def _run(tmp: Path, model: dict, extreme: float | None) -> tuple[float, dict]:
     summary = service.run()
     service.close()
     learner = service.learners["m"]
-    return learner.scores.value(learner.scores.names[0], rolling=True), summary["models"]["m"]
+    return learner.evaluation.scores.value(learner.evaluation.scores.names[0], rolling=True), summary["models"]["m"]
 
 
 MODELS = {"logreg": {"model": "logreg"}, "scaled_logreg": {"model": "scaled_logreg"},
@@ -90,7 +90,7 @@ def _example(i: int, x: dict, y) -> Example:
 
 def test_guard_finds_the_culprit_behind_a_later_nan():
     """A 1e300 value makes the scaler's variance infinite; the output turns NaN only two examples later."""
-    learner = RiverLearner("m", model="scaled_logreg")
+    learner = RiverLearner("m", ModelConfig(model="scaled_logreg"))
     rng = random.Random(2)
     batch = []
     for i in range(1500):
@@ -98,14 +98,14 @@ def test_guard_finds_the_culprit_behind_a_later_nan():
         batch.append(_example(i, {**x, "a": 1e300} if i == 1200 else x, x["a"] + x["b"] > 0))
     learner.learn_batch(batch[:1100])
     learner.learn_batch(batch[1100:])
-    assert [r.example.id for r in learner.take_rejected()] == ["e-1200"]
-    assert learner.rolled_back == 1 and learner.learned == 1499 and learner.errors == 1
+    assert [r.example.id for r in learner.evaluation.take_rejected()] == ["e-1200"]
+    assert learner.metrics().rolled_back == 1 and learner.evaluation.learned == 1499 and learner.evaluation.errors == 1
     assert all(math.isfinite(p) for p in learner.model.predict_proba_one({"a": 0.3, "b": -1.0}).values())
 
 
 def test_guard_drops_a_storm_of_bad_updates_and_keeps_learning():
     """Forty 1e300 values in a row: more culprits than one replay untangles; all are refused, learning goes on."""
-    learner = RiverLearner("m", model="scaled_logreg", window=500)
+    learner = RiverLearner("m", ModelConfig(model="scaled_logreg", window=500))
     rng = random.Random(3)
     rows = []
     for i in range(4000):
@@ -113,7 +113,7 @@ def test_guard_drops_a_storm_of_bad_updates_and_keeps_learning():
         rows.append(_example(i, {**x, "b": 1e300} if 1500 <= i < 1540 else x, x["a"] + x["b"] > 0))
     for start in range(0, len(rows), 250):
         learner.learn_batch(rows[start:start + 250])
-    refused = {r.example.id for r in learner.take_rejected()}
-    assert {f"e-{i}" for i in range(1500, 1540)} <= refused and learner.errors == len(refused)
-    assert learner.rolled_back == len(refused) and learner.learned == 4000 - len(refused)
-    assert learner.scores.value("accuracy", rolling=True) > 0.95
+    refused = {r.example.id for r in learner.evaluation.take_rejected()}
+    assert {f"e-{i}" for i in range(1500, 1540)} <= refused and learner.evaluation.errors == len(refused)
+    assert learner.metrics().rolled_back == len(refused) and learner.evaluation.learned == 4000 - len(refused)
+    assert learner.evaluation.scores.value("accuracy", rolling=True) > 0.95

@@ -137,8 +137,8 @@ def run(tmp_path, confirm: bool) -> tuple[Service, dict]:
 
     def confirm_change(service: Service, batch) -> None:
         learner, handoff = service.learners["fraud"], service.handoff.models["fraud"]
-        if confirm and handoff.holdout.position >= CHANGE.confirmed_position and not learner.policy.changes:
-            learner.policy.changes.append(CHANGE)   # what the policy records when it confirms a change
+        if confirm and handoff.holdout.position >= CHANGE.confirmed_position and not learner.evaluation.policy.changes:
+            learner.evaluation.policy.changes.append(CHANGE)   # what the policy records when it confirms a change
 
     summary = service.run(on_batch=confirm_change)
     return service, summary
@@ -198,7 +198,7 @@ def test_after_a_confirmed_change_a_new_candidate_is_promoted_and_a_later_burst_
     assert new_concept_accuracy(production) > 0.95
 
     # Live forgetting follows the change: the old concept's segments are retired, not counted as forgotten.
-    probes = service.learners["fraud"].probes
+    probes = service.learners["fraud"].evaluation.probes
     assert probes.since == CHANGE.ts and probes.retired
     assert all(ex.ts >= CHANGE.ts for segment in probes.segments for ex in segment.probes)
     assert all(ex.ts < CHANGE.ts for segment in probes.retired for ex in segment.probes[:1])

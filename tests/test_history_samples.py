@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from streamlearn.config import parse_config
+from streamlearn.config import ModelConfig, parse_config
 from streamlearn.learners.plasticity import PolicyAction
 from streamlearn.service import Service
 from streamlearn.telemetry.history import (HistoryRecord, HistoryRecorder, HistoryWriter, ScoreSample,
@@ -98,7 +98,7 @@ def test_history_rotates_past_its_bound_and_reads_both_parts(tmp_path):
 
 @dataclass
 class Policy:
-    """Where the drift policy keeps what it did (`learner.policy.actions`), as the recorder drains it."""
+    """Where the drift policy keeps what it did (`learner.evaluation.policy.actions`), as the recorder drains it."""
 
     actions: list[PolicyAction] = field(default_factory=list)
 
@@ -106,19 +106,19 @@ class Policy:
 def test_policy_actions_are_drained_into_the_evaluation_records(tmp_path):
     from streamlearn.learners.river_learner import RiverLearner
 
-    learner = RiverLearner("m", "logreg", "classification", window=50)
+    learner = RiverLearner("m", ModelConfig(model="logreg", task="classification", window=50))
     learner.learn_batch([])
     recorder = HistoryRecorder(HistoryWriter(tmp_path / "history.jsonl"), sample_every=10)
-    recorder.record(learner, None, 1.0)   # no policy yet (it lands separately): no actions, no error
-    learner.policy = Policy([PolicyAction(120, 1_700_000_120.0, "change", "release_ewc"),
+    recorder.record(learner.evaluation, None, 1.0)   # no policy yet (it lands separately): no actions, no error
+    learner.evaluation.policy = Policy([PolicyAction(120, 1_700_000_120.0, "change", "release_ewc"),
                              PolicyAction(120, 1_700_000_120.0, "change", "expire_replay")])
-    recorder.record(learner, None, 2.0)
-    learner.policy.actions.append(PolicyAction(300, 1_700_000_300.0, "burst", "hold"))
+    recorder.record(learner.evaluation, None, 2.0)
+    learner.evaluation.policy.actions.append(PolicyAction(300, 1_700_000_300.0, "burst", "hold"))
     recorder.sample(learner, 3.0)          # samples carry scores only; the actions wait for the evaluation
-    assert len(learner.policy.actions) == 1
-    recorder.record(learner, None, 4.0)
+    assert len(learner.evaluation.policy.actions) == 1
+    recorder.record(learner.evaluation, None, 4.0)
     recorder.close()
     lines = (tmp_path / "history.jsonl").read_bytes().splitlines()
     records = [msgspec.json.decode(line, type=HistoryRecord) for line in lines if line.startswith(b"{")]
     assert [[a.action for a in r.actions] for r in records] == [[], ["release_ewc", "expire_replay"], ["hold"]]
-    assert learner.policy.actions == []
+    assert learner.evaluation.policy.actions == []

@@ -1,4 +1,4 @@
-"""The intake stage on a file: batches, cuts and positions."""
+"""The intake stage on a file: batches, cuts and offsets."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def test_a_large_release_goes_out_in_pieces_and_only_the_last_is_a_cut(tmp_path)
     batches = list(make_intake(tmp_path, lines, batch_size=1000).batches())
     assert [len(b.examples) for b in batches] == [1000, 1000, 500]
     assert [b.cut for b in batches] == [False, False, True]
-    assert [b.positions for b in batches[:2]] == [{}, {}]
-    assert batches[-1].positions == {f"file:{tmp_path / 'events.jsonl'}": 2500}
+    assert [b.offsets for b in batches[:2]] == [{}, {}]
+    assert batches[-1].offsets == {f"file:{tmp_path / 'events.jsonl'}": 2500}
     assert batches[-1].final
     learned = [e.ts for b in batches for e in b.examples]
     assert learned == sorted(learned)  # released in event-time order, not file order
@@ -170,7 +170,7 @@ class ListSource:
     def resume(self, keys: set[str]) -> None:
         pass
 
-    def commit(self, positions: dict[str, int]) -> None:
+    def commit(self, offsets: dict[str, int]) -> None:
         pass
 
     def lag(self) -> dict[tuple[str, int], int]:

@@ -34,7 +34,8 @@ def torch_factory(in_features: int, out_features: int, width: int = 8) -> torch.
 
 
 def river(model: str, task: str, mode: str):
-    return lambda: RiverLearner("m", model=model, task=task, learn_mode=mode, window=50, seed=SEED, train=MICRO)
+    config = ModelConfig(model=model, task=task, learn_mode=mode, window=50, train=MICRO)
+    return lambda: RiverLearner("m", config, SEED)
 
 
 def torch_learner(task: str, model: str = "mlp", **params):

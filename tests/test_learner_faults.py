@@ -17,8 +17,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from river import linear_model
 
-from streamlearn.config import parse_config
-from streamlearn.learners.base import ERROR_LABELS
+from streamlearn.config import ModelConfig, parse_config
+from streamlearn.learners.contract import snapshot_of
+from streamlearn.learners.evaluation import ERROR_LABELS
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.records import Example
 from streamlearn.service import LearnFailure, Service
@@ -101,19 +102,21 @@ def test_a_users_model_that_raises_is_counted_quarantined_and_learning_goes_on(t
 
 
 def test_error_labels_are_bounded_and_counts_survive_a_restore():
-    learner = RiverLearner("m", model="logreg")
+    learner = RiverLearner("m", ModelConfig(model="logreg"))
     kinds = [type(f"Error{i}", (Exception,), {}) for i in range(ERROR_LABELS + 5)]
     for i, kind in enumerate(kinds):
-        learner._count_error(Example(f"e-{i}", "m", {"x": 1.0}, True, 1.0, i, i), kind("no"))
-    assert len(learner.error_counts) == ERROR_LABELS + 1 and learner.error_counts["other"] == 5
-    assert sum(learner.error_counts.values()) == learner.errors == len(learner.take_rejected())
-    assert learner.take_rejected() == []
-    again = RiverLearner("m", model="logreg")
-    again.restore(pickle.loads(pickle.dumps(learner.state())))
-    assert again.error_counts == learner.error_counts and again.errors == learner.errors
-    old = {k: v for k, v in learner.state().items() if k not in ("error_counts", "target_range", "rolled_back")}
-    again.restore(old)   # a snapshot written before errors were counted by class
-    assert again.error_counts == {"other": learner.errors}
+        learner.evaluation.count_error(Example(f"e-{i}", "m", {"x": 1.0}, True, 1.0, i, i), kind("no"))
+    counted = learner.evaluation
+    assert len(counted.error_counts) == ERROR_LABELS + 1 and counted.error_counts["other"] == 5
+    assert sum(counted.error_counts.values()) == counted.errors == len(counted.take_rejected())
+    assert counted.take_rejected() == []
+    again = RiverLearner("m", ModelConfig(model="logreg"))
+    again.restore(learner.snapshot())
+    assert again.evaluation.error_counts == counted.error_counts and again.evaluation.errors == counted.errors
+    state = pickle.loads(learner.snapshot().state)
+    old = {k: v for k, v in state.items() if k not in ("error_counts", "target_range", "rolled_back")}
+    again.restore(snapshot_of("", old))   # a snapshot written before errors were counted by class
+    assert again.evaluation.error_counts == {"other": counted.errors}
 
 
 def test_a_model_that_refuses_most_examples_is_not_ready_and_says_why(tmp_path, caplog):

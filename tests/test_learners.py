@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from river import datasets, linear_model, preprocessing
 
-from streamlearn.config import TrainConfig
+from streamlearn.config import ModelConfig, TrainConfig
 from streamlearn.learners.features import StringOneHot
 from streamlearn.learners.models import build_model
 from streamlearn.learners.river_learner import RiverLearner
@@ -25,7 +25,7 @@ def phishing_examples(n: int = 600) -> list[Example]:
 
 def test_scores_match_a_hand_written_prequential_loop():
     examples = phishing_examples()
-    learner = RiverLearner("m", model="scaled_logreg", window=100)
+    learner = RiverLearner("m", ModelConfig(model="scaled_logreg", window=100))
     for start in range(0, len(examples), 64):  # batch boundaries must not matter
         learner.learn_batch(examples[start:start + 64])
 
@@ -38,31 +38,31 @@ def test_scores_match_a_hand_written_prequential_loop():
         losses.append(-math.log(max(p, 1e-15)))
         model.learn_one(ex.features, ex.label)
 
-    assert learner.learned == len(examples)
-    assert learner.scores.value("accuracy", rolling=False) == pytest.approx(np.mean(hits))
-    assert learner.scores.value("accuracy", rolling=True) == pytest.approx(np.mean(hits[-100:]))
-    assert learner.scores.value("log_loss", rolling=False) == pytest.approx(np.mean(losses))
-    assert learner.scores.value("accuracy", rolling=False) > 0.85
+    assert learner.evaluation.learned == len(examples)
+    assert learner.evaluation.scores.value("accuracy", rolling=False) == pytest.approx(np.mean(hits))
+    assert learner.evaluation.scores.value("accuracy", rolling=True) == pytest.approx(np.mean(hits[-100:]))
+    assert learner.evaluation.scores.value("log_loss", rolling=False) == pytest.approx(np.mean(losses))
+    assert learner.evaluation.scores.value("accuracy", rolling=False) > 0.85
 
 
 def test_a_model_that_knows_nothing_scores_a_miss():
-    learner = RiverLearner("m", model="logreg")
+    learner = RiverLearner("m", ModelConfig(model="logreg"))
     learner.learn_batch([Example("a", "m", {"x": 1.0}, True, 1.0, 0.0, 0.0)])
-    assert learner.scores.value("accuracy", rolling=False) == 0.0
+    assert learner.evaluation.scores.value("accuracy", rolling=False) == 0.0
 
 
 def test_a_failing_example_is_counted_and_the_rest_are_learned(caplog):
-    learner = RiverLearner("m", model="scaled_logreg")  # no string encoding: a string feature fails
+    learner = RiverLearner("m", ModelConfig(model="scaled_logreg"))  # no string encoding: a string feature fails
     good = phishing_examples(20)
     bad = Example("bad", "m", {"empty_server_form_handler": "oops"}, True, 1.0, 0.0, 0.0)
     learner.learn_batch(good[:10] + [bad] + good[10:])
-    assert (learner.learned, learner.errors) == (20, 1)
+    assert (learner.evaluation.learned, learner.evaluation.errors) == (20, 1)
     assert "example bad not learned" in caplog.text
 
 
 def test_weights_reach_models_that_take_them():
-    heavy = RiverLearner("m", model="logreg")
-    light = RiverLearner("m", model="logreg")
+    heavy = RiverLearner("m", ModelConfig(model="logreg"))
+    light = RiverLearner("m", ModelConfig(model="logreg"))
     x = {"a": 1.0}
     heavy.learn_batch([Example("1", "m", x, True, 5.0, 0, 0)])
     light.learn_batch([Example("1", "m", x, True, 1.0, 0, 0)])
@@ -70,39 +70,40 @@ def test_weights_reach_models_that_take_them():
 
 
 def test_regression_scores_mae_and_rmse():
-    learner = RiverLearner("p", model="linreg", task="regression", window=10)
+    learner = RiverLearner("p", ModelConfig(model="linreg", task="regression", window=10))
     examples = [Example(f"{i}", "p", {"x": float(i % 7)}, 2.0 * (i % 7) + 1, 1.0, i, i) for i in range(500)]
     learner.learn_batch(examples)
-    assert learner.learned == 500
-    assert learner.scores.value("mae", rolling=True) < 0.5
-    assert learner.scores.value("rmse", rolling=False) >= learner.scores.value("mae", rolling=False)
+    assert learner.evaluation.learned == 500
+    assert learner.evaluation.scores.value("mae", rolling=True) < 0.5
+    scores = learner.evaluation.scores
+    assert scores.value("rmse", rolling=False) >= scores.value("mae", rolling=False)
 
 
 def test_learn_many_micro_batches():
     examples = phishing_examples(1200)
-    learner = RiverLearner("m", model="scaled_logreg", learn_mode="many", window=200,
-                           train=TrainConfig(batch_size=100, max_wait=3600.0))
+    learner = RiverLearner("m", ModelConfig(model="scaled_logreg", learn_mode="many", window=200,
+                                            train=TrainConfig(batch_size=100, max_wait=3600.0)))
     for start in range(0, len(examples), 70):   # the micro-batches are the learner's, not the caller's
         learner.learn_batch(examples[start:start + 70])
-    assert learner.learned == 1200
-    assert learner.scores.count == 1200
-    assert learner.scores.value("accuracy", rolling=True) > 0.8
+    assert learner.evaluation.learned == 1200
+    assert learner.evaluation.scores.count == 1200
+    assert learner.evaluation.scores.value("accuracy", rolling=True) > 0.8
 
 
 def test_marked_scores_do_not_depend_on_batch_boundaries():
     examples = phishing_examples(300)
-    reference = RiverLearner("m", model="scaled_logreg", window=50)
+    reference = RiverLearner("m", ModelConfig(model="scaled_logreg", window=50))
     reference.learn_batch(examples[:150])  # examples 0..149 have ts <= 149
-    expected = reference.scores.value("accuracy", rolling=True)
+    expected = reference.evaluation.scores.value("accuracy", rolling=True)
     for size in (7, 100, 300):
-        learner = RiverLearner("m", model="scaled_logreg", window=50)
-        learner.mark_score_at(149.0)
-        learner.mark_score_at(149.5)
+        learner = RiverLearner("m", ModelConfig(model="scaled_logreg", window=50))
+        learner.evaluation.mark_score_at(149.0)
+        learner.evaluation.mark_score_at(149.5)
         for start in range(0, 300, size):
             learner.learn_batch(examples[start:start + size])
-        assert learner.score_at(149.0) == learner.score_at(149.5) == expected
-        assert learner.learned == 300
-    assert math.isnan(learner.score_at(10.0))  # never marked
+        assert learner.evaluation.score_at(149.0) == learner.evaluation.score_at(149.5) == expected
+        assert learner.evaluation.learned == 300
+    assert math.isnan(learner.evaluation.score_at(10.0))  # never marked
 
 
 def test_import_path_factories_get_the_seed():

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from streamlearn.config import DriftConfig, EvalConfig
+from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
 from streamlearn.learners.plasticity import ConceptChange
 from streamlearn.learners.probes import ProbeSets
 from streamlearn.learners.river_learner import RiverLearner
@@ -84,16 +84,16 @@ class Recorder:
 
 
 def test_probes_are_never_learned():
-    learner = RiverLearner("m", "logreg", evaluation=EVAL)
+    learner = RiverLearner("m", ModelConfig(model="logreg"), evaluation=EVAL)
     learner.model = recorder = Recorder(learner.model)
     examples = stream(5000)
     for start in range(0, 5000, 333):
         learner.learn_batch(examples[start:start + 333])
-    probe_uids = {int(ex.features["uid"]) for s in learner.probes.segments for ex in s.probes}
-    probe_uids |= {int(ex.features["uid"]) for ex in learner.probes.filling}
-    assert len(probe_uids) == learner.probes.held_out == 250
+    probe_uids = {int(ex.features["uid"]) for s in learner.evaluation.probes.segments for ex in s.probes}
+    probe_uids |= {int(ex.features["uid"]) for ex in learner.evaluation.probes.filling}
+    assert len(probe_uids) == learner.evaluation.probes.held_out == 250
     assert recorder.learned.isdisjoint(probe_uids)
-    assert len(recorder.learned) == learner.learned == 5000 - 250
+    assert len(recorder.learned) == learner.evaluation.learned == 5000 - 250
 
 
 def test_forgetting_and_backward_transfer_follow_their_definitions():
@@ -119,31 +119,33 @@ NO_DRIFT = DriftConfig(detectors=[])   # no detection, so no policy decision: th
 
 
 def test_live_forgetting_shows_a_concept_change_and_stays_low_without_one():
-    stationary = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
-    changed = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
+    stationary = RiverLearner("m", ModelConfig(model="logreg"), drift=NO_DRIFT, evaluation=EVAL)
+    changed = RiverLearner("m", ModelConfig(model="logreg"), drift=NO_DRIFT, evaluation=EVAL)
     stationary.learn_batch(stream(8000))
     changed.learn_batch(stream(8000, flip_at=4000))
-    assert stationary.probes.forgetting < 0.05
-    assert changed.probes.forgetting > 0.5                  # the segments before the change are now wrong
-    assert changed.probes.backward_transfer < -0.5
-    assert min(changed.probes.accuracies().values()) < 0.2
+    assert stationary.evaluation.probes.forgetting < 0.05
+    assert changed.evaluation.probes.forgetting > 0.5                  # the segments before the change are now wrong
+    assert changed.evaluation.probes.backward_transfer < -0.5
+    assert min(changed.evaluation.probes.accuracies().values()) < 0.2
 
 
 CHANGE = ConceptChange(position=4000, ts=4100.0, confirmed_position=5000, confirmed_ts=5000.0, detector="adwin")
 
 
 def test_a_confirmed_change_retires_the_old_concepts_probes_from_forgetting():
-    changed = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
+    changed = RiverLearner("m", ModelConfig(model="logreg"), drift=NO_DRIFT, evaluation=EVAL)
     changed.learn_batch(stream(8000, flip_at=4000))
-    assert changed.probes.forgetting > 0.5
-    assert changed.probes.follow(CHANGE) and not changed.probes.follow(CHANGE)   # once; again does nothing
+    assert changed.evaluation.probes.forgetting > 0.5
+    probes = changed.evaluation.probes
+    assert probes.follow(CHANGE) and not probes.follow(CHANGE)   # once; again does nothing
     # Segments 0-3 hold the old concept, segment 4 straddles the change (ts 4000..4999): all five retired whole.
-    assert [s.number for s in changed.probes.retired] == [0, 1, 2, 3, 4]
-    assert [s.number for s in changed.probes.segments] == [5, 6, 7]
-    changed.evaluate()   # scores only the segments kept
-    assert abs(changed.probes.forgetting) < 0.05 and changed.probes.backward_transfer > -0.05
-    assert set(changed.probes.accuracies()) == {5, 6, 7}
-    assert min(changed.probes.accuracies().values()) > 0.8   # the adapted model, no longer reported as forgetting
+    assert [s.number for s in changed.evaluation.probes.retired] == [0, 1, 2, 3, 4]
+    assert [s.number for s in changed.evaluation.probes.segments] == [5, 6, 7]
+    changed.evaluation.evaluate()   # scores only the segments kept
+    assert abs(changed.evaluation.probes.forgetting) < 0.05 and changed.evaluation.probes.backward_transfer > -0.05
+    assert set(changed.evaluation.probes.accuracies()) == {5, 6, 7}
+    # the adapted model, no longer reported as forgetting
+    assert min(changed.evaluation.probes.accuracies().values()) > 0.8
 
 
 def test_the_segment_under_way_keeps_only_its_probes_since_the_change():
@@ -170,14 +172,15 @@ def test_a_newer_change_retires_more_an_older_or_unknown_one_nothing():
 
 
 def test_what_was_retired_is_in_the_learners_snapshot_and_old_snapshots_restore():
-    learner = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
+    learner = RiverLearner("m", ModelConfig(model="logreg"), drift=NO_DRIFT, evaluation=EVAL)
     learner.learn_batch(stream(6000, flip_at=4000))
-    learner.probes.follow(CHANGE)
-    restored = RiverLearner("m", "logreg", evaluation=EVAL, drift=NO_DRIFT)
-    restored.restore(pickle.loads(pickle.dumps(learner.state())))
-    assert restored.probes.since == CHANGE.ts
-    assert [s.number for s in restored.probes.retired] == [s.number for s in learner.probes.retired] == [0, 1, 2, 3, 4]
-    assert [s.number for s in restored.probes.segments] == [5]
+    learner.evaluation.probes.follow(CHANGE)
+    restored = RiverLearner("m", ModelConfig(model="logreg"), drift=NO_DRIFT, evaluation=EVAL)
+    restored.restore(learner.snapshot())
+    assert restored.evaluation.probes.since == CHANGE.ts
+    retired = [s.number for s in learner.evaluation.probes.retired]
+    assert [s.number for s in restored.evaluation.probes.retired] == retired == [0, 1, 2, 3, 4]
+    assert [s.number for s in restored.evaluation.probes.segments] == [5]
 
     before = ProbeSets("m", EVAL, seed=3)   # pickled before retirement existed: nothing retired
     list(before.split(stream(2000)))
@@ -213,12 +216,12 @@ def test_a_model_that_learns_nothing_still_writes_readable_history(tmp_path):
     history lines leave them out rather than becoming lines the report cannot read."""
     from streamlearn.telemetry.history import HistoryRecorder, HistoryWriter
 
-    learner = RiverLearner("m", model="scaled_logreg", evaluation=EvalConfig(segment_size=100, probe_size=10,
-                                                                            every=50))
+    learner = RiverLearner("m", ModelConfig(model="scaled_logreg"),
+                           evaluation=EvalConfig(segment_size=100, probe_size=10, every=50))
     recorder = HistoryRecorder(HistoryWriter(tmp_path / "history.jsonl"))
-    learner.on_evaluation = lambda l: recorder.record(l, None, 0.0)
+    learner.evaluation.on_evaluation = lambda l: recorder.record(l, None, 0.0)
     learner.learn_batch([Example(f"r-{i}", "m", {"channel": "web"}, i % 2, 1.0, i, i) for i in range(200)])
     recorder.close()
     records = read_history(tmp_path / "history.jsonl")
-    assert learner.learned == 0 and learner.errors > 0
+    assert learner.evaluation.learned == 0 and learner.evaluation.errors > 0
     assert [r.position for r in records] == [50, 100, 150, 200] and all(r.scores == {} for r in records)

@@ -191,9 +191,9 @@ port = 0
     from confluent_kafka import Consumer, TopicPartition
 
     reader = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": f"sigterm-{topics['feedback']}"})
-    committed = reader.committed([TopicPartition(*split_position(key)) for key in summary["positions"]], timeout=10)
+    committed = reader.committed([TopicPartition(*split_position(key)) for key in summary["offsets"]], timeout=10)
     reader.close()
-    assert {f"{tp.topic}:{tp.partition}": tp.offset for tp in committed} == summary["positions"], log
+    assert {f"{tp.topic}:{tp.partition}": tp.offset for tp in committed} == summary["offsets"], log
 
 
 def _metrics_line(process) -> str | None:

@@ -1,6 +1,6 @@
 """Snapshots: a broken one is skipped with its reason, a failed write keeps the old one, operators can inspect.
 
-No broker here: the file source carries positions just like Kafka offsets do.
+No broker here: the file source carries offsets just like Kafka offsets do.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def test_from_snapshot_rolls_back_to_an_older_one_and_refuses_a_missing_one(stre
     wanted, learned = store.load(oldest), store.load(newest).manifest.meta["learned"]
     service = Service(config(stream, tmp_path), from_snapshot=oldest)
     assert service.restored_from == oldest
-    assert service.positions == wanted.manifest.offsets
+    assert service.offsets == wanted.manifest.offsets
     rollback = store.load(newest + 1)  # written at once: a crash before the next snapshot keeps the rollback
     assert rollback.manifest.parent == oldest and rollback.files == wanted.files
     summary = service.run()  # learns again from the older offsets on

@@ -151,9 +151,9 @@ class LearnerSide:
         for batch in intake.batches():
             self.learned += [(e.id, e.ts, e.label) for e in batch.examples]
             if batch.barrier is not None and self.snapshot is None:
-                self.snapshot = (len(self.learned), Resume(dict(batch.positions), batch.barrier))
+                self.snapshot = (len(self.learned), Resume(dict(batch.offsets), batch.barrier))
             if batch.cut:
-                intake.commit(batch.positions)
+                intake.commit(batch.offsets)
             if self.snapshot is None and len(self.learned) >= self.snapshot_after:
                 intake.barrier_requested = True
 
@@ -176,10 +176,10 @@ def test_a_crash_resumed_from_the_snapshot_learns_every_example_once_and_dead_le
         side.run(memory_intake(config(), MemorySource(feed, per_poll=5), sink))
     assert side.snapshot is not None and 16 <= side.snapshot[0] < len(side.learned) < requests
     resume = side.restart()
-    assert resume.positions["feedback:1"] <= 40   # the late hostile bytes are read again after the restart
+    assert resume.offsets["feedback:1"] <= 40   # the late hostile bytes are read again after the restart
     assert len(sink.letters) == len(HOSTILE)      # ... and were dead-lettered before the crash
 
-    intake = memory_intake(config(), MemorySource(feed, start=resume.positions, per_poll=5), sink, resume=resume)
+    intake = memory_intake(config(), MemorySource(feed, start=resume.offsets, per_poll=5), sink, resume=resume)
     side.run(intake)
     assert side.learned == reference.learned     # every example once, in the uninterrupted run's order
     late = [f"feedback:1@{40 + k}" for k in range(len(HOSTILE) - 3)]

@@ -42,8 +42,9 @@ def config(path, state_dir, intake: dict):
 def learned(service: Service) -> dict:
     """What must not depend on timing: weights, scores, counts, probe accuracies, consolidations."""
     learner = service.learners["m"]
-    summary = learner.summary()
-    return {"flat": learner.tensors()["flat"], "scores": summary["scores"], "learned": learner.learned,
+    summary = {**learner.evaluation.summary(), **learner.metrics().extra}
+    return {"flat": learner.snapshot().tensors["flat"], "scores": summary["scores"],
+            "learned": learner.evaluation.learned,
             "probes": summary["probe_accuracy"], "fired": dict(learner.consolidation.fired),
             "queued": len(learner.queue)}
 

@@ -79,7 +79,7 @@ def test_a_non_finite_loss_changes_nothing_and_is_counted():
     moments = [t.clone() for t in learner._optimizer_tensors()]
     xs = torch.full((4, learner.encoder.width), float("nan"))
     learner._step(xs, torch.zeros(4, dtype=torch.long), None)
-    assert learner.rolled_back == 1
+    assert learner.metrics().rolled_back == 1
     assert torch.equal(learner.flat.param, before)
     assert all(torch.equal(a, b) for a, b in zip(learner._optimizer_tensors(), moments))
 
@@ -91,19 +91,18 @@ def test_weights_that_overflow_are_rolled_back_to_the_last_good_state():
     good = learner.flat.param.detach().clone()
     assert torch.isfinite(good).all()
     learner.learn_batch(examples(64, start=32, classes=2))
-    assert learner.rolled_back >= 1
+    assert learner.metrics().rolled_back >= 1
     assert torch.isfinite(learner.flat.param).all()     # never left non-finite
-    assert learner.learned == 96                        # the service keeps going
+    assert learner.evaluation.learned == 96                        # the service keeps going
 
 
 def roundtrip(learner: TorchLearner) -> TorchLearner:
     """Through the snapshot's own files: pickle for the small state, safetensors for the arrays."""
-    files = pack({"m": learner.state()}, {"m": learner.tensors()}, b"", ServiceFigures(0, 0.0))
+    files = pack({"m": learner.snapshot()}, b"", ServiceFigures(0, 0.0))
     assert "tensors.safetensors" in files
     content = unpack(Snapshot(Manifest(1, None, 0.0, "", {}, []), files))
     twin = TorchLearner("m", learner.config, seed=999)   # another seed: everything must come from the snapshot
     twin.restore(content.learners["m"])
-    twin.restore_tensors(content.tensors["m"])
     return twin
 
 
@@ -121,8 +120,8 @@ def test_a_restored_learner_continues_bit_for_bit(replay):
     moments, restored = (l.optimizer.state_dict()["state"][0] for l in (original, twin))
     assert moments.keys() == restored.keys() and all(torch.equal(moments[k], restored[k]) for k in moments)
     assert torch.equal(original.ewc.fisher, twin.ewc.fisher)
-    assert original.scores.values() == twin.scores.values()
-    assert original.learned == twin.learned == 550
+    assert original.evaluation.scores.values() == twin.evaluation.scores.values()
+    assert original.evaluation.learned == twin.evaluation.learned == 550
 
 
 def test_classes_appear_as_the_stream_brings_them():
@@ -132,7 +131,7 @@ def test_classes_appear_as_the_stream_brings_them():
     learner.learn_batch(examples(96, start=96, classes=3))
     assert learner.classes == [0, 1, 2]
     learner.learn_batch([Example("x", "m", {"a": 1.0}, 7, 1.0, 1.0, 1.0)])  # a 4th class does not fit
-    assert learner.errors == 1
+    assert learner.evaluation.errors == 1
 
 
 def test_regression_learns_a_linear_target():
@@ -141,7 +140,7 @@ def test_regression_learns_a_linear_target():
     batch = [Example(f"r-{i}", "m", {"x": float(v)}, float(3 * v + 100), 1.0, i, i)
              for i, v in enumerate(rng.normal(size=4000))]
     learner.learn_batch(batch)
-    assert learner.scores.value("mae", rolling=True) < 1.0   # the target's spread is 3
+    assert learner.evaluation.scores.value("mae", rolling=True) < 1.0   # the target's spread is 3
 
 
 def test_the_service_learns_a_torch_model_and_resumes_it_from_a_snapshot(tmp_path):
@@ -180,8 +179,8 @@ def test_the_service_learns_a_torch_model_and_resumes_it_from_a_snapshot(tmp_pat
     resumed = Service(config("a"))            # restores snapshot 1; the file is already read to its end
     learner = resumed.learners["m"]
     assert torch.equal(learner.flat.param, first.learners["m"].flat.param)
-    assert learner.replay.store.size == 100 and learner.learned == 870
-    assert learner.probes.accuracies() == first.learners["m"].probes.accuracies()
+    assert learner.replay.store.size == 100 and learner.evaluation.learned == 870
+    assert learner.evaluation.probes.accuracies() == first.learners["m"].evaluation.probes.accuracies()
 
 
 def test_scoring_from_the_training_pass_equals_scoring_separately():
@@ -196,7 +195,7 @@ def test_scoring_from_the_training_pass_equals_scoring_separately():
         one_pass.learn_batch(stream[start:start + 7])
     for start in range(0, 640, 32):
         separate.learn_batch(stream[start:start + 32])
-    assert one_pass.scores.values() == pytest.approx(separate.scores.values(), rel=1e-6)
+    assert one_pass.evaluation.scores.values() == pytest.approx(separate.evaluation.scores.values(), rel=1e-6)
     assert torch.equal(one_pass.flat.param, separate.flat.param)
 
 
@@ -205,14 +204,15 @@ def test_a_score_read_mid_batch_scores_the_queued_examples_first():
     config = model_config(params={"hidden": [16]}, train={"batch_size": 64})
     learner = TorchLearner("m", config, seed=2)
     stream = examples(100)
-    learner.mark_score_at(stream[39].ts)
+    learner.evaluation.mark_score_at(stream[39].ts)
     learner.learn_batch(stream)
-    assert learner.scores.count == 100 - 36   # the last 36 wait, unscored, for their micro-batch
+    assert learner.evaluation.scores.count == 100 - 36   # the last 36 wait, unscored, for their micro-batch
     reference = TorchLearner("m", config, seed=2)
     reference._one_pass = False
     reference.learn_batch(stream[:40])
-    reference.settle()   # a forward pass of its own, in eval mode, over the 40 waiting examples
-    assert learner.score_at(stream[39].ts) == pytest.approx(reference.scores.value("accuracy", rolling=True))
+    reference.evaluation.settle()   # a forward pass of its own, in eval mode, over the 40 waiting examples
+    expected = reference.evaluation.scores.value("accuracy", rolling=True)
+    assert learner.evaluation.score_at(stream[39].ts) == pytest.approx(expected)
 
 
 def bursty(n: int, seed: int = 0) -> list[Example]:
@@ -232,9 +232,9 @@ def learn_in_pieces(learner: TorchLearner, stream: list[Example], sizes: list[in
 
 
 def same_state(a: TorchLearner, b: TorchLearner) -> None:
-    assert np.array_equal(a.tensors()["flat"], b.tensors()["flat"])
-    assert a.scores.values() == b.scores.values()
-    assert a.learned == b.learned and a.consolidation.fired == b.consolidation.fired
+    assert np.array_equal(a.snapshot().tensors["flat"], b.snapshot().tensors["flat"])
+    assert a.evaluation.scores.values() == b.evaluation.scores.values()
+    assert a.evaluation.learned == b.evaluation.learned and a.consolidation.fired == b.consolidation.fired
 
 
 CONFIGS = {
@@ -257,8 +257,8 @@ def test_how_the_stream_is_cut_into_batches_changes_nothing(kind):
         learner.flush()
     for other in learners[1:]:
         same_state(learners[0], other)
-    assert learners[0].learned == 700
-    assert learners[0].update_seconds.count == 2 * 15 + 1   # 15 bursts of 45 (32 + 13), then the last 25
+    assert learners[0].evaluation.learned == 700
+    assert learners[0].evaluation.update_seconds.count == 2 * 15 + 1   # 15 bursts of 45 (32 + 13), then the last 25
     if kind == "seconds":   # every 2.5 s of event time (the bursts span 20.7 s), however fast the run was
         assert learners[0].consolidation.fired["seconds"] >= 6
 

@@ -1,11 +1,12 @@
 """What goes into a snapshot, file by file, and back out of it.
 
-`learners.pkl` holds every model with its scores and counters (pickle: River
-models are plain Python objects; loaded only after the store verified the
-checksums and, when keyed, the HMAC). `tensors.safetensors` holds the arrays of
-torch learners (weights, optimizer moments, EWC state, replay buffers) without
-pickle, keyed `<model>/<name>`. `intake.msgpack` is the intake's own state
-as its barrier carried it (pending joins, watermarks, positions, counters).
+`learners.pkl` holds every model's `LearnerSnapshot` state: its kind and the
+bytes the learner pickled (River models are plain Python objects; loaded only
+after the store verified the checksums and, when keyed, the HMAC); a snapshot
+written before `LearnerSnapshot` holds each learner's state dict there, and still
+restores. `tensors.safetensors` holds the snapshots' arrays (torch weights,
+optimizer moments, EWC state, replay buffers) without pickle, keyed `<model>/<name>`.
+`intake.msgpack` is the intake's own state as its barrier carried it (pending joins, watermarks, offsets, counters).
 `service.json` holds the learner side's small figures (and the scores by serving
 version). `deploy.msgpack`, only with publishing on, is the handoff's own state as it
 gave it (held-out examples, the publish trigger, a waiting candidate's shadow totals).
@@ -21,6 +22,7 @@ import numpy as np
 import safetensors.numpy
 
 from streamlearn.checkpoints.store import Snapshot
+from streamlearn.learners.contract import LearnerSnapshot, frozen_arrays, snapshot_of
 from streamlearn.learners.served import VersionTally
 from streamlearn.triggers import TriggerState
 
@@ -40,21 +42,22 @@ class ServiceFigures(msgspec.Struct):
 
 
 class Content(msgspec.Struct):
-    learners: dict[str, dict]
-    tensors: dict[str, dict[str, np.ndarray]]
+    learners: dict[str, LearnerSnapshot]
     intake_state: bytes
     figures: ServiceFigures
     deploy: Optional[bytes] = None
 
 
-def pack(learners: dict[str, dict], tensors: dict[str, dict[str, np.ndarray]], intake_state: bytes,
-         figures: ServiceFigures, deploy: Optional[bytes] = None) -> dict[str, bytes]:
-    files = {LEARNERS: pickle.dumps(learners, protocol=pickle.HIGHEST_PROTOCOL),
+def pack(learners: dict[str, LearnerSnapshot], intake_state: bytes, figures: ServiceFigures,
+         deploy: Optional[bytes] = None) -> dict[str, bytes]:
+    """The snapshot's files from the learners' snapshots and the other stages' states."""
+    states = {name: {"kind": s.kind, "state": s.state} for name, s in learners.items()}   # bytes: no second walk
+    files = {LEARNERS: pickle.dumps(states, protocol=pickle.HIGHEST_PROTOCOL),
              INTAKE: intake_state, SERVICE: msgspec.json.encode(figures)}
     if deploy is not None:
         files[DEPLOY] = deploy
-    flat = {f"{model}/{key}": np.ascontiguousarray(array) for model, arrays in tensors.items()
-            for key, array in arrays.items()}
+    flat = {f"{model}/{key}": np.ascontiguousarray(array) for model, s in learners.items()
+            for key, array in s.tensors.items()}
     if flat:
         files[TENSORS] = safetensors.numpy.save(flat)
     return files
@@ -68,5 +71,15 @@ def unpack(snapshot: Snapshot) -> Content:
         for name, array in safetensors.numpy.load(files[TENSORS]).items():
             model, _, key = name.partition("/")
             tensors.setdefault(model, {})[key] = array
-    return Content(pickle.loads(files[LEARNERS]), tensors, files[INTAKE],
-                   msgspec.json.decode(files[SERVICE], type=ServiceFigures), files.get(DEPLOY))
+    learners = {name: _learner_snapshot(entry, tensors.get(name, {}))
+                for name, entry in pickle.loads(files[LEARNERS]).items()}
+    return Content(learners, files[INTAKE], msgspec.json.decode(files[SERVICE], type=ServiceFigures),
+                   files.get(DEPLOY))
+
+
+def _learner_snapshot(entry: dict, tensors: dict[str, np.ndarray]) -> LearnerSnapshot:
+    """One `learners.pkl` entry as a `LearnerSnapshot`: this version's (kind and pickled state) or an older
+    version's (the state dict itself, pickled again here: restores are rare, and it keeps them working)."""
+    if isinstance(entry.get("state"), bytes):
+        return LearnerSnapshot(entry["kind"], entry["state"], frozen_arrays(tensors))
+    return snapshot_of("", entry, tensors)

@@ -9,20 +9,20 @@ the `# n.` comments below, in `Snapshotter` and in `Intake._barrier`):
    flight, the learner sends `barrier` to the intake. It asks for no other until this one is taken.
 2. **The intake attaches its state** (`Intake._barrier`, in the intake process): at its next cut, once
    every dead letter before it has landed, it attaches its `IntakeState` (pending joins, watermarks,
-   positions, counters, where the dead letters end) to that batch as `Batch.barrier`. The final cut
+   offsets, counters, where the dead letters end) to that batch as `Batch.barrier`. The final cut
    always carries one.
 3. **The learner reaches the barrier** having learned exactly the examples before it (the batch that
-   carries it is learned first, and its positions taken); the learner side's state is captured now,
+   carries it is learned first, and its offsets taken); the learner side's state is captured now,
    the only moment it matches the intake state.
 4. **Fork and write** (`Snapshotter.submit`): a forked child holds a copy-on-write image of that state,
    pickles it and writes the snapshot's files (or the loop pickles and a thread writes, with
    `snapshot.serialize = "inline"`); the loop stalls for this step alone (`snapshot_stall_seconds`).
 5. **Durable** (`SnapshotStore.write`, then `Snapshotter._finish`): tmp → fsync → rename → `LATEST`
-   names it the newest snapshot; only then do its positions become `Snapshotter.durable_offsets`.
+   names it the newest snapshot; only then do its offsets become `Snapshotter.durable_offsets`.
    A failed write keeps the previous snapshot and its offsets.
 6. **Offsets committed to the group**, every `COMMIT_SECONDS` and at the end: those of the newest
-   durable snapshot, never newer (with snapshots off: the positions of the last cut learned). They serve
-   lag, and a partition no restored snapshot covers; a restart from a snapshot starts at its positions.
+   durable snapshot, never newer (with snapshots off: the offsets of the last cut learned). They serve
+   lag, and a partition no restored snapshot covers; a restart from a snapshot starts at its offsets.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Controls(Protocol):
 
     def request_barrier(self) -> None: ...
 
-    def commit(self, positions: dict[str, int], final: bool = False) -> None: ...
+    def commit(self, offsets: dict[str, int], final: bool = False) -> None: ...
 
     def examples_in_flight(self) -> int: ...
 
@@ -75,34 +75,34 @@ class Cut:
         self.asked = True
         return True
 
-    def take(self, intake_state: bytes, final: bool, positions: dict[str, int], learned: int,
+    def take(self, intake_state: bytes, final: bool, offsets: dict[str, int], learned: int,
              capture: Capture) -> None:
         """Steps 3 and 4, at the barrier: captures the whole state as it is now and hands it to the writer."""
         started = time.perf_counter()
         # 3. The batch carrying the barrier is learned: the learner side matches the intake state only now.
         serialize = capture(intake_state, final)
         # 4. Fork and write; steps 5 (durable, then durable_offsets) follow in the writer, off the loop.
-        self.snapshots.submit(serialize, dict(positions), {"learned": float(learned)})
+        self.snapshots.submit(serialize, dict(offsets), {"learned": float(learned)})
         self.asked = False
         self.snapshots.stall.observe(time.perf_counter() - started)
 
-    def commit_if_due(self, channel: Controls, positions: dict[str, int]) -> None:
+    def commit_if_due(self, channel: Controls, offsets: dict[str, int]) -> None:
         """Step 6, every `COMMIT_SECONDS`."""
         if time.monotonic() - self._last_commit >= COMMIT_SECONDS:
-            self.commit(channel, positions)
+            self.commit(channel, offsets)
             self._last_commit = time.monotonic()
 
-    def finish(self, channel: Controls, positions: dict[str, int]) -> None:
+    def finish(self, channel: Controls, offsets: dict[str, int]) -> None:
         """Steps 5 and 6 at the end: waits until the write in flight is durable (or failed), then the final commit."""
         if self.snapshots is not None:
             self.snapshots.wait()
-        self.commit(channel, positions, final=True)
+        self.commit(channel, offsets, final=True)
 
-    def commit(self, channel: Controls, positions: dict[str, int], final: bool = False) -> None:
-        """Step 6: commits the newest durable snapshot's offsets (`positions`, the last cut's, if snapshots are off)."""
+    def commit(self, channel: Controls, offsets: dict[str, int], final: bool = False) -> None:
+        """Step 6: commits the newest durable snapshot's offsets (`offsets`, the last cut's, if snapshots are off)."""
         # 6. Never newer than what is durable: a crash restores the snapshot, and the group's lag must not lie.
-        channel.commit(self.committable(positions), final=final)
+        channel.commit(self.committable(offsets), final=final)
 
-    def committable(self, positions: dict[str, int]) -> dict[str, int]:
+    def committable(self, offsets: dict[str, int]) -> dict[str, int]:
         """Offsets for the consumer group: those of the newest durable snapshot, when snapshots are on."""
-        return self.snapshots.durable_offsets if self.snapshots is not None else positions
+        return self.snapshots.durable_offsets if self.snapshots is not None else offsets

@@ -37,7 +37,7 @@ Serialize = Callable[[], dict[str, bytes]]   # the state as files, called where 
 
 
 def config_fingerprint(config: Config) -> str:
-    """Hash of the settings a snapshot's state depends on: the models, the join, the source."""
+    """Hash of the config a snapshot's state depends on: the models, the join, the source."""
     relevant = {"models": config.models, "join": [config.join.ttl, config.join.early_ttl],
                 "source": config.source if config.file_path else "kafka",
                 "topics": [config.kafka.inference_topic, config.kafka.feedback_topic, config.kafka.examples_topic]}
@@ -55,8 +55,8 @@ class WriteOutcome(msgspec.Struct):
 class Snapshotter:
     """The snapshot trigger (examples, seconds, drift, score; see `triggers`) and the off-loop writer."""
 
-    def __init__(self, settings: SnapshotConfig, store: SnapshotStore, fingerprint: str) -> None:
-        self.settings = settings
+    def __init__(self, config: SnapshotConfig, store: SnapshotStore, fingerprint: str) -> None:
+        self.config = config
         self.store = store
         self.fingerprint = fingerprint
         self.seconds = Histogram(LATENCY_BUCKETS)   # duration of each successful write
@@ -65,7 +65,7 @@ class Snapshotter:
         self.last_success: Optional[float] = None   # unix time of the newest durable snapshot
         self.durable_offsets: dict[str, int] = {}
         self.parent: Optional[int] = None           # the restored snapshot the next one grows from
-        self.trigger = Trigger("snapshot", settings, time.monotonic())   # and always at clean shutdown
+        self.trigger = Trigger("snapshot", config, time.monotonic())   # and always at clean shutdown
         self._idle = threading.Event()
         self._idle.set()
         self._die_with_parent = _parent_death_signal()  # resolved here: the child must not import
@@ -81,7 +81,7 @@ class Snapshotter:
         self._idle.clear()
         started = time.perf_counter()
         wait = None
-        if self.settings.serialize == "fork":   # 4. fork: the child's copy-on-write image is the state at the barrier
+        if self.config.serialize == "fork":   # 4. fork: the child's copy-on-write image is the state at the barrier
             try:
                 wait = self._fork_writer(serialize, dict(offsets), meta)
             except OSError as err:  # no memory or processes left for a child: serialize here this time

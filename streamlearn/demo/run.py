@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 from streamlearn.config import Config, parse_config
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec, write_jsonl
-from streamlearn.learners.base import Learner
+from streamlearn.learners.evaluation import ModelEvaluation
 from streamlearn.records import Batch
 from streamlearn.service import Service
 from streamlearn.stream.broker import EmbeddedBroker
@@ -126,7 +126,7 @@ def _begin_then(player: "TrafficPlayer", update: Callable[[Service, Batch], None
         if player.generator is None and service.stats is not None and service.stats.assigned:
             drift_ts = player.begin(time.time()).totals.drift_ts
             for learner in service.learners.values():
-                learner.mark_score_at(drift_ts)
+                learner.evaluation.mark_score_at(drift_ts)
         update(service, batch)
     return on_batch
 
@@ -217,7 +217,7 @@ class ProgressLine:
         events = sum(stats.events.values())
         rate = (events - self._last_events) / (now - self._last)
         self._last, self._last_events = now, events
-        accuracy = "  ".join(f"{name} {learner.scores.value('accuracy', rolling=True):5.3f}"
+        accuracy = "  ".join(f"{name} {learner.evaluation.scores.value('accuracy', rolling=True):5.3f}"
                              for name, learner in service.learners.items())
         sys.stderr.write(
             f"\r{events:>8} events {rate:>7,.0f} ev/s  learned {service.learned:>7}  rolling accuracy {accuracy}  "
@@ -252,7 +252,8 @@ def demo_summary(summary: dict, service: Service, player: TrafficPlayer) -> dict
         "held_out": summary["held_out"],
         "drift_ts": totals.drift_ts,
         "traffic_start_ts": generator.spec.start_ts,
-        "models": {name: model_figures(learner, summary["models"][name], totals.drift_ts, _kind(service, name))
+        "models": {name: model_figures(learner.evaluation, summary["models"][name], totals.drift_ts,
+                                       _kind(service, name))
                    for name, learner in service.learners.items()},
         "elapsed_seconds": summary["elapsed_seconds"],
     }
@@ -264,7 +265,7 @@ def _kind(service: Service, name: str) -> str:
     return f"{model.model} ({'torch' if model.is_torch else 'River'})"
 
 
-def model_figures(learner: Learner, figures: dict, drift_ts: float, kind: str) -> dict:
+def model_figures(learner: ModelEvaluation, figures: dict, drift_ts: float, kind: str) -> dict:
     """One model's demo figures, from the service's summary of it and its latency histogram."""
     latency = learner.loop_latency
     return {
@@ -284,7 +285,7 @@ def model_figures(learner: Learner, figures: dict, drift_ts: float, kind: str) -
     }
 
 
-def forgetting_by_concept(learner: Learner, drift_ts: float) -> dict:
+def forgetting_by_concept(learner: ModelEvaluation, drift_ts: float) -> dict:
     """Forgetting on the probe segments from before the drift ("old") and after it ("new"), and their accuracy.
 
     After the concept changes, the old segments' probes carry labels the new concept contradicts: a drop

@@ -4,7 +4,7 @@ The service calls it on every batch, left to right:
 
     before_learning(model, examples)   a waiting candidate and production score the examples side by side;
                                        the gate's recent examples are held out; the rest is returned to learn
-    after_learning(positions, ...)     per model: a waiting candidate with enough shadow examples goes to
+    after_learning(offsets, ...)     per model: a waiting candidate with enough shadow examples goes to
                                        the gate (promoted and published, or rejected with its reasons);
                                        otherwise the publish trigger may make the learner's state a candidate
 
@@ -46,7 +46,7 @@ from streamlearn.deploy.model_files import Deployed, deployed, model_files
 from streamlearn.deploy.publisher import Publisher, open_publisher
 from streamlearn.deploy.records import OUTCOMES, GateScores, StreamPosition, VersionRecord
 from streamlearn.deploy.shadow import Shadow, ShadowTally
-from streamlearn.learners.base import Learner
+from streamlearn.learners.contract import Learner
 from streamlearn.learners.plasticity import ConceptChange
 from streamlearn.learners.probes import change_start
 from streamlearn.records import Example
@@ -75,7 +75,7 @@ class ModelHandoff:
         g = config.gate
         self.holdout = Holdout(name, g.holdout_every, g.holdout_size, config.seed, state.holdout if state else None)
         # Without a state of its own (publishing just turned on), drifts detected before now are not news.
-        trigger = state.trigger if state else TriggerState(drifts=learner.drift.total)
+        trigger = state.trigger if state else TriggerState(drifts=learner.evaluation.drift.total)
         self.trigger = Trigger("publish", config.publish, time.monotonic(), trigger)
         self.decisions: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self.decisions.update(state.decisions if state else {})
@@ -83,7 +83,7 @@ class ModelHandoff:
         self.shadow: Optional[Shadow] = None
         self.deferred = False   # the waiting candidate passed while a drift case was open: decided again after it
         # Without a state of its own, a change confirmed before now is followed but asks for no candidates.
-        self.change = state.change if state else learner.policy.last_change
+        self.change = state.change if state else learner.evaluation.policy.last_change
         self.asked = state.asked if state else g.change_candidates
 
     @property
@@ -142,7 +142,7 @@ class Handoff:
             model.shadow.observe(examples)
         return model.holdout.split(examples)
 
-    def after_learning(self, positions: dict[str, int], snapshot_seq: Callable[[], Optional[int]]) -> None:
+    def after_learning(self, offsets: dict[str, int], snapshot_seq: Callable[[], Optional[int]]) -> None:
         """Decides for candidates that have waited long enough, and makes new ones when a trigger fires."""
         now = time.monotonic()
         if now - self._refreshed >= REFRESH_SECONDS:
@@ -151,7 +151,7 @@ class Handoff:
             try:
                 self._follow(name, model)
                 if model.shadow is None and (self._asked(name, model, now) or self._due(name, model, now)):
-                    self._candidate(name, model, positions, snapshot_seq())
+                    self._candidate(name, model, offsets, snapshot_seq())
                 if model.shadow is not None and self._ready(name, model):
                     self._decide(name, model)
             except Exception as err:   # the registry, the artifact store or the event sink failed: learning goes on
@@ -159,10 +159,10 @@ class Handoff:
 
     def _follow(self, name: str, model: ModelHandoff) -> None:
         """Takes a concept change the learner's policy confirmed since the last batch: probes, candidates."""
-        learner = self.learners[name]
-        change = learner.policy.last_change
-        if learner.probes is not None:   # idempotent; the learner also does it at its evaluations
-            learner.probes.follow(change)
+        evaluation = self.learners[name].evaluation
+        change = evaluation.policy.last_change
+        if evaluation.probes is not None:   # idempotent; the learner also does it at its evaluations
+            evaluation.probes.follow(change)
         start = change_start(change)
         if start is None or (model.since is not None and start <= model.since):
             return
@@ -193,7 +193,7 @@ class Handoff:
             model.asked = self.config.gate.change_candidates
             return False
         model.asked += 1
-        model.trigger.fire("change", model.holdout.position, now, self.learners[name].drift.total)
+        model.trigger.fire("change", model.holdout.position, now, self.learners[name].evaluation.drift.total)
         return True
 
     def _ready(self, name: str, model: ModelHandoff) -> bool:
@@ -203,7 +203,7 @@ class Handoff:
         if model.shadow.tally.examples < g.min_shadow_examples:
             return False
         if model.deferred:   # a promotion waits for the drift case to close (the decision is made again then)
-            return not self.learners[name].policy.case_open
+            return not self.learners[name].evaluation.policy.case_open
         if model.since is None or not g.holdout_every or len(model.holdout.since(model.since)) >= g.change_min_recent:
             return True
         return self._after_change(name, model) is None   # it waits only where the concept_change rule decides
@@ -221,11 +221,11 @@ class Handoff:
                 log.error("model %s: candidate v%d stays a candidate: %s", name, version, again)
 
     def _due(self, name: str, model: ModelHandoff, now: float) -> bool:
-        learner = self.learners[name]
-        return model.trigger.check(model.holdout.position, now, learner.drift.total,
-                                   lambda: learner.watched_score) is not None
+        evaluation = self.learners[name].evaluation
+        return model.trigger.check(model.holdout.position, now, evaluation.drift.total,
+                                   lambda: evaluation.watched_score) is not None
 
-    def _candidate(self, name: str, model: ModelHandoff, positions: dict[str, int], snapshot: Optional[int]) -> None:
+    def _candidate(self, name: str, model: ModelHandoff, offsets: dict[str, int], snapshot: Optional[int]) -> None:
         """The learner's model now becomes an immutable artifact and a registered candidate."""
         learner = self.learners[name]
         production = self._production(name)   # first: if production no longer loads, no candidate is made
@@ -237,7 +237,7 @@ class Handoff:
         self.registry.add(VersionRecord(
             name, version, "candidate", written.manifest.created, written.url, written.manifest_sha256,
             written.checksums, production.version if production else None, snapshot,
-            StreamPosition(model.holdout.position, dict(positions), newest)))
+            StreamPosition(model.holdout.position, dict(offsets), newest)))
         try:   # the gate scores what serving would load: the artifact as written, read back and verified
             candidate = deployed(self.artifacts.load(name, version, written.manifest_sha256))
         except Exception as err:
@@ -258,12 +258,12 @@ class Handoff:
             log.info("model %s: production changed while v%d waited; shadow scoring starts again", name, version)
             model.shadow = Shadow(shadow.candidate, production)
             return
-        probes = self.learners[name].probes   # its segments from before a confirmed change were retired
+        probes = self.learners[name].evaluation.probes   # its segments from before a confirmed change were retired
         segments = [segment.probes for segment in probes.segments] if probes is not None else []
         scores = GateScores(compare(shadow.candidate, production, model.holdout.since(model.since)),
                             compare_segments(shadow.candidate, production, segments), shadow.tally.comparison())
         decision = self.gate.decide(scores, self._after_change(name, model, record.position.ts))
-        model.deferred = decision.promote and self.learners[name].policy.case_open
+        model.deferred = decision.promote and self.learners[name].evaluation.policy.case_open
         if model.deferred:   # neither concept is known to be right yet: a rejection stands, a promotion waits
             log.info("model %s: v%d passed the gate while a drift case is open; it waits for the case", name, version)
             return

@@ -6,9 +6,10 @@ scaling, class labels). Only the model goes in, never the learner's scores, prob
 or replay buffer. `deployed()` is called on an `Artifact` whose checksums have
 verified, so unpickling here is unpickling what this service wrote.
 
+>>> from streamlearn.config import ModelConfig
 >>> from streamlearn.learners.river_learner import RiverLearner
 >>> from streamlearn.records import Example
->>> learner = RiverLearner("m", model="logreg")
+>>> learner = RiverLearner("m", ModelConfig(model="logreg"))
 >>> learner.learn_batch([Example(f"r-{i}", "m", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(200)])
 >>> kind, files = model_files(learner)
 >>> kind, sorted(files)
@@ -20,32 +21,20 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-from streamlearn.config import ModelConfig
 from streamlearn.deploy.artifacts import Artifact
-from streamlearn.learners.base import Learner
+from streamlearn.learners.contract import RIVER_MODEL, Learner
 from streamlearn.records import Features
 
-RIVER_MODEL = "model.pkl"
-TORCH_WEIGHTS = "weights.safetensors"
-TORCH_ENCODING = "encoding.pkl"
 KINDS = ("river", "torch")   # learner kinds (the `kind` each learner class declares) that have an artifact format
 
 
 def model_files(learner: Learner) -> tuple[str, dict[str, bytes]]:
-    """The learner's model as (kind, files) for an artifact; the kind is the one the learner class declares."""
-    kind = getattr(type(learner), "kind", None)
-    if kind not in KINDS:
-        raise ValueError(f"learner {learner.name!r} ({type(learner).__name__}, kind {kind!r}) has no artifact format;"
-                         f" known kinds: {', '.join(KINDS)}")
-    if kind == "torch":   # torch is imported only for torch models
-        import safetensors.torch
-
-        # The layers' weights are views of one flat tensor: copies, so that safetensors sees no shared memory.
-        weights = {name: t.detach().clone().contiguous() for name, t in learner.net.state_dict().items()}
-        encoding = {"encoder": learner.encoder, "targets": learner.targets, "classes": list(learner.classes)}
-        return "torch", {TORCH_WEIGHTS: safetensors.torch.save(weights),
-                         TORCH_ENCODING: pickle.dumps(encoding, protocol=pickle.HIGHEST_PROTOCOL)}
-    return "river", {RIVER_MODEL: pickle.dumps(learner.model, protocol=pickle.HIGHEST_PROTOCOL)}
+    """The learner's model as (kind, files) for an artifact: what its `export()` gives, the kind it declares."""
+    exported = learner.export()
+    if exported.kind not in KINDS:
+        raise ValueError(f"learner {learner.name!r} ({type(learner).__name__}, kind {exported.kind!r}) has no "
+                         f"artifact format; known kinds: {', '.join(KINDS)}")
+    return exported.kind, dict(exported.files)
 
 
 class Deployed:
@@ -83,18 +72,7 @@ def deployed(artifact: Artifact) -> Deployed:
     if artifact.manifest.kind == "river":
         model = pickle.loads(files[RIVER_MODEL])
         return Deployed(artifact, model, model)
-    learner = _torch_learner(artifact.manifest.model, artifact.manifest.settings)
-    import safetensors.torch
+    from streamlearn.learners.torch_learner import exported_predictor   # torch is imported only for torch models
 
-    learner.net.load_state_dict(safetensors.torch.load(files[TORCH_WEIGHTS]))
-    encoding = pickle.loads(files[TORCH_ENCODING])
-    learner.encoder, learner.targets, learner.classes = encoding["encoder"], encoding["targets"], encoding["classes"]
-    learner.net.eval()
-    return Deployed(artifact, learner.net, learner)
-
-
-def _torch_learner(name: str, settings: ModelConfig):
-    """A torch learner of the artifact's shape, used for its prediction path (threads left as they are)."""
-    from streamlearn.learners.torch_learner import TorchLearner
-
-    return TorchLearner(name, settings, seed=0, threads=0)
+    network, predictor = exported_predictor(artifact.manifest.model, artifact.manifest.settings, files)
+    return Deployed(artifact, network, predictor)

@@ -1,113 +1,60 @@
-"""What every learner shares: prequential scores, probes, counters, latency histograms, score marks.
+"""The private base of the built-in learners: the contract's plumbing, so each kind brings only its model.
 
-A learner subclass implements `_test_then_train(examples, now)`: score each
-example with the current model, then learn from it; and `_predict_labels`, for
-scoring probe sets. Here are the bookkeeping around them (held-out probes and
-evaluations, drift detection, latency) and the parts of a snapshot every
-learner has.
+A subclass implements `_test_then_train(examples, now)` (score each example with
+the current model, then learn from it), `predict_many`, `_own_state` and
+`_restore_own` (its part of a snapshot), `_tensors` and `_restore_tensors` (arrays
+kept without pickle), `export` and `metrics`; optionally `_settle` (score what it
+queued) and `_on_drift`. Here are the held-out probes and evaluation points, the
+score marks, and the snapshot record. What is judged lives in the learner's
+`ModelEvaluation` (`evaluation.py`), composed, not inherited; the contract the rest
+of the code sees is `contract.Learner`.
 """
 
 from __future__ import annotations
 
-import logging
-from bisect import bisect_right, insort
-from typing import Callable, Optional
+import pickle
+from bisect import bisect_right
+from typing import ClassVar, Optional
 
-import msgspec
 import numpy as np
 
-from streamlearn.config import DriftConfig, EvalConfig
-from streamlearn.learners.drift import DriftMark, DriftMonitor, finite_or_none
-from streamlearn.learners.drift_policy import DriftPolicy, Judged, Transition
-from streamlearn.learners.probes import ProbeSets
-from streamlearn.learners.scores import PrequentialScores
-from streamlearn.records import Example, Rejected
-from streamlearn.telemetry.histogram import LATENCY_BUCKETS, WAIT_BUCKETS, Histogram
-from streamlearn.triggers import Trigger
-
-log = logging.getLogger(__name__)
-ERROR_LABELS = 20        # distinct error classes counted per model; the rest count as "other" (a bounded label)
-REFUSAL_BLOCK = 500      # the refusal rate covers the last one to two blocks of examples
-REFUSAL_MIN = 100        # examples seen before a refusal rate is judged
-UNHEALTHY_SHARE = 0.5    # refusing this share of recent examples makes a model unhealthy (/readyz fails)
+from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
+from streamlearn.learners.contract import ExportedModel, LearnerMetrics, LearnerSnapshot, frozen_arrays
+from streamlearn.learners.drift import DriftMark
+from streamlearn.learners.drift_policy import Transition
+from streamlearn.learners.evaluation import ModelEvaluation
+from streamlearn.records import Example, Features
 
 
-class Learner:
-    """One named model's scores and counters; subclasses bring the model."""
+class LearnerBase:
+    """What the built-in learners share; subclasses bring the model (see the module docstring)."""
 
-    STATE: tuple[str, ...] = ("scores", "drift", "probes", "learned", "errors", "update_seconds", "loop_latency",
-                              "processing", "_marks", "_marked", "error_counts", "policy")
-    rolled_back = 0   # updates undone because they made the model non-finite (torch learners)
-    model_label = ""  # what the model is ("scaled_logreg", a factory path), for messages
+    kind: ClassVar[str] = ""
 
-    def __init__(self, name: str, task: str, window: int, drift: Optional[DriftConfig] = None,
-                 evaluation: Optional[EvalConfig] = None, seed: int = 42) -> None:
+    def __init__(self, name: str, config: ModelConfig, seed: int = 42, *, drift: Optional[DriftConfig] = None,
+                 evaluation: Optional[EvalConfig] = None) -> None:
         self.name = name
-        self.task = task
-        self.scores = PrequentialScores(task, window)
-        self.drift = DriftMonitor(drift or DriftConfig())
-        policy = (drift or DriftConfig()).policy
-        if task != "classification":   # the policy judges labels against a reference's predictions
-            policy = msgspec.structs.replace(policy, enabled=False)
-        self.policy = DriftPolicy(policy)                  # which drift a detection was, and what was done
-        self._scoring: tuple[int, np.ndarray] = (0, np.zeros(0))   # drift position and event times being scored
-        self.probes = _probe_sets(name, task, evaluation, seed)
-        self.learned = 0
-        self.errors = 0
-        self.error_counts: dict[str, int] = {}   # refused examples by exception class (at most ERROR_LABELS + other)
-        self.rejected: list[Rejected] = []       # refused since the service last took them (for dead letters)
-        self._refusals = _RefusalWindow()
-        self.update_seconds = Histogram(LATENCY_BUCKETS)   # one model update (one micro-batch)
-        self.loop_latency = Histogram(LATENCY_BUCKETS)     # label event time -> model updated
-        self.processing = Histogram(WAIT_BUCKETS)          # example read from the source -> model updated
-        self.drifts: list[DriftMark] = []                  # detections not yet written to the history
-        self.on_evaluation: Callable[["Learner"], None] = lambda learner: None   # the service records history
-        self._marks: list[float] = []          # event times whose rolling score to keep, ascending
-        self._marked: dict[float, float] = {}
+        self.task = config.task
+        self.evaluation = ModelEvaluation(name, config.task, config.window, drift, evaluation, seed, config.model,
+                                          predict=self.predict_many, settle=self._settle)
+
+    # --- the contract -----------------------------------------------------------------------------------------
 
     def learn_batch(self, examples: list[Example], now: Optional[float] = None) -> None:
         """Scores then learns every example, in order (but held-out probes); a failing one is counted, not fatal."""
-        if self.probes is None:
+        evaluation = self.evaluation
+        if evaluation.probes is None:
             self._learn_marked(examples, now)
             return
-        for piece, evaluate in self.probes.split(examples):
+        for piece, evaluate in evaluation.probes.split(examples):
             if piece:
                 self._learn_marked(piece, now)
             if evaluate:
-                self.evaluate()
-        self._check_refusals()
+                evaluation.evaluate()
+        evaluation.check_refusals()
 
-    def evaluate(self) -> None:
-        """Scores the model on every kept probe set (forgetting, backward transfer), then tells the service."""
-        self.probes.follow(self.policy.last_change)   # probes of a concept that is no longer true are retired
-        self.probes.record([self.probe_accuracy(segment.probes) for segment in self.probes.segments])
-        self.on_evaluation(self)
-
-    def probe_accuracy(self, probes: list[Example]) -> float:
-        """Share of `probes` whose label the model predicts now (it learns nothing from them)."""
-        predicted = self._predict_labels(probes)
-        return sum(p == ex.label for p, ex in zip(predicted, probes)) / len(probes) if probes else float("nan")
-
-    def _predict_labels(self, examples: list[Example]) -> list:
+    def predict_many(self, rows: list[Features]) -> list:
         raise NotImplementedError
-
-    def _learn_marked(self, examples: list[Example], now: Optional[float]) -> None:
-        while self._marks and examples and examples[-1].ts > self._marks[0]:
-            mark = self._marks.pop(0)
-            split = bisect_right(examples, mark, key=lambda e: e.ts)  # examples come in event-time order
-            if split:
-                self._test_then_train(examples[:split], now)
-            self.settle()
-            self._marked[mark] = self.scores.value(self.scores.names[0], rolling=True)
-            examples = examples[split:]
-        if examples:
-            self._test_then_train(examples, now)
-
-    def _test_then_train(self, examples: list[Example], now: Optional[float]) -> None:
-        raise NotImplementedError
-
-    def settle(self) -> None:
-        """Scores whatever was taken but not scored yet (a learner that scores in its training pass)."""
 
     def flush(self, now: Optional[float] = None) -> None:
         """Learns whatever is still queued, at the end of the input (`now`: wall time, for latency only).
@@ -116,80 +63,67 @@ class Learner:
         on exactly as an uninterrupted one would.
         """
 
-    def state(self) -> dict:
-        """Everything that changes as it learns, but tensors (for a snapshot; pickled, trusted only once verified)."""
-        return {name: getattr(self, name) for name in self.STATE}
+    def snapshot(self) -> LearnerSnapshot:
+        """The whole state, pickled now, and read-only copies of its arrays: nothing done later changes it."""
+        state = {**self.evaluation.state(), **self._own_state()}
+        return LearnerSnapshot(self.kind, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL),
+                               frozen_arrays(self._tensors()))
 
-    def restore(self, state: dict) -> None:
-        if "error_counts" not in state:   # a snapshot from before errors were counted by class
-            state = {**state, "error_counts": {"other": state["errors"]} if state["errors"] else {}}
-        if "policy" not in state:         # a snapshot from before the drift policy: no case open
-            state = {**state, "policy": self.policy}
-        for name in self.STATE:
-            setattr(self, name, state[name])
-        self._refusals = _RefusalWindow(self.learned + self.errors, self.errors)
+    def restore(self, snapshot: LearnerSnapshot) -> None:
+        """Takes back a verified snapshot's state (this kind's, or an older snapshot's, whose kind is unknown)."""
+        if snapshot.kind and snapshot.kind != self.kind:
+            raise ValueError(f"learner {self.name!r} is a {self.kind} learner; the snapshot is of a "
+                             f"{snapshot.kind} one")
+        state = pickle.loads(snapshot.state)
+        self.evaluation.restore(state)
+        self._restore_own(state)
+        # Writable copies: the learner goes on changing them in place.
+        self._restore_tensors({k: np.array(v, copy=True) for k, v in snapshot.tensors.items()})
 
-    def tensors(self) -> dict[str, np.ndarray]:
+    def export(self) -> ExportedModel:
+        raise NotImplementedError
+
+    def metrics(self) -> LearnerMetrics:
+        raise NotImplementedError
+
+    # --- for subclasses ---------------------------------------------------------------------------------------
+
+    def _test_then_train(self, examples: list[Example], now: Optional[float]) -> None:
+        raise NotImplementedError
+
+    def _settle(self) -> None:
+        """Scores whatever was taken but not scored yet (a learner that scores in its training pass)."""
+
+    def _own_state(self) -> dict:
+        """The learner's part of the state (the evaluation's is added), live objects, pickled by `snapshot`."""
+        return {}
+
+    def _restore_own(self, state: dict) -> None:
+        pass
+
+    def _tensors(self) -> dict[str, np.ndarray]:
         """Arrays of the learner's state, stored without pickle (safetensors); none for most learners."""
         return {}
 
-    def restore_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+    def _restore_tensors(self, tensors: dict[str, np.ndarray]) -> None:
         pass
 
-    def triggers(self) -> list[Trigger]:
-        """The learner's own triggers (the torch learner's consolidation), for their counts."""
-        return []
+    def _scored_classification(self, correct, p_true, ts: Optional[np.ndarray] = None) -> None:
+        """Reports scored examples to the evaluation, and acts on the drifts it detected among them."""
+        for event in self.evaluation.scored_classification(correct, p_true, ts):
+            self._on_drift(event)
 
-    @property
-    def replay_size(self) -> Optional[int]:
-        """Examples in the replay buffer; None for a learner without one."""
-        return None
+    def _scored_regression(self, y_true, y_pred, ts: Optional[np.ndarray] = None) -> None:
+        for event in self.evaluation.scored_regression(y_true, y_pred, ts):
+            self._on_drift(event)
 
-    def mark_score_at(self, ts: float) -> None:
-        """Keeps the rolling score of the first metric as it is once every example up to event time `ts` is learned."""
-        insort(self._marks, ts)
-
-    def score_at(self, ts: float) -> float:
-        """The score kept by `mark_score_at(ts)` (NaN if not marked, or not reached yet)."""
-        return self._marked.get(ts, float("nan"))
-
-    def _scored_classification(self, correct, p_true) -> None:
-        """Adds scored examples to the prequential scores and their errors to the drift detectors."""
-        self.scores.update_classification(correct, p_true)
-        self._watch(1.0 - np.asarray(correct, dtype=float))
-
-    def _scored_regression(self, y_true, y_pred) -> None:
-        self.scores.update_regression(y_true, y_pred)
-        self._watch(np.abs(np.asarray(y_true, dtype=float) - np.asarray(y_pred, dtype=float)))
-
-    @property
-    def watched_score(self) -> float:
-        """The rolling accuracy once its window is full, for score triggers; NaN before, and for regression."""
-        if self.task != "classification" or self.scores.count < self.scores.window:
-            return float("nan")
-        return self.scores.value("accuracy", rolling=True)
-
-    def _watch(self, errors: np.ndarray) -> None:
-        for event in self.drift.update(errors):
-            log.info("model %s: drift detected by %s at example %d", self.name, event.detector, event.position)
-            self.drifts.append(event)
-            del self.drifts[:-100]   # drained by the history; bounded when nobody records it
-            self.on_drift(event)
-
-    def on_drift(self, event: DriftMark) -> None:
+    def _on_drift(self, event: DriftMark) -> None:
         """What the learner itself does about a drift: opens a policy case (the torch learner also consolidates)."""
         self._open_case(event)
 
-    # --- the drift policy ------------------------------------------------------------------------------------
-
     def _open_case(self, event: DriftMark) -> bool:
-        """Opens a drift case dated by the event time of the example it was detected at; False if one is open."""
-        if not self.policy.enabled:   # off, and off for regression: no accuracy to judge by
-            return False
-        start, ts = self._scoring
-        index = event.position - start - 1
-        when = float(ts[index]) if 0 <= index < len(ts) else float("nan")
-        if not self.policy.open(event.position, when, event.detector, 1.0 - self.scores.value("accuracy", True)):
+        """Opens a drift case (see `ModelEvaluation.open_case`) and fixes its reference; False if none opened."""
+        if not self.evaluation.open_case(event):
             return False
         self._case_opened()
         return True
@@ -197,137 +131,23 @@ class Learner:
     def _case_opened(self) -> None:
         """Fixes the reference the open case is judged against (learners that judge)."""
 
-    def _judge_scored(self, labels: list, ts: np.ndarray, judge: Callable[[int], Judged]) -> None:
-        """After `len(labels)` classified examples were scored: notes their labels, then judges those after an
-        open case's detection (`judge(i)`: the reference's verdicts on examples i..) and acts on the decisions."""
-        policy = self.policy
-        if not policy.enabled:
-            return
-        n = len(labels)
-        first = self.drift.position - n + 1
-        policy.saw(labels, first)
-        start = policy.judging_from(first, n)
-        if start is None:
-            return
-        for decision in policy.judge(judge(start), np.arange(first + start, first + n), np.asarray(ts)[start:]):
-            log.info("model %s: drift case decided at example %d: %s", self.name, decision.position, decision.kind)
+    def _judge_scored(self, labels: list, ts: np.ndarray, judge) -> None:
+        """Judges the examples just scored against an open case's reference, and acts on each decision in order."""
+        for decision in self.evaluation.judge_scored(labels, ts, judge):
             self._decided(decision)
 
     def _decided(self, decision: Transition) -> None:
         """Acts on a policy decision and counts what was done (subclasses add their model's actions)."""
-        act = self.policy.act
-        if decision.kind == "suspect":
-            act("change", "suspect", decision.position, decision.ts)
-        elif decision.kind == "change":
-            act("change", "confirm", decision.position, decision.ts)
-        elif decision.kind == "burst":
-            act("burst", "dismiss", decision.position, decision.ts)
-        else:
-            act(decision.kind, "keep", decision.position, decision.ts)
+        self.evaluation.count_decision(decision)
 
-    def _observe_update(self, seconds: float, label_ts: np.ndarray, consumed: np.ndarray, now: float) -> None:
-        self.update_seconds.observe(seconds)
-        self.loop_latency.observe_many(now - label_ts)
-        self.processing.observe_many(now - consumed[consumed > 0])   # 0: read before the time was kept
-
-    def _count_error(self, ex: Example, err: BaseException, what: str = "") -> None:
-        """Counts an example the model refused and keeps it for the dead letters (`learn_error`)."""
-        self._refuse(ex, type(err).__name__, str(err), what)
-
-    def _refuse(self, ex: Example, error: str, detail: str, what: str = "") -> None:
-        """Counts a refused example under `error` (a bounded label) and keeps it as a `Rejected` record."""
-        self.errors += 1
-        label = error if error in self.error_counts or len(self.error_counts) < ERROR_LABELS else "other"
-        self.error_counts[label] = self.error_counts.get(label, 0) + 1
-        self.rejected.append(Rejected(self.name, ex, label, detail[:500]))
-        if self.errors <= 10 or self.errors % 1000 == 0:  # rate-limited: a poisoned stream must not flood logs
-            log.warning("model %s: %sexample %s not learned (%d so far): %s: %s",
-                        self.name, what, ex.id[:64], self.errors, error, detail[:500])
-
-    def take_rejected(self) -> list[Rejected]:
-        """The examples refused since the last call (the service quarantines them)."""
-        rejected, self.rejected = self.rejected, []
-        return rejected
-
-    @property
-    def refusal_rate(self) -> float:
-        """Share of the recent examples (the last 500 to 1,000) the model refused; 0 before 100 are seen."""
-        return self._refusals.rate(self.learned + self.errors, self.errors)
-
-    def health_problem(self) -> Optional[str]:
-        """Why the model is not healthy (it refuses most of its recent examples), or None."""
-        rate = self.refusal_rate
-        if rate < UNHEALTHY_SHARE:
-            return None
-        return refusal_message(self.name, self.model_label, self.task, rate, self.rejected_sample)
-
-    @property
-    def rejected_sample(self) -> Optional[Rejected]:
-        return self._refusals.last
-
-    def _check_refusals(self) -> None:
-        """Logs once when the model turns unhealthy (naming the feature and the fix), and once when it recovers."""
-        if self.rejected:
-            self._refusals.last = self.rejected[-1]
-        self._refusals.advance(self.learned + self.errors, self.errors)
-        problem = self.health_problem()
-        if (problem is not None) != self._refusals.sick:
-            self._refusals.sick = problem is not None
-            if problem is not None:
-                log.error("%s", problem)
-            else:
-                log.info("model %s refuses fewer than %.0f%% of its examples again", self.name,
-                         100 * UNHEALTHY_SHARE)
-
-    def summary(self) -> dict:
-        out = {"model": self.name, "task": self.task, "learned": self.learned, "errors": self.errors,
-               "learn_errors": dict(sorted(self.error_counts.items())),
-               "scores": self.scores.values(), "drift_detected": dict(sorted(self.drift.detected.items()))}
-        if self.probes is not None:
-            out.update(held_out=self.probes.held_out, forgetting=finite_or_none(self.probes.forgetting),
-                       backward_transfer=finite_or_none(self.probes.backward_transfer),
-                       probe_accuracy={str(k): v for k, v in self.probes.accuracies().items()})
-        return out
-
-
-class _RefusalWindow:
-    """Counters at the start of the last two blocks of examples: a recent refusal rate at no per-example cost."""
-
-    def __init__(self, seen: int = 0, refused: int = 0) -> None:
-        self.marks = [(seen, refused), (seen, refused)]   # (seen, refused) when the previous and current block began
-        self.last: Optional[Rejected] = None              # the newest refused example, for the diagnosis
-        self.sick = False
-
-    def advance(self, seen: int, refused: int) -> None:
-        """Starts a new block once the current one is full (in the learning loop only)."""
-        if seen - self.marks[1][0] >= REFUSAL_BLOCK:
-            self.marks = [self.marks[1], (seen, refused)]
-
-    def rate(self, seen: int, refused: int) -> float:
-        base_seen, base_refused = self.marks[0]
-        n = seen - base_seen
-        return (refused - base_refused) / n if n >= REFUSAL_MIN else 0.0
-
-
-def refusal_message(name: str, model: str, task: str, rate: float, sample: Optional[Rejected]) -> str:
-    """One line: which model refuses how much, why (the string features, for a TypeError) and the fix."""
-    head = f"model \"{name}\"{f' ({model})' if model else ''} refuses {rate:.0%} of its examples"
-    if sample is None:
-        return head
-    strings = sorted(k for k, v in sample.example.features.items() if isinstance(v, str))
-    if sample.error == "TypeError" and strings:
-        listed = ", ".join(f'"{k}"' for k in strings[:5]) + (", ..." if len(strings) > 5 else "")
-        builtin = "logreg" if task == "classification" else "linreg"
-        return (f"{head}: string feature{'s' if len(strings) > 1 else ''} {listed}; use model = \"{builtin}\" "
-                f"(one-hot encodes strings) or send numbers")
-    return (f"{head}: {sample.error}: {sample.detail[:200]} (e.g. example {sample.example.id[:64]}); "
-            f"they go to the dead letters as learn_error")
-
-
-def _probe_sets(name: str, task: str, evaluation: Optional[EvalConfig], seed: int) -> Optional[ProbeSets]:
-    """Evaluation points for every model; held-out probes for classifiers (probe scores are accuracies)."""
-    if evaluation is None:
-        return None
-    if task != "classification":
-        evaluation = msgspec.structs.replace(evaluation, probe_size=0)
-    return ProbeSets(name, evaluation, seed)
+    def _learn_marked(self, examples: list[Example], now: Optional[float]) -> None:
+        evaluation = self.evaluation
+        while examples and (mark := evaluation.next_mark(examples[-1].ts)) is not None:
+            split = bisect_right(examples, mark, key=lambda e: e.ts)  # examples come in event-time order
+            if split:
+                self._test_then_train(examples[:split], now)
+            self._settle()
+            evaluation.keep_mark(mark)
+            examples = examples[split:]
+        if examples:
+            self._test_then_train(examples, now)

@@ -2,14 +2,15 @@
 
 Each check takes a learner factory (a callable that returns a fresh learner, built with the same seed every
 time) and a small deterministic stream (`make_stream`), and raises `AssertionError` saying what broke. The
-checks use only what every learner shows: `learn_batch`, `flush`, `probe_accuracy` and
-`_predict_labels`, `state`/`restore` with `tensors`/`restore_tensors`, the scores and the counters.
+checks use only what the contract (`contract.Learner`) shows: `learn_batch`, `flush`, `predict_many`,
+`snapshot`/`restore`, and the `evaluation` (scores, counters, `probe_accuracy`).
 `yield_checks` lists them; `check_learner` runs them all. Where a property holds for a kind only under a
 condition (learners that queue micro-batches), the check compares under that condition and says so, rather
 than skipping the kind.
 
+>>> from streamlearn.config import ModelConfig
 >>> from streamlearn.learners.river_learner import RiverLearner
->>> check_learner(lambda: RiverLearner("m", model="logreg"), make_stream("classification", 40))
+>>> check_learner(lambda: RiverLearner("m", ModelConfig(model="logreg")), make_stream("classification", 40))
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 import msgspec
 import numpy as np
 
-from streamlearn.learners.base import Learner
+from streamlearn.learners.contract import Learner
 from streamlearn.records import Example
 
 Factory = Callable[[], Learner]
@@ -75,9 +76,14 @@ class Fingerprint:
 
 
 def fingerprint(learner: Learner, probes: list[Example]) -> Fingerprint:
-    counts = (learner.learned, learner.errors, tuple(sorted(learner.error_counts.items())), learner.scores.count)
-    return Fingerprint(counts, learner.scores.values(), tuple(map(repr, learner._predict_labels(probes))),
+    ev = learner.evaluation
+    counts = (ev.learned, ev.errors, tuple(sorted(ev.error_counts.items())), ev.scores.count)
+    return Fingerprint(counts, ev.scores.values(), tuple(map(repr, _predicted(learner, probes))),
                        state_digest(learner))
+
+
+def _predicted(learner: Learner, examples: list[Example]) -> list:
+    return learner.predict_many([ex.features for ex in examples])
 
 
 def assert_same(a: Fingerprint, b: Fingerprint, what: str, exact: bool = False) -> None:
@@ -94,10 +100,11 @@ def assert_same(a: Fingerprint, b: Fingerprint, what: str, exact: bool = False) 
 
 
 def state_digest(learner: Learner) -> str:
-    """SHA-256 of what the learner has learned: its snapshot state (less scores and wall-clock histograms) and
+    """SHA-256 of what the learner has learned: its snapshot's state (less scores and wall-clock histograms) and
     tensors, taken by value: dicts and sets in sorted order, so that equal states digest alike however built."""
-    state = {k: v for k, v in learner.state().items() if k not in WALL_CLOCK and k != "scores"}
-    return _Digest().of({"state": state, "tensors": learner.tensors()}).hex()
+    snapshot = learner.snapshot()
+    state = {k: v for k, v in pickle.loads(snapshot.state).items() if k not in WALL_CLOCK and k != "scores"}
+    return _Digest().of({"state": state, "tensors": dict(snapshot.tensors)}).hex()
 
 
 class _Digest:
@@ -217,14 +224,15 @@ def check_knowing_nothing_scores_a_miss(factory: Factory, stream: list[Example])
     learner = factory()
     learner.learn_batch([first], now=NOW)
     learner.flush(now=NOW)
-    assert (learner.learned, learner.errors, learner.scores.count) == (1, 0, 1), \
-        f"one example: learned {learner.learned}, refused {learner.errors}, scored {learner.scores.count}"
+    ev = learner.evaluation
+    assert (ev.learned, ev.errors, ev.scores.count) == (1, 0, 1), \
+        f"one example: learned {ev.learned}, refused {ev.errors}, scored {ev.scores.count}"
     if learner.task == "classification":
-        assert learner.scores.value("accuracy", rolling=False) == 0.0, "a model that knows nothing scored a hit"
-        assert learner.scores.value("log_loss", rolling=False) >= math.log(2) - 1e-9, \
+        assert ev.scores.value("accuracy", rolling=False) == 0.0, "a model that knows nothing scored a hit"
+        assert ev.scores.value("log_loss", rolling=False) >= math.log(2) - 1e-9, \
             "a model that knows nothing gave the true label more than even odds"
     else:
-        assert learner.scores.value("mae", rolling=False) >= 50.0, "a model that knows nothing predicted the target"
+        assert ev.scores.value("mae", rolling=False) >= 50.0, "a model that knows nothing predicted the target"
 
 
 def check_weights_honoured_or_announced(factory: Factory, stream: list[Example]) -> None:
@@ -242,7 +250,7 @@ def check_weights_honoured_or_announced(factory: Factory, stream: list[Example])
     says = any(NO_WEIGHTS in line for line in announced)
     assert honoured != says, ("weights are ignored and the learner did not say so when built" if not honoured
                               else "the learner said it ignores weights, but they changed what it learned")
-    assert heavy.learned == plain.learned == len(stream), "weighted examples were not all learned"
+    assert heavy.evaluation.learned == plain.evaluation.learned == len(stream), "weighted examples were not all learned"
 
 
 def _built_with_log(factory: Factory) -> tuple[list[str], Learner]:
@@ -289,13 +297,12 @@ def _through_snapshot(learner: Learner, factory: Factory) -> Learner:
     from streamlearn.checkpoints.store import SnapshotStore
 
     name = learner.name
-    files = pack({name: learner.state()}, {name: learner.tensors()}, b"", ServiceFigures(learner.learned, 0.0))
+    files = pack({name: learner.snapshot()}, b"", ServiceFigures(learner.evaluation.learned, 0.0))
     with tempfile.TemporaryDirectory() as root:
         store = SnapshotStore(root)
         content = unpack(store.load(store.write(files, {}, "checks").seq))
     fresh = factory()
     fresh.restore(content.learners[name])
-    fresh.restore_tensors(content.tensors.get(name, {}))
     return fresh
 
 
@@ -308,10 +315,12 @@ def check_snapshot_pickles_no_torch(factory: Factory, stream: list[Example]) -> 
 
     learner = factory()
     _feed(learner, stream[:len(stream) // 2 + 3], 7)
-    name, tensors = learner.name, learner.tensors()
-    assert all(isinstance(a, np.ndarray) for a in tensors.values()), "tensors() must give numpy arrays"
-    files = pack({name: learner.state()}, {name: tensors}, b"", ServiceFigures(learner.learned, 0.0))
-    torch_classes = sorted(m for m in _pickled_modules(files[LEARNERS]) if m.split(".")[0] == "torch")
+    name, snapshot = learner.name, learner.snapshot()
+    tensors = snapshot.tensors
+    assert all(isinstance(a, np.ndarray) for a in tensors.values()), "a snapshot's tensors must be numpy arrays"
+    files = pack({name: snapshot}, b"", ServiceFigures(learner.evaluation.learned, 0.0))
+    pickled = _pickled_modules(files[LEARNERS]) | _pickled_modules(snapshot.state)
+    torch_classes = sorted(m for m in pickled if m.split(".")[0] == "torch")
     assert not torch_classes, f"the learner's pickled state holds torch objects ({', '.join(torch_classes)})"
     assert (TENSORS in files) == bool(tensors), "the learner's tensors must be in tensors.safetensors"
     with tempfile.TemporaryDirectory() as root:
@@ -326,6 +335,26 @@ def check_snapshot_pickles_no_torch(factory: Factory, stream: list[Example]) -> 
         except SnapshotError:
             return
         raise AssertionError("a snapshot whose learners.pkl was altered was loaded")
+
+
+def check_snapshot_immutable(factory: Factory, stream: list[Example]) -> None:
+    """A snapshot does not change as the learner goes on learning, and its arrays cannot be written to; restored,
+    it gives the learner as it was when taken."""
+    probes, at = _probes(stream), len(stream) // 2 + 3
+    learner = factory()
+    _feed(learner, stream[:at], 7)
+    snapshot, then = learner.snapshot(), fingerprint(learner, probes)
+    copy = (snapshot.state, {k: v.copy() for k, v in snapshot.tensors.items()})
+    _feed(learner, stream[at:], 7)
+    learner.flush(now=NOW)
+    assert snapshot.state == copy[0], "the snapshot's state changed as the learner went on"
+    assert all(v.tobytes() == copy[1][k].tobytes() for k, v in snapshot.tensors.items()), \
+        "the snapshot's arrays changed as the learner went on"
+    assert not any(a.flags.writeable for a in snapshot.tensors.values()), "a snapshot's arrays must be read-only"
+    fresh = factory()
+    fresh.restore(snapshot)
+    assert_same(then, fingerprint(fresh, probes), "restored from a snapshot taken before more was learned",
+                exact=True)
 
 
 def _pickled_modules(data: bytes) -> set[str]:
@@ -352,9 +381,9 @@ def check_probes_learn_nothing(factory: Factory, stream: list[Example]) -> None:
         _feed(learner, stream[:half], 7)
     before = fingerprint(probed, probes)
     for _ in range(2):
-        accuracy = probed.probe_accuracy(probes)
+        accuracy = probed.evaluation.probe_accuracy(probes)
         assert 0.0 <= accuracy <= 1.0, f"probe accuracy {accuracy}"
-        probed._predict_labels(stream[half:half + 10])
+        _predicted(probed, stream[half:half + 10])
     assert_same(before, fingerprint(probed, probes), "after scoring probes", exact=True)
     for learner in (probed, untouched):
         _feed(learner, stream[half:], 7)
@@ -389,27 +418,28 @@ def check_bad_examples_do_not_kill(factory: Factory, stream: list[Example]) -> N
     head = [*stream[:at], *bad]
     _feed(learner, head, 7)
     learner.flush(now=NOW)   # ends the micro-batch the bad ones are in (learners that queue one)
-    assert learner.learned + learner.errors == len(head), "an example was neither learned nor refused"
-    rejected = learner.take_rejected()
-    assert len(rejected) == learner.errors == sum(learner.error_counts.values()), \
+    ev = learner.evaluation
+    assert ev.learned + ev.errors == len(head), "an example was neither learned nor refused"
+    rejected = ev.take_rejected()
+    assert len(rejected) == ev.errors == sum(ev.error_counts.values()), \
         "every refused example is counted once and kept for the dead letters"
     if learner.task == "regression":
         refused = {r.example.id for r in rejected}
         assert {"bad-label", "bad-inf"} <= refused, "a target that is no finite number was learned"
-    learned, errors = learner.learned, learner.errors
+    learned, errors = ev.learned, ev.errors
     tail = stream[at:]
     _feed(learner, tail, 7)
     learner.flush(now=NOW)
-    later = learner.take_rejected()
+    later = ev.take_rejected()
     assert not [r.example.id for r in later if not r.example.id.startswith("bad-")
                 and r.example.id in {ex.id for ex in tail}], "clean examples after the bad ones were refused"
-    assert (learner.learned - learned) + (learner.errors - errors) == len(tail), "tail examples went missing"
+    assert (ev.learned - learned) + (ev.errors - errors) == len(tail), "tail examples went missing"
     _assert_sound(learner, stream)
 
 
 def _assert_sound(learner: Learner, stream: list[Example]) -> None:
     """The learner predicts a label of the stream (classification) or a finite value for each probe."""
-    predicted = learner._predict_labels(_probes(stream))
+    predicted = _predicted(learner, _probes(stream))
     if learner.task == "classification":
         labels = {ex.label for ex in stream}
         assert all(p in labels for p in predicted), f"unsound predictions: {sorted(set(map(repr, predicted)))}"
@@ -419,8 +449,8 @@ def _assert_sound(learner: Learner, stream: list[Example]) -> None:
 
 CHECKS: tuple[Check, ...] = (check_batch_boundaries, check_knowing_nothing_scores_a_miss,
                              check_weights_honoured_or_announced, check_snapshot_restore_continues,
-                             check_snapshot_pickles_no_torch, check_probes_learn_nothing, check_fixed_seed_identical,
-                             check_bad_examples_do_not_kill)
+                             check_snapshot_pickles_no_torch, check_snapshot_immutable, check_probes_learn_nothing,
+                             check_fixed_seed_identical, check_bad_examples_do_not_kill)
 
 
 def yield_checks() -> Iterator[Check]:

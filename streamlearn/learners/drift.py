@@ -43,8 +43,8 @@ DriftEvent = DriftMark
 class DriftMonitor:
     """The configured detectors of one model, how often each fired, and where."""
 
-    def __init__(self, settings: DriftConfig) -> None:
-        self.detectors = {name: _detector(name, settings) for name in settings.detectors}
+    def __init__(self, config: DriftConfig) -> None:
+        self.detectors = {name: _detector(name, config) for name in config.detectors}
         self.detected: Counter[str] = Counter({name: 0 for name in self.detectors})
         self.position = 0
         self.last: list[DriftMark] = []   # the most recent events, newest last (bounded)
@@ -113,8 +113,8 @@ def _rises(detector, values: np.ndarray) -> list[int]:
     return rises
 
 
-def _detector(name: str, settings: DriftConfig):
+def _detector(name: str, config: DriftConfig):
     if name == "adwin":
-        return drift.ADWIN(delta=settings.adwin_delta, grace_period=settings.grace)
-    return drift.PageHinkley(min_instances=settings.grace, delta=settings.page_hinkley_delta,
-                             threshold=settings.page_hinkley_threshold, mode="up")
+        return drift.ADWIN(delta=config.adwin_delta, grace_period=config.grace)
+    return drift.PageHinkley(min_instances=config.grace, delta=config.page_hinkley_delta,
+                             threshold=config.page_hinkley_threshold, mode="up")

@@ -14,10 +14,11 @@ the micro-batches, never how the intake cut the stream, and the queue is part of
 the snapshot: a restored learner goes on exactly as an uninterrupted one.
 
 >>> from streamlearn.records import Example
->>> learner = RiverLearner("default", model="logreg", task="classification")
+>>> from streamlearn.config import ModelConfig
+>>> learner = RiverLearner("default", ModelConfig(model="logreg", task="classification"))
 >>> batch = [Example(f"r-{i}", "default", {"x": float(i % 2)}, i % 2, 1.0, i, i) for i in range(200)]
 >>> learner.learn_batch(batch, now=300.0)
->>> learner.learned, learner.scores.value("accuracy", rolling=True) > 0.9
+>>> learner.evaluation.learned, learner.evaluation.scores.value("accuracy", rolling=True) > 0.9
 (200, True)
 """
 
@@ -33,13 +34,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from streamlearn.config import DriftConfig, EvalConfig, TrainConfig
-from streamlearn.learners.base import Learner
+from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
+from streamlearn.learners.averaging import Averaging, averageable
+from streamlearn.learners.base import LearnerBase
+from streamlearn.learners.contract import RIVER_MODEL, ExportedModel, LearnerMetrics
 from streamlearn.learners.drift_policy import Judged, Transition
 from streamlearn.learners.guard import (EXPLODED_RANGES, GUARD_BYTES_PER_EXAMPLE, MAX_CULPRITS, RANGE_WARMUP,
                                         SUSPECT_ERRORS, UnsoundOutput, UpdateGuard, finite_state)
 from streamlearn.learners.models import NUMERIC_ONLY, ModelError, build_model
-from streamlearn.records import Example
+from streamlearn.records import Example, Features
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class _PolicySide:
     """What a River learner does for its drift policy: reference copies, judging, and the model's actions."""
 
     def _copies_references(self) -> bool:
-        return self.policy.enabled and self.policy.case is None
+        policy = self.evaluation.policy
+        return policy.enabled and policy.case is None
 
     def _keep_reference(self, position: int) -> None:
         """Keeps a pickled copy of the model as it is (the last two are kept).
@@ -59,7 +63,7 @@ class _PolicySide:
         """
         copy = pickle.dumps(self.model, protocol=pickle.HIGHEST_PROTOCOL)
         self._references = [*self._references, copy][-2:]
-        every = max(self.policy.config.reference_every, len(copy) // GUARD_BYTES_PER_EXAMPLE)
+        every = max(self.evaluation.policy.config.reference_every, len(copy) // GUARD_BYTES_PER_EXAMPLE)
         self._reference_due = position + every
 
     def _case_opened(self) -> None:
@@ -68,9 +72,9 @@ class _PolicySide:
                            else pickle.dumps(self.model, protocol=pickle.HIGHEST_PROTOCOL))
         self._reference_model = None
 
-    def _judge_examples(self, examples: list[Example]) -> None:
-        if self.policy.enabled:
-            self._judge_scored([ex.label for ex in examples], self._scoring[1], lambda i: self._judged(examples[i:]))
+    def _judge_examples(self, examples: list[Example], ts: np.ndarray) -> None:
+        if self.evaluation.policy.enabled:
+            self._judge_scored([ex.label for ex in examples], ts, lambda i: self._judged(examples[i:]))
 
     def _judged(self, examples: list[Example]) -> Judged:
         """The reference model's verdict on examples scored after the detection."""
@@ -89,7 +93,7 @@ class _PolicySide:
     def _decided(self, decision: Transition) -> None:
         """A suspected change learns on from a fresh model; a burst after one brings the reference back."""
         super()._decided(decision)
-        policy = self.policy
+        policy = self.evaluation.policy
         if decision.kind == "suspect":
             if policy.config.reset_river:
                 self.model = self.model.clone()
@@ -101,7 +105,7 @@ class _PolicySide:
             self.guard = UpdateGuard()
             policy.act("burst", "restore", decision.position, decision.ts)
         self._reference, self._reference_model, self._references = None, None, []
-        self._reference_due = self.drift.position + policy.config.reference_every
+        self._reference_due = self.evaluation.drift.position + policy.config.reference_every
 
 
 @dataclass
@@ -116,22 +120,19 @@ class MicroBatchQueue:
     scored: int = 0
 
 
-class RiverLearner(_PolicySide, Learner):
-    """One named River estimator with its prequential scores and learning counters."""
+class RiverLearner(_PolicySide, LearnerBase):
+    """One named River estimator, test-then-train; its evaluation (scores, drift, probes) composed beside it."""
 
     kind = "river"   # the artifact format (deploy/model_files.py) and the learner kind, declared
-    STATE = Learner.STATE + ("model", "target_range", "rolled_back", "queue", "_references", "_reference",
-                             "_reference_due")
+    OWN_STATE = ("model", "target_range", "rolled_back", "queue", "_references", "_reference", "_reference_due")
 
-    def __init__(self, name: str, model: str = "logreg", task: str = "classification",
-                 learn_mode: str = "one", window: int = 1000, params: Optional[dict] = None,
-                 seed: int = 42, drift: Optional[DriftConfig] = None, evaluation: Optional[EvalConfig] = None,
-                 train: Optional[TrainConfig] = None) -> None:
-        super().__init__(name, task, window, drift, evaluation, seed)
-        self.model = build_model(model, task, params or {}, seed)
-        self.model_label = model
+    def __init__(self, name: str, config: ModelConfig, seed: int = 42, *, drift: Optional[DriftConfig] = None,
+                 evaluation: Optional[EvalConfig] = None, threads: int = 0) -> None:
+        super().__init__(name, config, seed, drift=drift, evaluation=evaluation)   # threads: torch's alone
+        model, task, learn_mode = config.model, config.task, config.learn_mode
+        self.model = build_model(model, task, dict(config.params), seed)
         self.learn_mode = learn_mode
-        self.train = train or TrainConfig()   # learn_mode "many": micro-batch size and event-time wait
+        self.train = config.train   # learn_mode "many": micro-batch size and event-time wait
         self.queue = MicroBatchQueue()
         self.target_range = [math.inf, -math.inf, 0]   # lowest and highest regression target seen, and how many
         self.rolled_back = 0                           # updates the guard undid
@@ -140,7 +141,7 @@ class RiverLearner(_PolicySide, Learner):
         # two judges a case), and the one the open case is judged against.
         self._references: list[bytes] = []
         self._reference: Optional[bytes] = None
-        self._reference_due = self.policy.config.reference_every
+        self._reference_due = self.evaluation.policy.config.reference_every
         self._reference_model = None   # `_reference` unpickled (not in snapshots)
         if model in NUMERIC_ONLY:
             log.warning("model %s (%s) takes numbers only: an example with a string feature is refused "
@@ -165,26 +166,43 @@ class RiverLearner(_PolicySide, Learner):
             self._test_then_train_regressor(examples)
         label_ts = np.fromiter((e.label_ts for e in examples), float, len(examples))
         consumed = np.fromiter((e.consumed for e in examples), float, len(examples))
-        self._observe_update(time.perf_counter() - started, label_ts, consumed, time.time() if now is None else now)
+        self.evaluation.observe_update(time.perf_counter() - started, label_ts, consumed,
+                                       time.time() if now is None else now)
 
-    def _predict_labels(self, examples: list[Example]) -> list:
-        predicted = []
-        for ex in examples:
+    def predict_many(self, rows: list[Features]) -> list:
+        """The model's label (regression: value) for each feature dict, None where it raises; learns nothing."""
+        predicted, predict = [], self.model.predict_one
+        for x in rows:
             try:
-                predicted.append(self.model.predict_one(ex.features))
+                predicted.append(predict(x))
             except Exception:   # as in learning: a probe the model cannot take counts as a miss
                 predicted.append(None)
         return predicted
 
-    def restore(self, state: dict) -> None:
+    def export(self) -> ExportedModel:
+        """`model.pkl`: the estimator (or pipeline) pickled, alone."""
+        return ExportedModel("river", {RIVER_MODEL: pickle.dumps(self.model, protocol=pickle.HIGHEST_PROTOCOL)})
+
+    def parameters(self) -> Averaging:
+        """The model's averageable parameters as they are now, or why there are none (`averaging.averageable`)."""
+        return averageable(self.model)
+
+    def metrics(self) -> LearnerMetrics:
+        return LearnerMetrics(self.evaluation.model_label, self.rolled_back)
+
+    def _own_state(self) -> dict:
+        return {name: getattr(self, name) for name in self.OWN_STATE}
+
+    def _restore_own(self, state: dict) -> None:
         if "target_range" not in state:   # a snapshot from before the guard: the range is learned again
             state = {**state, "target_range": [math.inf, -math.inf, 0], "rolled_back": 0}
         if "queue" not in state:          # a snapshot from before micro-batches were queued: nothing waits
             state = {**state, "queue": MicroBatchQueue()}
         if "_references" not in state:    # a snapshot from before the drift policy
             state = {**state, "_references": [], "_reference": None,
-                     "_reference_due": state["learned"] + self.policy.config.reference_every}
-        super().restore(state)
+                     "_reference_due": state["learned"] + self.evaluation.policy.config.reference_every}
+        for name in self.OWN_STATE:
+            setattr(self, name, state[name])
         self.guard = UpdateGuard()
         self._reference_model = None
 
@@ -196,7 +214,8 @@ class RiverLearner(_PolicySide, Learner):
         since, every = guard.since, guard.every
         p_true, p_best, n_classes, scored = [], [], [], []
         # scored examples until the next reference copy (none while a drift case is open)
-        copy_at = self._reference_due - self.drift.position if self._copies_references() else math.inf
+        drift = self.evaluation.drift
+        copy_at = self._reference_due - drift.position if self._copies_references() else math.inf
         for ex in examples:
             x, y = ex.features, ex.label
             try:
@@ -216,7 +235,7 @@ class RiverLearner(_PolicySide, Learner):
                 else:
                     learn(x, y)
             except Exception as err:  # one bad example must not stop the service (a user's model may raise anything)
-                self._count_error(ex, err)
+                self.evaluation.count_error(ex, err)
                 continue
             p_true.append(true)
             p_best.append(best)
@@ -228,16 +247,16 @@ class RiverLearner(_PolicySide, Learner):
                 predict, learn = self.model.predict_proba_one, self.model.learn_one
                 since, every = guard.since, guard.every
             if len(scored) >= copy_at:
-                self._keep_reference(self.drift.position + len(scored))
-                copy_at = self._reference_due - self.drift.position
-        self.learned += len(p_true)
+                self._keep_reference(drift.position + len(scored))
+                copy_at = self._reference_due - drift.position
+        self.evaluation.learned += len(p_true)
         p = np.asarray(p_true, dtype=float)
         # Correct when the true label has the highest probability; an empty or uniform proba
         # (a model that knows nothing yet) is a miss.
         correct = (p >= np.asarray(p_best, dtype=float)) & (p * np.asarray(n_classes) > 1.0)
-        self._scoring = (self.drift.position, np.fromiter((e.ts for e in scored), float, len(scored)))
-        self._scored_classification(correct, p)
-        self._judge_examples(scored)
+        ts = np.fromiter((e.ts for e in scored), float, len(scored))
+        self._scored_classification(correct, p, ts)
+        self._judge_examples(scored, ts)
 
     def _test_then_train_regressor(self, examples: list[Example]) -> None:
         guard, weighted = self.guard, self._takes_weight
@@ -269,7 +288,7 @@ class RiverLearner(_PolicySide, Learner):
                 else:
                     learn(x, y)
             except Exception as err:
-                self._count_error(ex, err)
+                self.evaluation.count_error(ex, err)
                 continue
             y_true.append(target)
             y_pred.append(guess)
@@ -284,7 +303,7 @@ class RiverLearner(_PolicySide, Learner):
                 self._keep_copy()
                 predict, learn = self.model.predict_one, self.model.learn_one
                 since, every = guard.since, guard.every
-        self.learned += len(y_true)
+        self.evaluation.learned += len(y_true)
         self._scored_regression(y_true, y_pred)
 
     # --- the update guard ----------------------------------------------------------------------------------
@@ -352,12 +371,12 @@ class RiverLearner(_PolicySide, Learner):
         if not culprits:
             guard.spent = True
             return
-        self.learned -= len(culprits)
+        self.evaluation.learned -= len(culprits)
         self.rolled_back += len(culprits)
         log.warning("model %s: undid %d update(s) that made the model's output non-finite or explode",
                     self.name, len(culprits))
         for ex in culprits:
-            self._refuse(ex, "NonFiniteUpdate", "learning it made the model's output or state non-finite or "
+            self.evaluation.refuse(ex, "NonFiniteUpdate", "learning it made the model's output or state non-finite or "
                          "explode; undone")
 
     def _relearned(self, examples: list[Example]):
@@ -419,12 +438,12 @@ class RiverLearner(_PolicySide, Learner):
                 if target - target != 0.0:
                     raise ValueError(f"label {ex.label!r} is not a finite number")
             except (TypeError, ValueError) as err:
-                self._count_error(ex, err)
+                self.evaluation.count_error(ex, err)
                 continue
             kept.append(ex)
         return kept
 
-    def settle(self) -> None:
+    def _settle(self) -> None:
         """Scores the queued examples not scored yet (for a score read while a micro-batch waits)."""
         queue = self.queue
         if len(queue.examples) > queue.scored:
@@ -438,7 +457,7 @@ class RiverLearner(_PolicySide, Learner):
     def flush(self, now: Optional[float] = None) -> None:
         if self.queue.examples:
             self._learn_queued(time.time() if now is None else now)
-            self._check_refusals()
+            self.evaluation.check_refusals()
 
     def _learn_queued(self, now: float) -> None:
         """Scores the queued examples not scored yet, then learns them all as one `learn_many` micro-batch.
@@ -456,15 +475,16 @@ class RiverLearner(_PolicySide, Learner):
             self._learn_many(X, batch)
         except Exception as err:  # a user's model may raise anything: the micro-batch is refused, not the service
             for ex in batch:
-                self._count_error(ex, err, f"in a micro-batch of {len(batch)}, ")
+                self.evaluation.count_error(ex, err, f"in a micro-batch of {len(batch)}, ")
             return
         record()
-        self.learned += len(batch)
-        if self._copies_references() and self.drift.position >= self._reference_due:
-            self._keep_reference(self.drift.position)
+        self.evaluation.learned += len(batch)
+        position = self.evaluation.drift.position
+        if self._copies_references() and position >= self._reference_due:
+            self._keep_reference(position)
         label_ts = np.fromiter((e.label_ts for e in batch), float, len(batch))
         consumed = np.fromiter((e.consumed for e in batch), float, len(batch))
-        self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
+        self.evaluation.observe_update(time.perf_counter() - started, label_ts, consumed, now)
 
     def _score_many(self, examples: list[Example], X):
         """Scores `examples` (frame `X`, or built here) with the model as it is; returns how to record them.
@@ -480,9 +500,9 @@ class RiverLearner(_PolicySide, Learner):
             correct, p_true = _hits(self.model.predict_proba_many(X), [ex.label for ex in examples])
 
             def record() -> None:
-                self._scoring = (self.drift.position, np.fromiter((e.ts for e in examples), float, len(examples)))
-                self._scored_classification(correct, p_true)
-                self._judge_examples(examples)
+                ts = np.fromiter((e.ts for e in examples), float, len(examples))
+                self._scored_classification(correct, p_true, ts)
+                self._judge_examples(examples, ts)
             return record
         guess = np.asarray(self.model.predict_many(X), dtype=float)
         y_true = np.fromiter((float(ex.label) for ex in examples), float, len(examples))

@@ -24,13 +24,14 @@ in the loss and the prediction.
 >>> learner = TorchLearner("digits", config, seed=1)
 >>> batch = [Example(f"r-{i}", "digits", {"x": float(i % 2)}, i % 2, 1.0, i / 100, i / 100) for i in range(2000)]
 >>> learner.learn_batch(batch, now=3000.0); learner.flush()   # the last, partial micro-batch too
->>> learner.learned, learner.scores.value("accuracy", rolling=True) > 0.9
+>>> learner.evaluation.learned, learner.evaluation.scores.value("accuracy", rolling=True) > 0.9
 (2000, True)
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from operator import attrgetter
 from typing import Optional
@@ -40,11 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
-from streamlearn.learners.base import Learner
+from streamlearn.learners.averaging import Averaging, averageable
+from streamlearn.learners.base import LearnerBase
+from streamlearn.learners.contract import TORCH_ENCODING, TORCH_WEIGHTS, ExportedModel, LearnerMetrics
 from streamlearn.learners.drift import DriftMark
 from streamlearn.learners.drift_policy import Judged, Transition
 from streamlearn.learners.encoder import FeatureEncoder, RunningMoments
 from streamlearn.learners.ewc import OnlineEWC
+from streamlearn.learners import losses
 from streamlearn.learners.flat import FlatParameters
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.networks import build_network
@@ -64,7 +68,7 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 class Queue:
     """Examples waiting for their micro-batch, as encoded columns.
 
-    Columns: raw rows, targets, weights, event times, label times, read times, and `known`: the
+    Columns: raw rows, targets, weights, event times, label times, consumed times (wall time read), and `known`: the
     classes known when each arrived. The first `scored` rows were scored already; the others are scored
     by the training pass that learns them (the network does not change while they wait).
     """
@@ -98,16 +102,15 @@ class Queue:
         return tuple(a[:n] for a in columns), scored
 
 
-class TorchLearner(Learner):
-    """One named torch network with its encoder, optimizer, replay buffer and EWC state."""
+class TorchLearner(LearnerBase):
+    """One named torch network with its encoder, optimizer, replay buffer and EWC state; its evaluation composed."""
 
     kind = "torch"   # the artifact format (deploy/model_files.py) and the learner kind, declared
-    STATE = Learner.STATE + ("encoder", "targets", "classes", "queue", "rolled_back", "consolidation",
-                             "_reference_due")
+    OWN_STATE = ("encoder", "targets", "classes", "queue", "rolled_back", "consolidation", "_reference_due")
 
-    def __init__(self, name: str, config: ModelConfig, seed: int = 42, threads: int = 0,
-                 drift: Optional[DriftConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
-        super().__init__(name, config.task, config.window, drift, evaluation, seed)
+    def __init__(self, name: str, config: ModelConfig, seed: int = 42, *, drift: Optional[DriftConfig] = None,
+                 evaluation: Optional[EvalConfig] = None, threads: int = 0) -> None:
+        super().__init__(name, config, seed, drift=drift, evaluation=evaluation)
         if threads:
             torch.set_num_threads(threads)   # process-wide: the service passes its one torch_threads setting
         self.config = config
@@ -132,8 +135,9 @@ class TorchLearner(Learner):
         # older of the two judges a case), and the one the open case is judged against.
         self._references: list[tuple[torch.Tensor, int]] = []
         self._reference: Optional[tuple[torch.Tensor, int]] = None
-        self._reference_due = self.policy.config.reference_every
+        self._reference_due = self.evaluation.policy.config.reference_every
         self._names = [name for name, p in self.net.named_parameters() if p.requires_grad]
+        self._incoming = 0   # rows of the last mixed batch that arrived (the rest replayed): set by `_mixed`
         self._good: list[torch.Tensor] = []      # the last good weights and optimizer state ...
         self._guarded: list[torch.Tensor] = []   # ... of these tensors
         # Dropout and batch norm behave differently in training: only then switch modes and random streams.
@@ -178,7 +182,7 @@ class TorchLearner(Learner):
         late = np.flatnonzero(ts[start:end] - oldest > self.config.train.max_wait)
         return start + int(late[0]) if len(late) else end
 
-    def settle(self) -> None:
+    def _settle(self) -> None:
         """Scores the queued examples that wait for their training pass (for a score read mid-batch)."""
         unscored = slice(self.queue.scored, None)
         if len(self.queue) > self.queue.scored:
@@ -210,7 +214,7 @@ class TorchLearner(Learner):
             try:
                 y[i] = self._class_of(ex.label) if self.task == "classification" else _finite_target(ex.label)
             except (ModelError, TypeError, ValueError) as err:
-                self._count_error(ex, err)
+                self.evaluation.count_error(ex, err)
                 y[i] = np.nan
         return y, before
 
@@ -230,14 +234,13 @@ class TorchLearner(Learner):
         `ts`: the rows' event times, which date a drift detected among them (`on_drift`); `raw`: the rows, which
         an open drift case judges against its reference weights.
         """
-        self._scoring = (self.drift.position, ts)
         if self.task == "regression":
             guess = out[:, 0].double().numpy() * self.targets.std()[0] + self.targets.mean[0]
-            self._scored_regression(y.astype(float), guess)
+            self._scored_regression(y.astype(float), guess, ts)
             return
         n, top = len(y), int(known[-1])   # classes only ever grow: the last row knows the most
         if top == 0:  # knows no class yet: every guess is a miss
-            self._scored_classification(np.zeros(n, dtype=bool), np.zeros(n))
+            self._scored_classification(np.zeros(n, dtype=bool), np.zeros(n), ts)
             self._judge_scored(y.astype(np.int64).tolist(), ts, lambda i: self._judged(raw[i:], y[i:]))
             return
         logits = out[:, :top]
@@ -250,11 +253,8 @@ class TorchLearner(Learner):
         p_true[~seen] = 0.0
         with np.errstate(invalid="ignore"):
             correct = seen & (p_true >= proba.max(axis=1)) & (p_true * known > 1.0)
-        self._scored_classification(correct, p_true)
+        self._scored_classification(correct, p_true, ts)
         self._judge_scored(classes.tolist(), ts, lambda i: self._judged(raw[i:], y[i:]))
-
-    def _predict_labels(self, examples: list[Example]) -> list:
-        return self.predict_many([ex.features for ex in examples])
 
     def predict_many(self, rows: list[Features]) -> list:
         """The most likely label of each feature dict (regression: the value); learns nothing."""
@@ -273,7 +273,7 @@ class TorchLearner(Learner):
 
     def _learn_queued(self, n: int, now: float) -> None:
         if not self._one_pass:   # scored in eval mode by the network they arrived to, which has not changed
-            self.settle()
+            self._settle()
         columns, scored = self.queue.pop(n)
         self._train(*columns, scored, now)
 
@@ -299,28 +299,30 @@ class TorchLearner(Learner):
         self.encoder.learn(raw)
         if self.replay is not None:
             self.replay.add(raw, y, ts)
-        self.learned += len(y)
+        self.evaluation.learned += len(y)
         if self._consolidation_due(ts) and not self._holding_ewc():
             self.consolidate()
         self._keep_reference()
-        self._observe_update(time.perf_counter() - started, label_ts, consumed, now)
+        self.evaluation.observe_update(time.perf_counter() - started, label_ts, consumed, now)
 
     def _consolidation_due(self, ts: np.ndarray) -> bool:
         """The consolidation trigger's check after learning a micro-batch of event times `ts`.
 
         Its `every_seconds` counts event time from the first example learned, so that a replay decides alike.
         """
-        if self.learned == len(ts) and not self.consolidation.fired:   # the first micro-batch: start the clock
+        evaluation = self.evaluation
+        if evaluation.learned == len(ts) and not self.consolidation.fired:   # the first micro-batch: start the clock
             self.consolidation = Trigger("consolidate", self.config.ewc.consolidate, float(ts.min()),
                                          self.consolidation.state())
-        return self.consolidation.check(self.learned, float(ts.max()), score=lambda: self.watched_score)
+        return self.consolidation.check(evaluation.learned, float(ts.max()), score=lambda: evaluation.watched_score)
 
     def _mixed(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The new examples plus replayed ones, `replay.ratio` of the whole."""
+        """The new examples (first: `_incoming` rows) plus replayed ones, `replay.ratio` of the whole."""
+        self._incoming = len(y)
         if self.replay is None:
             return raw, y, w
         ratio = self.config.replay.ratio
-        policy = self.policy
+        policy = self.evaluation.policy
         since = policy.case.ts if policy.suspected and policy.config.expire_replay else None   # the new concept's rows
         rows = self.replay.sample(int(round(len(y) * ratio / (1 - ratio))), since)
         store = self.replay.store
@@ -356,35 +358,39 @@ class TorchLearner(Learner):
         return out.detach()
 
     def _loss(self, out: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor]) -> torch.Tensor:
-        """Mean loss over the mixed batch, weighted by feedback weights when given; classes not seen yet left out."""
+        """Mean loss over the mixed batch, weighted by feedback weights when given; classes not seen yet left out.
+
+        With ER-ACE (`train.loss`) the incoming rows (the first `_incoming`) are scored against the classes present
+        among them only, the replayed ones against every class seen.
+        """
         if self.task == "classification":
             logits = out if len(self.classes) == out.shape[1] else out[:, :len(self.classes)]
-            if ws is None:
-                return F.cross_entropy(logits, ys)
-            losses = F.cross_entropy(logits, ys, reduction="none")
-        else:
-            if ws is None:
-                return F.mse_loss(out[:, 0], ys)
-            losses = (out[:, 0] - ys) ** 2
-        return (losses * ws).sum() / ws.sum()
+            if losses.uses_er_ace(self.config.train.loss, self.task, self.replay is not None):
+                return losses.er_ace(logits, ys, min(self._incoming, len(ys)), ws)
+            return losses.cross_entropy(logits, ys, ws)
+        if ws is None:
+            return F.mse_loss(out[:, 0], ys)
+        return ((out[:, 0] - ys) ** 2 * ws).sum() / ws.sum()
 
-    def on_drift(self, event: DriftMark) -> None:
+    def _on_drift(self, event: DriftMark) -> None:
         """Opens a policy case and consolidates, as without a policy; a detection within an open case does nothing
         (the weights by then may hold what the case is about)."""
-        if self.policy.enabled and not self._open_case(event):
+        evaluation = self.evaluation
+        if evaluation.policy.enabled and not self._open_case(event):
             return
         if self.consolidation.config.on_drift:   # what was learned before the change becomes what to keep
-            start, ts = self._scoring   # dated by the event time of the example it was detected at
-            self.consolidation.fire("drift", self.learned, float(ts[event.position - start - 1]))
+            # dated by the event time of the example it was detected at
+            self.consolidation.fire("drift", evaluation.learned, evaluation.event_time(event))
             self.consolidate()
 
     # --- the drift policy's side -------------------------------------------------------------------------
 
     def _keep_reference(self) -> None:
         """Copies the weights every `reference_every` examples while no case is open; the last two are kept."""
-        if self.policy.enabled and self.policy.case is None and self.learned >= self._reference_due:
+        policy, learned = self.evaluation.policy, self.evaluation.learned
+        if policy.enabled and policy.case is None and learned >= self._reference_due:
             self._references = [*self._references, (self.flat.param.detach().clone(), len(self.classes))][-2:]
-            self._reference_due = self.learned + self.policy.config.reference_every
+            self._reference_due = learned + policy.config.reference_every
 
     def _case_opened(self) -> None:
         """The case is judged against the older kept copy (from before the change), or the weights now."""
@@ -414,20 +420,22 @@ class TorchLearner(Learner):
 
     def _holding_ewc(self) -> bool:
         """No EWC penalty and no consolidation while a change is suspected or its learning rate is raised."""
-        policy = self.policy
-        return policy.config.release_ewc and (policy.suspected or policy.boosted(self.drift.position))
+        policy = self.evaluation.policy
+        return policy.config.release_ewc and (policy.suspected or policy.boosted(self.evaluation.drift.position))
 
     def _set_lr(self) -> None:
         lr = self.config.train.lr
-        if self.policy.boosted(self.drift.position):
-            lr *= self.policy.config.lr_boost
+        policy = self.evaluation.policy
+        if policy.boosted(self.evaluation.drift.position):
+            lr *= policy.config.lr_boost
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def _decided(self, decision: Transition) -> None:
         """Makes the network plastic on a suspected change, keeps that on a confirmed one, undoes it on a burst."""
         super()._decided(decision)
-        policy, cfg = self.policy, self.policy.config
+        policy = self.evaluation.policy
+        cfg = policy.config
         act = lambda kind, action: policy.act(kind, action, decision.position, decision.ts)  # noqa: E731
         if decision.kind == "suspect":
             if cfg.release_ewc and self.ewc.active:
@@ -460,7 +468,7 @@ class TorchLearner(Learner):
         elif decision.kind == "new_classes" and self.consolidation.config.on_drift:
             act("new_classes", "consolidate")   # the consolidation at the detection stays
         self._reference, self._references = None, []   # the next case is judged against weights from after this one
-        self._reference_due = self.learned + cfg.reference_every
+        self._reference_due = self.evaluation.learned + cfg.reference_every
 
     def consolidate(self) -> None:
         """Makes the weights as they are now the EWC anchor (when `ewc.consolidate` fires, or when called)."""
@@ -483,7 +491,7 @@ class TorchLearner(Learner):
 
     # --- snapshot ------------------------------------------------------------------------------------------
 
-    def tensors(self) -> dict[str, np.ndarray]:
+    def _tensors(self) -> dict[str, np.ndarray]:
         """Weights, optimizer moments, EWC state, replay buffer, generators: arrays for safetensors (no pickle)."""
         arrays = {"flat": self.flat.param.detach().numpy(),
                   "rng": self.generator.get_state().numpy()}
@@ -504,7 +512,7 @@ class TorchLearner(Learner):
                                       else np.zeros((0, size), dtype=np.float32)),
                 "policy.classes": np.array([n for _, n in kept] + [int(self._reference is not None)], dtype=np.int64)}
 
-    def restore_tensors(self, arrays: dict[str, np.ndarray]) -> None:
+    def _restore_tensors(self, arrays: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
             self.flat.param.copy_(torch.from_numpy(arrays["flat"]))
         self.generator.set_state(torch.from_numpy(arrays["rng"].copy()))
@@ -531,22 +539,55 @@ class TorchLearner(Learner):
         self._reference = kept.pop() if classes[-1] else None
         self._references = kept
 
-    def restore(self, state: dict) -> None:
+    def _own_state(self) -> dict:
+        return {name: getattr(self, name) for name in self.OWN_STATE}
+
+    def _restore_own(self, state: dict) -> None:
         if "_reference_due" not in state:   # a snapshot from before the drift policy
-            state = {**state, "_reference_due": state["learned"] + self.policy.config.reference_every}
-        super().restore(state)
+            state = {**state, "_reference_due": state["learned"] + self.evaluation.policy.config.reference_every}
+        for name in self.OWN_STATE:
+            setattr(self, name, state[name])
         self._class_index = {label: i for i, label in enumerate(self.classes)}
 
-    def triggers(self) -> list[Trigger]:
-        return [self.consolidation]
+    # --- what the rest of the code reads --------------------------------------------------------------------
 
-    @property
-    def replay_size(self) -> Optional[int]:
-        return self.replay.store.size if self.replay is not None else None
+    def export(self) -> ExportedModel:
+        """`weights.safetensors` (the network's state dict, no pickle) and `encoding.pkl` (encoder, target
+        scaling, class labels): the network alone, never the optimizer, replay or scores."""
+        import safetensors.torch
 
-    def summary(self) -> dict:
-        return {**super().summary(), "rolled_back": self.rolled_back, "classes": len(self.classes),
-                "replay_size": self.replay_size or 0}
+        # The layers' weights are views of one flat tensor: copies, so that safetensors sees no shared memory.
+        weights = {name: t.detach().clone().contiguous() for name, t in self.net.state_dict().items()}
+        encoding = {"encoder": self.encoder, "targets": self.targets, "classes": list(self.classes)}
+        return ExportedModel("torch", {TORCH_WEIGHTS: safetensors.torch.save(weights),
+                                       TORCH_ENCODING: pickle.dumps(encoding, protocol=pickle.HIGHEST_PROTOCOL)})
+
+    def parameters(self) -> Averaging:
+        """The model's averageable parameters as they are now, or why there are none (`averaging.averageable`)."""
+        return averageable(self.flat)
+
+    def metrics(self) -> LearnerMetrics:
+        replay = self.replay.store.size if self.replay is not None else None
+        fired = tuple((self.consolidation.action, reason, n) for reason, n in self.consolidation.fired.items())
+        return LearnerMetrics(self.evaluation.model_label, self.rolled_back, replay, fired,
+                              {"rolled_back": self.rolled_back, "classes": len(self.classes),
+                               "replay_size": replay or 0})
+
+
+def exported_predictor(name: str, config: ModelConfig, files: dict[str, bytes]) -> tuple[torch.nn.Module, TorchLearner]:
+    """An exported model's network, and a torch learner of its shape holding it and its encoding (for its
+    `predict_many`).
+
+    Only for files of a verified artifact (`encoding.pkl` is unpickled). Torch's threads are left as they are.
+    """
+    import safetensors.torch
+
+    learner = TorchLearner(name, config, seed=0)
+    learner.net.load_state_dict(safetensors.torch.load(files[TORCH_WEIGHTS]))
+    encoding = pickle.loads(files[TORCH_ENCODING])
+    learner.encoder, learner.targets, learner.classes = encoding["encoder"], encoding["targets"], encoding["classes"]
+    learner.net.eval()
+    return learner.net, learner
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -4,7 +4,7 @@ On a two-core box the Kafka client, decoding and joining cost about as much as
 the learner itself (two messages per example), so the intake gets its own
 process and hands the learner compact msgpack batches over a socket. The socket's
 small buffer is the back-pressure: a busy learner stops the intake from reading
-ahead. Control flows back on the same socket: commit positions, stop.
+ahead. Control flows back on the same socket: commit offsets, stop.
 
 Inline, over a JSONL file: a barrier asked for rides on the next cut, here the final one.
 
@@ -15,9 +15,9 @@ Inline, over a JSONL file: a barrier asked for rides on the next cut, here the f
 >>> channel = start_intake(parse_config({"source": f"file:{path}", "intake": {"mode": "inline"}}, env={}))
 >>> channel.request_barrier()
 >>> batch = next(channel.batches())
->>> [e.id for e in batch.examples], batch.final, batch.barrier is not None, batch.positions == {f"file:{path}": 1}
+>>> [e.id for e in batch.examples], batch.final, batch.barrier is not None, batch.offsets == {f"file:{path}": 1}
 (['e-1'], True, True, True)
->>> channel.commit(batch.positions, final=True); channel.close()
+>>> channel.commit(batch.offsets, final=True); channel.close()
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping, Optional, Union
 
 import msgspec
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 FINAL_COMMIT_WAIT = 30.0   # the learner's final commit follows the last snapshot's write: room for a slow disk
 EXIT_WAIT_SECONDS = 5.0    # an intake whose socket closed is exiting: reaping it takes moments
 BATCHES_IN_FLIGHT = 4
+STATE_FRAME_BYTES = 1 << 20   # the intake's state at a barrier travels in frames of about this size
 MMAP_THRESHOLD = 128 * 1024   # bytes: glibc's default before it adapts (see `_child_environment`)
 # After a stop, how long the learner waits for the intake's next word before it stops without one (an
 # intake still starting can be held a minute by a broker that cannot be reached; heartbeats come every 0.5 s).
@@ -64,7 +66,7 @@ class Control(msgspec.Struct):
     # barrier: attach your state to the next cut; final_commit: the last word, the intake then exits;
     # reject: examples a model refused, for the intake's dead-letter sink (one sink, one exactly-once rule)
     kind: Literal["commit", "stop", "barrier", "final_commit", "reject"]
-    positions: dict[str, int] = {}
+    offsets: dict[str, int] = {}
     rejected: list[Rejected] = []
 
 
@@ -72,14 +74,14 @@ def open_intake(config: Config, resume: Resume) -> Intake:
     """Builds the configured source and dead-letter sink, and the intake over them."""
     path = config.file_path
     if path is not None:
-        start_line = resume.positions.get(f"file:{path}", 0)
+        start_line = resume.offsets.get(f"file:{path}", 0)
         source = FileSource(path, config.intake.max_message_bytes, start_line)
         sink = FileDeadLetters(path.with_name(path.name + ".dlq.jsonl"))
     else:
         settings = resolve_settings(config.kafka.settings, os.environ)
-        source = open_kafka_source(config.kafka, settings, resume.positions)
+        source = open_kafka_source(config.kafka, settings, resume.offsets)
         sink = KafkaDeadLetters(config.kafka, settings, kafka_topics(config.kafka))
-    return Intake(config, source, sink, resume=resume)
+    return Intake(config, source, sink, resume=resume, spill_dir=Path(config.state_dir))
 
 
 class InlineIntake:
@@ -93,8 +95,8 @@ class InlineIntake:
     def batches(self, stopping: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
         yield from self._intake.batches(lambda: self._stop)
 
-    def commit(self, positions: dict[str, int], final: bool = False) -> None:
-        self._intake.commit(positions)
+    def commit(self, offsets: dict[str, int], final: bool = False) -> None:
+        self._intake.commit(offsets)
 
     def request_stop(self) -> None:
         self._stop = True
@@ -174,22 +176,33 @@ class ProcessIntake:
                 raise IntakeDied(f"intake process died (exit code {code}); its log lines above say why")
             batch = decode_batch(data)
             if batch.barrier_follows:
-                batch.barrier = self._inbox.get()
-                if batch.barrier is None:   # the intake ended between the two frames: as if before the batch
+                batch.barrier = self._receive_state()
+                if batch.barrier is None:   # the intake ended while sending it: as if before the batch
                     self._inbox.put(None)
                     continue
             yield batch
             if batch.final:
                 return
 
+    def _receive_state(self) -> Optional[bytes]:
+        """The intake's state that follows a batch: frames up to an empty one, joined (None: the intake ended)."""
+        frames = []
+        while True:
+            frame = self._inbox.get()
+            if frame is None:
+                return None
+            if not frame:
+                return b"".join(frames)
+            frames.append(frame)
+
     def _abandon(self) -> None:
         """Ends an intake that does not answer; what it did since the newest snapshot is read again at the next start."""
         self._process.kill()
         self._process.wait()
 
-    def commit(self, positions: dict[str, int], final: bool = False) -> None:
-        """Asks the intake to commit `positions`; after the `final` one it closes and exits."""
-        self._send(Control("final_commit" if final else "commit", positions))
+    def commit(self, offsets: dict[str, int], final: bool = False) -> None:
+        """Asks the intake to commit `offsets`; after the `final` one it closes and exits."""
+        self._send(Control("final_commit" if final else "commit", offsets))
 
     def request_stop(self) -> None:
         self._send(Control("stop"))
@@ -253,19 +266,37 @@ def _intake_main(fd: int) -> None:
     conn = Connection(fd)
     intake = open_intake(config, args.resume)
     controls = _ControlReader(conn, intake)
+    intake.state_follows = True
     try:
         for batch in intake.batches(controls.stop_requested):
-            barrier, batch.barrier = batch.barrier, None
-            batch.barrier_follows = barrier is not None
             conn.send_bytes(encode_batch(batch))
-            if barrier is not None:
-                conn.send_bytes(barrier)
+            if batch.barrier_follows:
+                _send_state(conn, intake)
         controls.await_final_commit(FINAL_COMMIT_WAIT)
     except (OSError, EOFError):
         pass  # the learner went away; nothing to hand over to
     finally:
         intake.close()
         conn.close()
+
+
+def _send_state(conn: Connection, intake: Intake) -> None:
+    """Sends the intake's state as frames of about `STATE_FRAME_BYTES`, then an empty frame: the end.
+
+    In a backlog the state is tens of MB (a ttl window of pending logs and closed ids); sent in pieces, the
+    intake never holds it whole (the learner joins the frames).
+    """
+    frame: list[bytes | memoryview] = []
+    size = 0
+    for piece in intake.state_pieces():
+        frame.append(piece)
+        size += len(piece)
+        if size >= STATE_FRAME_BYTES:
+            conn.send_bytes(b"".join(frame))
+            frame, size = [], 0
+    if size:
+        conn.send_bytes(b"".join(frame))
+    conn.send_bytes(b"")
 
 
 class _ControlReader:
@@ -289,7 +320,7 @@ class _ControlReader:
         while not self.finished and self.conn.poll(max(0.0, deadline - time.monotonic())):
             self._handle(self.decoder.decode(self.conn.recv_bytes()))
         if not self.finished:
-            log.warning("no final commit from the learner within %.0f s; positions stay where they were", timeout)
+            log.warning("no final commit from the learner within %.0f s; offsets stay where they were", timeout)
 
     def _handle(self, control: Control) -> None:
         if control.kind == "stop":
@@ -301,7 +332,7 @@ class _ControlReader:
         if control.kind == "reject":
             self.intake.reject(control.rejected)
             return
-        self.intake.commit(control.positions)
+        self.intake.commit(control.offsets)
         self.finished = control.kind == "final_commit"
 
 

@@ -88,7 +88,7 @@ class FileSource:
     def resume(self, keys: set[str]) -> None:
         pass
 
-    def commit(self, positions: dict[str, int]) -> None:
+    def commit(self, offsets: dict[str, int]) -> None:
         pass  # a file has no group; its position lives in the snapshot
 
     def lag(self) -> dict[tuple[str, int], int]:

@@ -1,14 +1,14 @@
 """The intake stage: source -> decode + validate -> dead letters -> join -> batches.
 
 `Intake.batches()` yields `Batch`es of examples in learning order. Each batch
-carries the source positions after everything it covers: examples not in it are
+carries the source offsets after everything it covers: examples not in it are
 still held by the joiner, whose state is the intake's own. When the joiner
 releases more than `batch_size` examples at once (a backlog catching up), the
-release goes out in pieces; only the last piece is a `cut` whose positions
-describe a consistent state, so only after it may positions be committed.
+release goes out in pieces; only the last piece is a `cut` whose offsets
+describe a consistent state, so only after it may offsets be committed.
 
 Over an in-memory source (`streamlearn.testing`): a log and its feedback joined, a bad
-message dead-lettered with its position, and the final cut's positions.
+message dead-lettered with its position, and the final cut's offsets.
 
 >>> from streamlearn.config import Config
 >>> from streamlearn.testing import MemorySource, memory_intake
@@ -16,7 +16,7 @@ message dead-lettered with its position, and the final cut's positions.
 ...                        "feedback:0": [{"request_id": "r-1", "ts": 2, "label": True}, b"{broken"]})
 >>> intake = memory_intake(Config(), source)
 >>> batches = list(intake.batches())
->>> [(e.id, e.label) for b in batches for e in b.examples], batches[-1].final, batches[-1].positions
+>>> [(e.id, e.label) for b in batches for e in b.examples], batches[-1].final, batches[-1].offsets
 ([('r-1', True)], True, {'feedback:0': 2, 'inference-logs:0': 1})
 >>> [(letter.key, letter.reason) for letter in intake.dead_letters.letters]
 [('feedback:0@1', 'invalid_json')]
@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import msgspec
@@ -38,6 +39,7 @@ from streamlearn.records import Batch, Example, IntakeStats, Rejected
 from streamlearn.stream.dead_letters import DeadLetterSink
 from streamlearn.stream.decode import DeadLetter, EventDecoder
 from streamlearn.stream.events import EXAMPLES_TOPIC, FEEDBACK_TOPIC, INFERENCE_TOPIC
+from streamlearn.stream import pieces
 from streamlearn.stream.join import FeedbackJoiner, JoinerState
 from streamlearn.stream.source import Chunk, Source
 from streamlearn.stream.watermark import NEVER, PartitionWatermarks
@@ -60,9 +62,9 @@ class IntakeState(msgspec.Struct):
 
 
 class Resume(msgspec.Struct):
-    """Where an intake starts: a snapshot's positions and the intake state it holds (none: from scratch)."""
+    """Where an intake starts: a snapshot's offsets and the intake state it holds (none: from scratch)."""
 
-    positions: dict[str, int] = {}
+    offsets: dict[str, int] = {}
     state: Optional[bytes] = None
 
 
@@ -70,7 +72,8 @@ class Intake:
     """Turns a source's raw messages into batches of joined, validated examples."""
 
     def __init__(self, config: Config, source: Source, dead_letters: DeadLetterSink,
-                 clock: Callable[[], float] = time.monotonic, resume: Optional[Resume] = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, resume: Optional[Resume] = None,
+                 spill_dir: Optional[Path] = None) -> None:
         self.source = source
         self.dead_letters = dead_letters
         self.clock = clock
@@ -82,7 +85,7 @@ class Intake:
                                     config.intake.max_future_seconds)
         regression = frozenset(n for n, m in config.models.items() if m.task == "regression")
         self.joiner = FeedbackJoiner(config.join.ttl, config.join.early_ttl, config.join.max_pending, regression,
-                                     {name: bounds[name] for name in regression})
+                                     {name: bounds[name] for name in regression}, spill_dir)
         self.watermarks = PartitionWatermarks(config.join.max_out_of_order)
         self.max_ahead = config.intake.max_ahead
         self._paused: set[str] = set()          # partitions paused for running ahead in event time
@@ -91,7 +94,7 @@ class Intake:
             log.warning("join.idle_timeout is no longer used: a partition stops holding the watermark when the "
                         "broker says it is at its end")
         resume = resume or Resume()
-        self.positions: dict[str, int] = dict(resume.positions)
+        self.offsets: dict[str, int] = dict(resume.offsets)
         self.events: Counter[tuple[str, str]] = Counter()
         self.dead: Counter[tuple[str, str]] = Counter()
         self.feedback_delay = Histogram(DELAY_BUCKETS)
@@ -104,6 +107,7 @@ class Intake:
         self._known_partitions: set[str] = set()
         self._rejected_topic = k.examples_topic or k.inference_topic
         self.barrier_requested = False
+        self.state_follows = False   # a cut's state is sent after its batch, in pieces (the intake process)
         since: Optional[dict[str, int]] = None   # no snapshot: everything in the dead-letter sink was delivered now
         if resume.state is not None:
             restored = msgspec.msgpack.decode(resume.state, type=IntakeState)
@@ -115,9 +119,25 @@ class Intake:
 
     def state(self) -> bytes:
         """This intake's state now, as the opaque bytes a barrier carries."""
+        return b"".join(self.state_pieces())
+
+    def state_pieces(self) -> Iterator[pieces.Piece]:
+        """`state()` in pieces of about a MB (what the intake process sends, so it never holds the whole of it).
+
+        The msgpack of an `IntakeState`, written field by field in the struct's order: the same bytes as
+        `msgspec.msgpack.encode(IntakeState(...))` (tests/test_intake_state.py holds it to that).
+        """
+        encode = msgspec.msgpack.Encoder().encode
         newest, floor = self.watermarks.state()
-        return msgspec.msgpack.encode(IntakeState(self.joiner.state(), newest, floor, self.stats(),
-                                                  self.dead_letters.ends()))
+        fields = {"newest": newest, "floor": floor, "stats": self.stats(), "dead_letter_ends": self.dead_letters.ends()}
+        names = [f.encode_name for f in msgspec.structs.fields(IntakeState)]
+        yield pieces.map_header(len(names))
+        for name in names:
+            yield encode(name)
+            if name == "joiner":
+                yield from self.joiner.state_pieces(encode)
+            else:
+                yield encode(fields[name])
 
     def _restore(self, state: IntakeState) -> None:
         self.joiner.restore(state.joiner)
@@ -158,12 +178,15 @@ class Intake:
         cut_at = size * ((len(examples) - 1) // size) if examples else 0
         for start in range(0, cut_at, size):
             yield Batch(examples[start:start + size], stats=stats, cut=False)
-        barrier = self._barrier(final)
-        yield Batch(examples[cut_at:], dict(self.positions), stats, final=final, barrier=barrier,
-                    exhausted=exhausted)
+        carries = self._barrier(final)
+        yield Batch(examples[cut_at:], dict(self.offsets), stats, final=final, exhausted=exhausted,
+                    barrier=self.state() if carries and not self.state_follows else None,
+                    barrier_follows=carries and self.state_follows)
 
-    def _barrier(self, final: bool) -> Optional[bytes]:
-        """The state a snapshot asked for (the final cut: always), once every dead letter so far has landed.
+    def _barrier(self, final: bool) -> bool:
+        """Whether this cut carries the state a snapshot asked for (the final cut: always), once every dead
+        letter so far has landed. With `state_follows`, the caller sends `state_pieces()` after the batch
+        (before asking for the next one, so the state is the cut's).
 
         This is step 2 of the cut procedure (`streamlearn.checkpoints.cut`): step 1 set `barrier_requested`;
         the learner takes steps 3 to 6 when this cut's batch, carrying the state, reaches it.
@@ -172,11 +195,11 @@ class Intake:
         again: the intake keeps its heartbeat instead of blocking on the flush.
         """
         if not (self.barrier_requested or final):
-            return None
+            return False
         if not self.dead_letters.flush(FINAL_FLUSH_SECONDS if final else BARRIER_FLUSH_SECONDS) and not final:
-            return None
+            return False
         self.barrier_requested = False
-        return self.state()
+        return True
 
     def poll(self, timeout: float, room: Optional[int] = None) -> list[Example]:
         """One poll of the source: decodes, joins, and returns the examples the watermark released (at most `room`).
@@ -192,15 +215,15 @@ class Intake:
     def _read(self, timeout: float) -> None:
         """Reads, decodes and joins one poll's messages; moves the watermark; pauses what runs ahead."""
         chunks = self.source.poll(self.poll_records, timeout)
-        self.joiner.read_at = read_at = time.time()
+        self.joiner.consumed = consumed = time.time()
         for chunk in chunks:
             if chunk.timestamps:
-                waits = read_at - np.asarray(chunk.timestamps)
+                waits = consumed - np.asarray(chunk.timestamps)
                 self._queueing(chunk.topic).observe_many(waits[~np.isnan(waits)])
             newest = self._take(chunk)
             if newest > NEVER:
                 self.watermarks.observe(chunk.partition, newest)
-            self.positions[chunk.partition] = chunk.next_offset
+            self.offsets[chunk.partition] = chunk.next_offset
         self._track_assignment()
         self.watermarks.set_caught_up(self.source.caught_up())
         self._watermark = self.watermarks.current()
@@ -301,14 +324,15 @@ class Intake:
             self.dead_letters.send(self._rejected_topic, "", -1, raw, DeadLetter("learn_error", f"{r.error}: {r.detail}"),
                                    key=f"learn_error:{r.model}:{ex.id}")
 
-    def commit(self, positions: dict[str, int]) -> None:
-        """Makes dead letters durable, then records positions with the source."""
+    def commit(self, offsets: dict[str, int]) -> None:
+        """Makes dead letters durable, then records offsets with the source."""
         self.dead_letters.flush()
-        self.source.commit(positions)
+        self.source.commit(offsets)
 
     def close(self) -> None:
         self.dead_letters.close()
         self.source.close()
+        self.joiner.close()
 
 
 def _undecodable(err: BaseException) -> DeadLetter:

@@ -24,7 +24,7 @@ class Chunk(msgspec.Struct):
 
 
 class Source(Protocol):
-    """A replayable stream of messages with positions the service can commit and seek to."""
+    """A replayable stream of messages with offsets the service can commit and seek to."""
 
     def poll(self, max_records: int, timeout: float) -> list[Chunk]: ...
 
@@ -46,8 +46,8 @@ class Source(Protocol):
 
     def resume(self, keys: set[str]) -> None: ...
 
-    def commit(self, positions: dict[str, int]) -> None:
-        """Records positions as processed (for lag monitoring; restore uses the snapshot's own)."""
+    def commit(self, offsets: dict[str, int]) -> None:
+        """Records offsets as processed (for lag monitoring; restore uses the snapshot's own)."""
         ...
 
     def lag(self) -> dict[tuple[str, int], int]: ...

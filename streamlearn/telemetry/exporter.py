@@ -16,7 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from streamlearn.checkpoints.snapshotter import Snapshotter
-from streamlearn.learners.base import Learner
+from streamlearn.learners.contract import Learner, LearnerMetrics
+from streamlearn.learners.evaluation import ModelEvaluation
 from streamlearn.learners.served import ServedScores
 from streamlearn.records import IntakeStats
 from streamlearn.telemetry.histogram import HistogramState
@@ -46,24 +47,29 @@ class ServiceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self._intake_stats() or IntakeStats()
         learners = list(self._learners())
-        yield from _intake_metrics(stats, _learn_error_letters(learners, self._rejected_topic))
-        yield from _learner_metrics(learners, self._served())
-        yield from _probe_metrics(learners)
+        evaluations = [l.evaluation for l in learners]
+        own = [(l.name, l.metrics()) for l in learners]   # each learner's own figures, read once per scrape
+        yield from _intake_metrics(stats, _learn_error_letters(evaluations, self._rejected_topic))
+        yield from _learner_metrics(evaluations, own, self._served())
+        yield from _probe_metrics(evaluations)
         snapshots = self._snapshots()
         if snapshots is not None:
             yield from _snapshot_metrics(snapshots)
         handoff = self._handoff()
         if handoff is not None:
             yield from _deploy_metrics(handoff)
-        triggers = [t for l in learners for t in l.triggers()] + ([snapshots.trigger] if snapshots else [])
-        yield _trigger_metric(triggers + (handoff.triggers() if handoff is not None else []))
+        triggers = ([snapshots.trigger] if snapshots else []) + (handoff.triggers() if handoff is not None else [])
+        yield _trigger_metric(triggers, [fired for _, m in own for fired in m.triggers])
 
 
-def _trigger_metric(triggers: list[Trigger]) -> Metric:
+def _trigger_metric(triggers: list[Trigger], learners: list[tuple[str, str, int]]) -> Metric:
+    """Firings of the service's triggers and of the learners' own ((action, reason, firings) from their metrics)."""
     fired: Counter[tuple[str, str]] = Counter()
     for trigger in triggers:
         for reason, n in trigger.fired.items():
             fired[(trigger.action, reason)] += n
+    for action, reason, n in learners:
+        fired[(action, reason)] += n
     family = CounterMetricFamily(PREFIX + "triggers_fired", "Trigger firings, by action (snapshot, consolidate, "
                                  "publish) and reason (examples, seconds, drift, score, shutdown).",
                                  labels=["action", "reason"])
@@ -72,7 +78,7 @@ def _trigger_metric(triggers: list[Trigger]) -> Metric:
     return family
 
 
-def _probe_metrics(learners: list[Learner]) -> Iterator[Metric]:
+def _probe_metrics(learners: list[ModelEvaluation]) -> Iterator[Metric]:
     """Live forgetting: accuracy on the probe sets of recent segments (labelled by age: 0 is the newest)."""
     probe = GaugeMetricFamily(PREFIX + "probe_accuracy", "Accuracy now on the held-out probes of a recent segment "
                               "(segment=0 the newest complete one, 1 the one before, ...).", labels=["model", "segment"])
@@ -124,7 +130,7 @@ def _snapshot_metrics(snapshots: Snapshotter) -> Iterator[Metric]:
                                 "Unix time of the newest durable snapshot.", value=snapshots.last_success)
 
 
-def _learn_error_letters(learners: list[Learner], topic: str) -> dict[tuple[str, str], int]:
+def _learn_error_letters(learners: list[ModelEvaluation], topic: str) -> dict[tuple[str, str], int]:
     """Dead letters of reason `learn_error`: counted by the learners (exact across restores), not by the intake."""
     refused = sum(sum(l.error_counts.values()) for l in learners)
     return {(topic, "learn_error"): refused} if refused else {}
@@ -159,7 +165,8 @@ def _intake_metrics(stats: IntakeStats, learn_errors: Mapping[tuple[str, str], i
     yield lag
 
 
-def _learner_metrics(learners: list[Learner], served: Mapping[str, ServedScores]) -> Iterator[Metric]:
+def _learner_metrics(learners: list[ModelEvaluation], own: list[tuple[str, LearnerMetrics]],
+                     served: Mapping[str, ServedScores]) -> Iterator[Metric]:
     learned = CounterMetricFamily(PREFIX + "examples_learned", "Examples learned, by model.", labels=["model"])
     errors = CounterMetricFamily(PREFIX + "learn_errors", "Examples the model refused (not learned; dead letters "
                                  "learn_error), by model and error (exception class, NonFiniteUpdate, other).",
@@ -191,7 +198,7 @@ def _learner_metrics(learners: list[Learner], served: Mapping[str, ServedScores]
     yield score
     yield drifts
     yield _drift_actions(learners)
-    yield from _neural_metrics(learners)
+    yield from _neural_metrics(own)
     yield _histogram("update_seconds", "Duration of one learner update (one micro-batch of examples).",
                      [((l.name,), l.update_seconds.state()) for l in learners], ["model"])
     yield _histogram("loop_latency_seconds", "Feedback event time to model updated.",
@@ -201,23 +208,23 @@ def _learner_metrics(learners: list[Learner], served: Mapping[str, ServedScores]
                      [((l.name,), l.processing.state()) for l in learners], ["model"])
 
 
-def _neural_metrics(learners: list[Learner]) -> Iterator[Metric]:
-    replayed = [l for l in learners if l.replay_size is not None]
+def _neural_metrics(learners: list[tuple[str, LearnerMetrics]]) -> Iterator[Metric]:
+    replayed = [(name, m.replay_size) for name, m in learners if m.replay_size is not None]
     if replayed:
         replay = GaugeMetricFamily(PREFIX + "replay_buffer_size", "Examples held in the replay buffer.",
                                    labels=["model"])
-        for learner in replayed:
-            replay.add_metric([learner.name], learner.replay_size)
+        for name, size in replayed:
+            replay.add_metric([name], size)
         yield replay
     rollbacks = CounterMetricFamily(PREFIX + "update_rollbacks", "Updates undone: loss, gradient or weights "
                                     "not finite (torch), or a River update after which the model's output or state "
                                     "was non-finite or exploded (the last good state was kept).", labels=["model"])
-    for learner in learners:
-        rollbacks.add_metric([learner.name], learner.rolled_back)
+    for name, m in learners:
+        rollbacks.add_metric([name], m.rolled_back)
     yield rollbacks
 
 
-def _drift_actions(learners) -> CounterMetricFamily:
+def _drift_actions(learners: list[ModelEvaluation]) -> CounterMetricFamily:
     """drift_actions_total{model,kind,action}: what each model's drift policy did (kinds and actions: fixed names)."""
     actions = CounterMetricFamily(PREFIX + "drift_actions", "Drift policy actions by how the case ended and what "
                                   "was done.", labels=["model", "kind", "action"])

@@ -43,7 +43,8 @@ from streamlearn.records import IntakeStats
 from streamlearn.telemetry.histogram import Histogram, HistogramState
 
 if TYPE_CHECKING:   # telemetry reads the learners; the learners never import this module
-    from streamlearn.learners.base import Learner
+    from streamlearn.learners.contract import Learner
+    from streamlearn.learners.evaluation import ModelEvaluation
     from streamlearn.records import Example
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,8 @@ class HistoryRecorder:
     """Writes each evaluation of a learner as a history line, and its rolling scores every `sample_every` examples.
 
     Latency quantiles are taken since the model's previous evaluation line; drift
-    detections (`learner.drifts`) and the drift policy's actions
-    (`learner.policy.actions`) are drained into the evaluation lines.
+    detections (`evaluation.drifts`) and the drift policy's actions
+    (`evaluation.policy.actions`) are drained into the evaluation lines.
     """
 
     def __init__(self, writer: HistoryWriter, sample_every: int = 0) -> None:
@@ -136,18 +137,20 @@ class HistoryRecorder:
         self.sample_every = sample_every   # 0: no score samples
         self._seen: dict[tuple[str, str], HistogramState] = {}   # (model or topic, series) -> state at last line
 
-    def record(self, learner: "Learner", stats: Optional[IntakeStats], now: float) -> None:
-        scores = learner.scores
-        probes = learner.probes
-        latency = self._quantiles(learner.name, {"loop": learner.loop_latency, "processing": learner.processing})
+    def record(self, evaluation: "ModelEvaluation", stats: Optional[IntakeStats], now: float) -> None:
+        """Writes an evaluation line for a learner's `evaluation` (its `on_evaluation` callback calls this)."""
+        scores = evaluation.scores
+        probes = evaluation.probes
+        latency = self._quantiles(evaluation.name, {"loop": evaluation.loop_latency,
+                                                    "processing": evaluation.processing})
         if stats is not None:
             waits = {f"queueing_{topic}": Histogram.from_state(h) for topic, h in stats.queueing.items()}
             if stats.feedback_delay is not None:
                 waits["label_delay"] = Histogram.from_state(stats.feedback_delay)
-            latency.update(self._quantiles(learner.name, waits))
-        drifts, actions = _drain_marks(learner)
+            latency.update(self._quantiles(evaluation.name, waits))
+        drifts, actions = _drain_marks(evaluation)
         self.writer.append(HistoryRecord(
-            model=learner.name, time=now, position=model_position(learner), learned=learner.learned,
+            model=evaluation.name, time=now, position=evaluation.position, learned=evaluation.learned,
             scores=_finite_values({m: scores.value(m, rolling=True) for m in scores.names}),
             scores_all=_finite_values({m: scores.value(m, rolling=False) for m in scores.names}),
             probe_accuracy=probes.accuracies() if probes is not None else {},
@@ -157,10 +160,11 @@ class HistoryRecorder:
 
     def sample(self, learner: "Learner", now: float) -> None:
         """Writes the learner's rolling scores as they are now (whatever it has queued scored first)."""
-        learner.settle()
-        scores = learner.scores
+        evaluation = learner.evaluation
+        evaluation.settle()
+        scores = evaluation.scores
         values = _finite_values({m: round(scores.value(m, rolling=True), SCORE_DIGITS) for m in scores.names})
-        self.writer.append(ScoreSample(learner.name, model_position(learner), round(now, 3), values))
+        self.writer.append(ScoreSample(learner.name, evaluation.position, round(now, 3), values))
 
     def learn(self, learner: "Learner", examples: list["Example"], now: Optional[float]) -> None:
         """`learner.learn_batch(examples, now)`, cut at every `sample_every`-th position of its stream to sample there.
@@ -170,7 +174,7 @@ class HistoryRecorder:
         """
         every = self.sample_every
         while examples:
-            taken = model_position(learner)
+            taken = learner.evaluation.position
             if not every:
                 learner.learn_batch(examples, now)
                 return
@@ -197,12 +201,7 @@ class HistoryRecorder:
         self.writer.close()
 
 
-def model_position(learner: "Learner") -> int:
-    """Examples the learner has taken from its stream (learned, refused or held out as probes)."""
-    return learner.probes.position if learner.probes is not None else learner.learned + learner.errors
-
-
-def _drain_marks(learner: "Learner") -> tuple[list[DriftMark], list[PolicyAction]]:
+def _drain_marks(learner: "ModelEvaluation") -> tuple[list[DriftMark], list[PolicyAction]]:
     """The learner's drift detections and its policy's actions since they were last taken, taken now."""
     drifts, learner.drifts = learner.drifts, []
     policy = learner.policy
