@@ -49,7 +49,9 @@ def learner_loop(examples, batch: int, config: str, seed: int = 42) -> float:
 
     model = parse_config({"models": {"default": model_table(batch, config)}}, env={}).models["default"]
     learner = TorchLearner("default", model, seed, threads=1)
-    chunks = [[Example(rid, "default", x, y, 1.0, float(i), float(i)) for i, (rid, x, y) in
+    # Event times 1 ms apart, as in the service's backlog: `train.max_wait` (1 s of event time) then cuts no
+    # micro-batch short (1 s apart, every micro-batch was one or two examples: 5k examples/s, not the learner's)
+    chunks = [[Example(rid, "default", x, y, 1.0, i * 1e-3, i * 1e-3) for i, (rid, x, y) in
                enumerate(examples[start:start + 1000], start)] for start in range(0, len(examples), 1000)]
     started = time.perf_counter()
     for chunk in chunks:
