@@ -44,3 +44,35 @@ def test_past_the_bound_the_oldest_closes_go_first():
         closed.expire(-math.inf)
     assert len(closed) <= 100
     assert closed.get("r-299") and closed.get("r-250") and closed.get("r-0") is None
+
+
+def test_a_merge_and_a_snapshot_copy_one_shard_at_a_time():
+    """A merge, and the pieces of a snapshot with forgotten ids in it, hold about a shard more, not an array more."""
+    import tracemalloc
+
+    from streamlearn.stream.closed_ids import SHARDS
+
+    closed = ClosedIds(max_entries=10**9, merge_at=10**9)
+    for i in range(200_000):
+        closed.add(f"r-{i}", float(i), True)
+    closed.merge_at = len(closed) + 1     # the next close merges the 200,000 into the shards
+    closed.add("r-first-merge", 0.5, True)
+    for i in range(200_000, 208_192):
+        closed.add(f"r-{i}", float(i), True)
+    closed.merge_at = 8192 + 2
+    tracemalloc.start()
+    try:
+        closed.add("r-last", 208_192.0, True)   # merges 8,194 new ids into every shard
+        merged = tracemalloc.get_traced_memory()
+        closed.expire(1000.0)                   # some forgotten but still in the shards: the pieces filter them
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        for _ in closed.hashed_pieces(msgspec.msgpack.encode):
+            pass
+        snapshot = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert closed.get("r-999") is None and closed.get("r-1000") and closed.get("r-last") and closed.stale() == 1001
+    shard = 17 * closed.hashed / SHARDS
+    assert merged[1] - merged[0] < 2 * shard, merged   # a whole array's copy beside them: ~8 shards
+    assert snapshot < 2 * shard, snapshot

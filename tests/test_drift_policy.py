@@ -107,6 +107,27 @@ def test_new_classes_keep_what_was_learned():
     assert learner.ewc.active
 
 
+def new_ground(n: int, first: int, seed: int = 2) -> list[Example]:
+    """The same classes on inputs never seen before (other features, another rule): a new domain, not a change."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(first, first + n):
+        x = [rng.random() for _ in range(3)]
+        ts = 1_700_000_000.0 + i / 50.0
+        out.append(Example(f"e-{i}", "m", {"u1": 5 + 5 * x[0], "u2": 5 + 5 * x[1], "u3": x[2]},
+                           int(x[0] > x[1]), 1.0, ts, ts))
+    return out
+
+
+def test_new_inputs_are_not_taken_for_a_change_of_concept():
+    """After a detection, rows far from the inputs the reference knew are not held against it (permuted digits)."""
+    learner = torch_learner()
+    learn(learner, stream(3000, rotate=(10 ** 9, 10 ** 9)) + new_ground(2000, 3000))
+    assert learner.evaluation.drift.total >= 1
+    assert ("new_classes", "keep") in done(learner)
+    assert not any(kind == "change" for kind, _ in done(learner)), done(learner)
+
+
 def test_a_restored_learner_continues_a_drift_case_exactly():
     """A snapshot taken while a change is suspected: the restored learner decides and learns as the original."""
     examples = stream()

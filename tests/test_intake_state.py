@@ -41,9 +41,9 @@ def test_the_pieces_make_the_bytes_of_one_encoding_and_restore_to_the_same_state
     intake = memory_intake(Config(), MemorySource({}))
     fill(intake, requests, watermark)
     joiner = intake.joiner
-    assert len(joiner._closed._keys) > 0 and joiner._ready and joiner._early
+    assert joiner._closed.hashed > 0 and joiner._ready and joiner._early
     assert len(joiner._logs) > 65_535 or forgotten   # an array 32 header
-    assert (joiner._closed._at < joiner._closed.horizon).any() == forgotten
+    assert (joiner._closed.stale() > 0) == forgotten
 
     state = intake.state()
     assert state == whole(intake)

@@ -4,7 +4,8 @@ A detection opens a case. Every example scored after it is judged against a
 reference copy of the model taken before it (the learner keeps two copies,
 `reference_every` examples apart, and judges with the older): its label agrees
 with the reference, contradicts it (a known class, another prediction), belongs
-to a class first seen lately, or none of these. Contradictions count above the
+to a class first seen lately, or none of these (a learner may also judge a row
+unknown when its inputs are new ground: the torch learner does, `encoder.beyond_sample`). Contradictions count above the
 reference's error rate before the case (the model's rolling error at the
 detection). After `judge_examples`:
 - many labels of new classes, or few contradictions: new classes or shifted

@@ -154,6 +154,10 @@ class FeatureEncoder:
         np.copyto(numeric, 0.0, where=~np.isfinite(numeric))   # missing (NaN) -> the mean
         return out
 
+    def scaling(self) -> np.ndarray:
+        """The numeric columns' scaling now, (2, numeric_slots): shift, factor (a copy, for `far_from`)."""
+        return np.stack([self.moments.mean, 1.0 / self.moments.std()]).astype(np.float32)
+
     def _numeric_column(self, name: str, grow: bool):
         col = self.numeric.get(name)
         if col is None and grow:
@@ -174,3 +178,55 @@ class FeatureEncoder:
             else:  # a stable hash (not Python's, which changes per process)
                 col = self.numeric_slots + self.string_slots + zlib.crc32(key.encode()) % self.hash_buckets
         return col
+
+
+FAR_Z = 10.0        # standard deviations from a column's mean that no stationary input reaches (digits: 0 of 600)
+FAR_COLUMNS = 2     # such columns in one row make it new ground (one alone is a rare value)
+
+
+def far_from(raw: np.ndarray, scaling: np.ndarray) -> np.ndarray:
+    """Rows with `FAR_COLUMNS` numeric values beyond `FAR_Z` standard deviations of `scaling` (new inputs).
+
+    Measured on digits: 0 of 600 held-out rows of the same inputs, 599 of 600 under a pixel permutation.
+    Missing values (NaN) are never far.
+
+    >>> scaling = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=np.float32)
+    >>> far_from(np.array([[1.0, 2.0, 3.0], [11.0, 0.0, -12.0], [11.0, np.nan, 0.0]]), scaling).tolist()
+    [False, True, False]
+    """
+    shift, factor = scaling
+    numeric = raw[:, :len(shift)]
+    with np.errstate(invalid="ignore"):
+        far = np.abs((numeric - shift) * factor) > FAR_Z
+    return far.sum(axis=1) >= FAR_COLUMNS
+
+
+SAMPLE_ROWS = 200       # inputs from before a drift case that rows after it are compared with
+MIN_SAMPLE = 20         # fewer say nothing: every row counts as familiar
+NEAR_QUANTILE = 0.95    # a row farther from the sample than this share of the sample is from itself is new
+
+
+def beyond_sample(rows: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """Rows farther from their nearest `sample` row than 95% of the sample's rows are from theirs (scaled rows).
+
+    New inputs, not new labels: measured on digits, 5-8% of held-out rows of the inputs the sample came from
+    (one pixel permutation or a mix of three) are beyond it, and every row of a new permutation.
+
+    Repeated rows count once (discrete inputs repeat: distances between distinct rows set the scale).
+
+    >>> sample = np.array([[0.0, i / 4] for i in range(40)] * 2)
+    >>> beyond_sample(np.array([[0.0, 2.1], [9.0, 9.0]]), sample).tolist()
+    [False, True]
+    """
+    sample = np.unique(sample, axis=0)
+    if len(sample) < MIN_SAMPLE:
+        return np.zeros(len(rows), dtype=bool)
+    own = _squared_distances(sample, sample)
+    np.fill_diagonal(own, np.inf)
+    bound = np.quantile(own.min(axis=1), NEAR_QUANTILE)
+    return _squared_distances(rows, sample).min(axis=1) > bound
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)

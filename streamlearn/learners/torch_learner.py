@@ -34,7 +34,7 @@ import math
 import pickle
 import time
 from operator import attrgetter
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from streamlearn.learners.base import LearnerBase
 from streamlearn.learners.contract import TORCH_ENCODING, TORCH_WEIGHTS, ExportedModel, LearnerMetrics
 from streamlearn.learners.drift import DriftMark
 from streamlearn.learners.drift_policy import Judged, Transition
-from streamlearn.learners.encoder import FeatureEncoder, RunningMoments
+from streamlearn.learners.encoder import SAMPLE_ROWS, FeatureEncoder, RunningMoments, beyond_sample, far_from
 from streamlearn.learners.ewc import OnlineEWC
 from streamlearn.learners import losses
 from streamlearn.learners.flat import FlatParameters
@@ -63,6 +63,16 @@ STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._N
 FEATURES, LABEL, WEIGHT = attrgetter("features"), attrgetter("label"), attrgetter("weight")
 TIMES = (attrgetter("ts"), attrgetter("label_ts"), attrgetter("consumed"))   # the Queue's float columns
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class Reference(NamedTuple):
+    """A copy the drift policy judges a case against: weights, classes known, input scaling (None: not kept),
+    and, for the open case's, a sample of the inputs from before it (raw rows of the replay buffer)."""
+
+    weights: torch.Tensor
+    classes: int
+    scaling: Optional[np.ndarray]
+    inputs: Optional[np.ndarray] = None
 
 
 class Queue:
@@ -133,8 +143,8 @@ class TorchLearner(LearnerBase):
         self._class_index: dict = {}
         # The drift policy's references: weights and classes known, copied every `reference_every` examples (the
         # older of the two judges a case), and the one the open case is judged against.
-        self._references: list[tuple[torch.Tensor, int]] = []
-        self._reference: Optional[tuple[torch.Tensor, int]] = None
+        self._references: list[Reference] = []
+        self._reference: Optional[Reference] = None
         self._reference_due = self.evaluation.policy.config.reference_every
         self._names = [name for name, p in self.net.named_parameters() if p.requires_grad]
         self._incoming = 0   # rows of the last mixed batch that arrived (the rest replayed): set by `_mixed`
@@ -389,17 +399,32 @@ class TorchLearner(LearnerBase):
         """Copies the weights every `reference_every` examples while no case is open; the last two are kept."""
         policy, learned = self.evaluation.policy, self.evaluation.learned
         if policy.enabled and policy.case is None and learned >= self._reference_due:
-            self._references = [*self._references, (self.flat.param.detach().clone(), len(self.classes))][-2:]
+            self._references = [*self._references, self._reference_now()][-2:]
             self._reference_due = learned + policy.config.reference_every
 
     def _case_opened(self) -> None:
         """The case is judged against the older kept copy (from before the change), or the weights now."""
-        self._reference = self._references[0] if self._references else (self.flat.param.detach().clone(),
-                                                                        len(self.classes))
+        reference = self._references[0] if self._references else self._reference_now()
+        self._reference = reference._replace(inputs=self._input_sample())
+
+    def _input_sample(self) -> Optional[np.ndarray]:
+        """Up to `SAMPLE_ROWS` raw rows of the replay buffer, evenly spread (None without replay)."""
+        if self.replay is None or self.replay.store.size == 0:
+            return None
+        size = self.replay.store.size
+        return self.replay.store.x[np.linspace(0, size - 1, min(size, SAMPLE_ROWS)).astype(np.int64)].copy()
+
+    def _reference_now(self) -> "Reference":
+        return Reference(self.flat.param.detach().clone(), len(self.classes), self.encoder.scaling())
 
     def _judged(self, raw: np.ndarray, y: np.ndarray) -> Judged:
-        """The reference weights' verdict on rows `raw` with class indices `y`."""
-        weights, top = self._reference
+        """The reference weights' verdict on rows `raw` with class indices `y`.
+
+        A row far outside the inputs the reference knew (`far_from` its scaling, or `beyond_sample` of the
+        inputs from before the case: new ground, e.g. a new pixel permutation) is not held against it: its
+        label is judged unknown, as a new class's would be.
+        """
+        weights, top, scaling, inputs = self._reference
         labels = y.astype(np.int64)
         if top == 0:
             none = np.zeros(len(labels), dtype=bool)
@@ -416,7 +441,12 @@ class TorchLearner(LearnerBase):
                 self.net.train()
         proba = torch.softmax(out[:, :top], dim=1)
         predicted = proba.argmax(dim=1).numpy()
-        return Judged(predicted == labels, labels < top, labels.tolist())
+        known = labels < top
+        if scaling is not None:
+            known &= ~far_from(raw, scaling)
+        if inputs is not None:
+            known &= ~beyond_sample(self.encoder.scale(raw), self.encoder.scale(inputs))
+        return Judged(predicted == labels, known, labels.tolist())
 
     def _holding_ewc(self) -> bool:
         """No EWC penalty and no consolidation while a change is suspected or its learning rate is raised."""
@@ -460,7 +490,7 @@ class TorchLearner(LearnerBase):
         elif decision.kind == "burst" and decision.suspected:
             # Back to the weights from before the burst (the reference), its learning rate, EWC penalty and replay.
             with torch.no_grad():
-                self.flat.param.copy_(self._reference[0])
+                self.flat.param.copy_(self._reference.weights)
             self.optimizer.state.clear()
             self._good = []
             policy.boost_until = 0
@@ -508,9 +538,16 @@ class TorchLearner(LearnerBase):
         """The policy's reference weights: the kept copies, then the open case's (if any), with their class counts."""
         kept = [*self._references, *([self._reference] if self._reference is not None else [])]
         size = self.flat.param.numel()
-        return {"policy.references": (torch.stack([w for w, _ in kept]).numpy() if kept
-                                      else np.zeros((0, size), dtype=np.float32)),
-                "policy.classes": np.array([n for _, n in kept] + [int(self._reference is not None)], dtype=np.int64)}
+        arrays = {"policy.references": (torch.stack([r.weights for r in kept]).numpy() if kept
+                                        else np.zeros((0, size), dtype=np.float32)),
+                  "policy.classes": np.array([r.classes for r in kept] + [int(self._reference is not None)],
+                                             dtype=np.int64)}
+        if all(r.scaling is not None for r in kept):   # none from a snapshot older than the input check
+            arrays["policy.scalings"] = (np.stack([r.scaling for r in kept]) if kept
+                                         else np.zeros((0, 2, self.encoder.numeric_slots), dtype=np.float32))
+        if self._reference is not None and self._reference.inputs is not None:
+            arrays["policy.case_inputs"] = self._reference.inputs
+        return arrays
 
     def _restore_tensors(self, arrays: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
@@ -535,8 +572,12 @@ class TorchLearner(LearnerBase):
             self._references, self._reference = [], None
             return
         weights, classes = arrays["policy.references"], arrays["policy.classes"]
-        kept = [(torch.from_numpy(weights[i].copy()), int(classes[i])) for i in range(len(weights))]
-        self._reference = kept.pop() if classes[-1] else None
+        scalings = arrays.get("policy.scalings")
+        kept = [Reference(torch.from_numpy(weights[i].copy()), int(classes[i]),
+                          scalings[i].copy() if scalings is not None else None) for i in range(len(weights))]
+        inputs = arrays.get("policy.case_inputs")
+        inputs = inputs.copy() if inputs is not None else None
+        self._reference = kept.pop()._replace(inputs=inputs) if classes[-1] else None
         self._references = kept
 
     def _own_state(self) -> dict:

@@ -61,7 +61,7 @@ class JoinerState(msgspec.Struct, array_like=True):
     logs: list[LogEntry]                    # written as the packed bytes the joiner keeps (`msgspec.Raw`)
     early: list[LabelEntry]
     closed: list[tuple[str, float, bool]]   # the newest closed ids: (request id, close time, matched?)
-    ready: list[Example]
+    ready: list[Example]                    # written as the packed bytes the joiner keeps (`msgspec.Raw`)
     outcomes: dict[str, int]
     overflow: list[Example] = []            # released early over the bound, not yet handed out by `advance`
     closed_hashed: Optional[ClosedIdsState] = None   # the older closed ids, hashed (`ClosedIds`)
@@ -86,7 +86,12 @@ class FeedbackJoiner:
         self._early: dict[str, LabelEntry] = {}
         self._closed = ClosedIds(max_pending)              # id -> matched?, for duplicates and late feedback
         self._early_expiry: list[tuple[float, str]] = []   # a heap with lazy deletion
-        self._ready: list[tuple[float, str, Example]] = []
+        self._early_peak = 0                               # the most feedback waited since `_early` was rebuilt
+        # Examples waiting for the watermark, packed (msgpack, ~4x smaller than the objects with their feature
+        # dicts): partitions up to `intake.max_ahead` apart in a catch-up hold tens of thousands of them.
+        self._ready: list[tuple[float, str, bytes]] = []
+        self._pack = msgspec.msgpack.Encoder().encode
+        self._unpack = msgspec.msgpack.Decoder(Example).decode
         self._overflow: list[Example] = []                # released early by the bound, until `advance`
 
     @property
@@ -101,7 +106,7 @@ class FeedbackJoiner:
     def state(self) -> JoinerState:
         closed = self._closed.state()
         return JoinerState(list(map(msgspec.Raw, self._logs.packed())), list(self._early.values()), closed.recent,
-                           [item[2] for item in self._ready], dict(self.outcomes), list(self._overflow),
+                           [msgspec.Raw(item[2]) for item in self._ready], dict(self.outcomes), list(self._overflow),
                            msgspec.structs.replace(closed, recent=[]))
 
     def state_pieces(self, encode: Callable[[object], bytes]) -> Iterator[pieces.Piece]:
@@ -113,8 +118,8 @@ class FeedbackJoiner:
         yield pieces.array_header(len(msgspec.structs.fields(JoinerState)))
         yield from pieces.packed_array(self._logs.packed_lazily())
         yield from pieces.array(list(self._early.values()), encode)
-        yield from pieces.array(self._closed.recent(), encode)
-        yield from pieces.array([item[2] for item in self._ready], encode)
+        yield from self._closed.recent_pieces(encode)
+        yield from pieces.packed_array([item[2] for item in self._ready])
         yield encode(dict(self.outcomes))
         yield encode(self._overflow)
         yield from self._closed.hashed_pieces(encode)
@@ -127,7 +132,7 @@ class FeedbackJoiner:
         self._closed = ClosedIds(self.max_pending)
         self._closed.restore(msgspec.structs.replace(hashed, recent=state.closed))
         self._early_expiry = [(fb.ts + self.early_ttl, rid) for rid, fb in self._early.items()]
-        self._ready = [(ex.ts, ex.id, ex) for ex in state.ready]
+        self._ready = [(ex.ts, ex.id, self._pack(ex)) for ex in state.ready]
         self._overflow = list(state.overflow)
         for heap in (self._early_expiry, self._ready):
             heapq.heapify(heap)
@@ -179,7 +184,7 @@ class FeedbackJoiner:
             self._close(rid, example.ts, "invalid_label", matched=True)
             return
         example.consumed = self.consumed
-        heapq.heappush(self._ready, (example.ts, rid, example))
+        heapq.heappush(self._ready, (example.ts, rid, self._pack(example)))
         self._close(rid, example.ts, "prejoined", matched=True)
         self._bound()
 
@@ -199,7 +204,7 @@ class FeedbackJoiner:
         room = len(self._overflow) + len(self._ready) if limit is None else limit
         released, self._overflow = self._overflow[:room], self._overflow[room:]
         while self._ready and self._ready[0][0] < watermark and len(released) < room:
-            released.append(heapq.heappop(self._ready)[2])
+            released.append(self._unpack(heapq.heappop(self._ready)[2]))
         self._compact()
         return released
 
@@ -209,7 +214,7 @@ class FeedbackJoiner:
 
     def flush(self) -> list[Example]:
         """Releases every matched example still held (end of input); pending ones stay pending."""
-        released = self._overflow + [item[2] for item in sorted(self._ready, key=lambda item: item[:2])]
+        released = self._overflow + [self._unpack(item[2]) for item in sorted(self._ready, key=lambda item: item[:2])]
         self._ready.clear()
         self._overflow = []
         return released
@@ -222,7 +227,7 @@ class FeedbackJoiner:
         ts = max(log.ts, feedback.ts)
         example = Example(log.request_id, log.model, log.features, label, feedback.weight, ts, feedback.ts,
                           self.consumed, log.model_version, log.served)
-        heapq.heappush(self._ready, (ts, log.request_id, example))
+        heapq.heappush(self._ready, (ts, log.request_id, self._pack(example)))
         self.delays.append(feedback.ts - log.ts)
         self._close(log.request_id, ts, "matched", matched=True)
 
@@ -248,7 +253,8 @@ class FeedbackJoiner:
     def _bound(self) -> None:
         """Keeps pending entries plus held examples within the bound: releases held ones first, then evicts."""
         while self._ready and self.pending + len(self._ready) > self.max_pending:
-            self._overflow.append(heapq.heappop(self._ready)[2])   # the oldest: the next the watermark would free
+            # the oldest: the next the watermark would free
+            self._overflow.append(self._unpack(heapq.heappop(self._ready)[2]))
         while self.pending > self.max_pending:   # the entry closest to expiry goes, a log or a feedback
             oldest_log, early = self._logs.oldest(), self._early_expiry
             if oldest_log is not None and (not early or oldest_log <= early[0]):
@@ -269,6 +275,7 @@ class FeedbackJoiner:
         if len(heap) > 1.25 * len(self._early) + 1024:
             heap[:] = [item for item in heap if item[1] in self._early]
             heapq.heapify(heap)
+        self._early, self._early_peak = _shrunk(self._early, self._early_peak)
         self._logs.compact()
 
     def close(self) -> None:
@@ -292,6 +299,7 @@ class WaitingLogs:
         self._pack = msgspec.msgpack.Encoder().encode
         self._unpack = msgspec.msgpack.Decoder(LogEntry).decode
         self._logs: dict[str, bytes] = {}             # id -> packed log, in memory
+        self._logs_peak = 0                           # the most logs in memory since `_logs` was rebuilt
         self._filed: dict[int, list[str]] = {}        # expiry second -> ids (lazily deleted: checked when due)
         self._spilled = SpilledIndex()                # id -> handle of a spilled log
         self._spilled_filed: dict[int, np.ndarray] = {}   # expiry second -> handles spilled (checked when due)
@@ -410,6 +418,7 @@ class WaitingLogs:
 
     def compact(self) -> None:
         """Drops matched ids from the seconds they were filed under once they are a fifth of the entries."""
+        self._logs, self._logs_peak = _shrunk(self._logs, self._logs_peak)
         if self._entries <= 1.25 * len(self._logs) + 1024:
             return
         logs, spilled = self._logs, self._spilled_filed
@@ -427,7 +436,8 @@ class WaitingLogs:
 
     def packed_lazily(self) -> _Packed:
         """`packed()` as a sequence that reads each spilled log back only when asked for."""
-        return _Packed(self._spilled.handles() + list(self._logs.values()), self._load)
+        load = self._spill.get if self._spill is not None else None
+        return _Packed(self._spilled.live_handles(), list(self._logs.values()), load)
 
     def restore(self, logs: list[LogEntry]) -> None:
         self.close()
@@ -450,9 +460,6 @@ class WaitingLogs:
         filed.append(rid)
         self._entries += 1
 
-    def _load(self, kept: bytes | int) -> bytes:
-        return self._spill.get(kept) if type(kept) is int else kept
-
     def _spilled_log(self, handle: int) -> Optional[LogEntry]:
         """The log a filed handle points to, if it still waits (else it matched or was evicted since)."""
         if not self._spill.holds(handle):
@@ -470,17 +477,39 @@ class WaitingLogs:
 
 
 class _Packed:
-    """A read-only sequence of packed logs, spilled ones read back as they are indexed."""
+    """A read-only sequence of packed logs: the spilled ones (handles, read back as they are sliced), then the rest.
 
-    def __init__(self, kept: list, load: Callable[[bytes | int], bytes]) -> None:
+    The handles stay a numpy array until a slice is read, so a snapshot holds no int object per spilled log.
+    """
+
+    def __init__(self, spilled: np.ndarray, kept: list[bytes], load: Optional[Callable[[int], bytes]]) -> None:
+        self._spilled = spilled
         self._kept = kept
         self._load = load
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return len(self._spilled) + len(self._kept)
 
     def __getitem__(self, index: slice) -> list[bytes]:
-        return [self._load(kept) for kept in self._kept[index]]
+        """The logs of a contiguous slice (the only kind `pieces` takes)."""
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("only contiguous slices of the packed logs are read")
+        n = len(self._spilled)
+        read = [self._load(handle) for handle in self._spilled[start:min(stop, n)].tolist()] if start < n else []
+        return read + self._kept[max(start - n, 0):max(stop - n, 0)]
+
+
+def _shrunk(table: dict, peak: int) -> tuple[dict, int]:
+    """`table` rebuilt once it holds under a quarter of its peak since the last rebuild (amortised O(1) an entry),
+    with its new peak: a dict keeps the capacity of its largest size after deletions, and its freed entries
+    hold the heap (a skewed catch-up fills these to tens of thousands, then drains them)."""
+    size = len(table)
+    if size >= peak:
+        return table, size
+    if size < peak // 4 and peak > 1024:
+        return dict(table), size
+    return table, peak
 
 
 def _second(expiry: float) -> int:

@@ -180,6 +180,11 @@ class SpilledIndex:
         """Every live handle: the arrays' in hash order, then the newest in the order they came."""
         return self._handles[self._handles >= 0].tolist() + list(self._recent.values())
 
+    def live_handles(self) -> np.ndarray:
+        """`handles()` as an int64 array (no int object per handle)."""
+        recent = np.fromiter(self._recent.values(), np.int64, len(self._recent))
+        return np.concatenate([self._handles[self._handles >= 0], recent])
+
     def clear(self) -> None:
         self._recent = {}
         self._keys, self._handles, self._live = np.empty(0, np.uint64), np.empty(0, np.int64), 0
