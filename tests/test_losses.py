@@ -116,11 +116,11 @@ def test_the_learner_tells_replayed_rows_from_incoming_ones():
         model.learn_batch(task([2], 3, 64))       # class 2 appears; 3 rows wait in the queue
         raw, y, w = (model.queue.columns[i] for i in (0, 1, 2))
         x_all, y_all, _ = model._mixed(raw, y, w)
-        assert model._incoming == 3 and len(y_all) == 6 and set(y_all[3:].tolist()) <= {0.0, 1.0}
+        assert len(y) == 3 and len(y_all) == 6 and set(y_all[3:].tolist()) <= {0.0, 1.0}   # incoming rows first
         with torch.no_grad():
             out = model.net(torch.from_numpy(model.encoder.scale(x_all)))
         ys = torch.from_numpy(y_all).long()
-        got = model._loss(out, ys, None)
+        got = model._loss(out, ys, None, incoming=len(y))
         logits = out[:, :3]
         expected = (losses.er_ace(logits, ys, 3) if loss == "er_ace" else F.cross_entropy(logits, ys))
         assert float(got) == pytest.approx(float(expected), rel=1e-6)

@@ -147,7 +147,6 @@ class TorchLearner(LearnerBase):
         self._reference: Optional[Reference] = None
         self._reference_due = self.evaluation.policy.config.reference_every
         self._names = [name for name, p in self.net.named_parameters() if p.requires_grad]
-        self._incoming = 0   # rows of the last mixed batch that arrived (the rest replayed): set by `_mixed`
         self._good: list[torch.Tensor] = []      # the last good weights and optimizer state ...
         self._guarded: list[torch.Tensor] = []   # ... of these tensors
         # Dropout and batch norm behave differently in training: only then switch modes and random streams.
@@ -303,7 +302,7 @@ class TorchLearner(LearnerBase):
             ys = ys.long()
         ws = None if (w_all == 1.0).all() else torch.from_numpy(w_all)   # feedback weights, when any differ
         for step in range(self.config.train.steps_per_batch):
-            out = self._step(xs, ys, ws)
+            out = self._step(xs, ys, ws, incoming=len(y))
             if step == 0 and scored < len(y):
                 self._score(out[scored:len(y)], y[scored:], known[scored:], ts[scored:], raw[scored:])
         self.encoder.learn(raw)
@@ -327,8 +326,7 @@ class TorchLearner(LearnerBase):
         return self.consolidation.check(evaluation.learned, float(ts.max()), score=lambda: evaluation.watched_score)
 
     def _mixed(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The new examples (first: `_incoming` rows) plus replayed ones, `replay.ratio` of the whole."""
-        self._incoming = len(y)
+        """The new examples (first, as they came) plus replayed ones, `replay.ratio` of the whole."""
         if self.replay is None:
             return raw, y, w
         ratio = self.config.replay.ratio
@@ -339,7 +337,8 @@ class TorchLearner(LearnerBase):
         return (np.concatenate([raw, store.x[rows]]), np.concatenate([y, store.y[rows]]),
                 np.concatenate([w, np.ones(len(rows), dtype=np.float32)]))
 
-    def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor]) -> torch.Tensor:
+    def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor],
+              incoming: Optional[int] = None) -> torch.Tensor:
         """One gradient step; undone (and counted) if the gradient or the new weights are not finite.
 
         A non-finite loss shows as a non-finite gradient, so the gradient check covers it. Returns the
@@ -353,7 +352,7 @@ class TorchLearner(LearnerBase):
                 self.generator.set_state(torch.get_rng_state())
         else:
             out = self.net(xs)
-        self._loss(out, ys, ws).backward()
+        self._loss(out, ys, ws, incoming).backward()
         grad = self.flat.param.grad
         if not _finite(grad):
             self.rolled_back += 1
@@ -367,16 +366,17 @@ class TorchLearner(LearnerBase):
             self._roll_back()
         return out.detach()
 
-    def _loss(self, out: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor]) -> torch.Tensor:
+    def _loss(self, out: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor],
+              incoming: Optional[int] = None) -> torch.Tensor:
         """Mean loss over the mixed batch, weighted by feedback weights when given; classes not seen yet left out.
 
-        With ER-ACE (`train.loss`) the incoming rows (the first `_incoming`) are scored against the classes present
-        among them only, the replayed ones against every class seen.
+        With ER-ACE (`train.loss`) the incoming rows (the first `incoming`; None: all) are scored against the classes
+        present among them only, the replayed ones against every class seen.
         """
         if self.task == "classification":
             logits = out if len(self.classes) == out.shape[1] else out[:, :len(self.classes)]
             if losses.uses_er_ace(self.config.train.loss, self.task, self.replay is not None):
-                return losses.er_ace(logits, ys, min(self._incoming, len(ys)), ws)
+                return losses.er_ace(logits, ys, len(ys) if incoming is None else incoming, ws)
             return losses.cross_entropy(logits, ys, ws)
         if ws is None:
             return F.mse_loss(out[:, 0], ys)

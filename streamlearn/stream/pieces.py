@@ -27,20 +27,20 @@ CHUNK_BYTES = 1 << 20       # bytes of an array's buffer handed out at a time
 
 def array_header(n: int) -> bytes:
     """The msgpack header of an array of `n` items (fixarray, array 16 or array 32)."""
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 1 << 16:
-        return b"\xdc" + struct.pack(">H", n)
-    return b"\xdd" + struct.pack(">I", n)
+    return _container_header(n, 0x90, b"\xdc", b"\xdd")
 
 
 def map_header(n: int) -> bytes:
     """The msgpack header of a map of `n` pairs (fixmap, map 16 or map 32)."""
+    return _container_header(n, 0x80, b"\xde", b"\xdf")
+
+
+def _container_header(n: int, fix: int, code16: bytes, code32: bytes) -> bytes:
     if n < 16:
-        return bytes((0x80 | n,))
+        return bytes((fix | n,))
     if n < 1 << 16:
-        return b"\xde" + struct.pack(">H", n)
-    return b"\xdf" + struct.pack(">I", n)
+        return code16 + struct.pack(">H", n)
+    return code32 + struct.pack(">I", n)
 
 
 def binary_header(n: int) -> bytes:
