@@ -6,7 +6,8 @@ run, the bare River loop does the same work on the same examples already in
 memory (predict_proba_one + learn_one, same model). The torch learner (an MLP)
 is measured the same way at micro-batches of 32 and 256, plain and with replay +
 EWC, against the bare torch loop of `torch_loop.py` on the same tensors. Then a
-fixed offered rate, below capacity, gives the feedback-to-learned latency.
+fixed offered rate, below capacity, gives the feedback-to-learned latency, with the
+default and the low-latency setting (`latency.py`, which also splits it by stage).
 
 What bounds the Kafka path is measured in the same rounds (`limits.py`): the bare
 consume of the two topics with the same client and no decoding, the intake alone
@@ -24,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import random
 import statistics
 import tempfile
 import time
 import uuid
-from collections import deque
 
 import orjson
 
@@ -47,8 +46,6 @@ MODEL = "scaled_logreg"  # StandardScaler | LogisticRegression
 TOPICS = ("inference-logs", "feedback", "examples")
 START_TS = 1_763_800_000.0
 STEADY_SHARE = 0.95
-FEEDBACK_DELAY = 0.2  # seconds between a request and its label in the latency run
-LATENCY_TAIL_SECONDS = 5.0
 TORCH_RUNS = ((32, "plain"), (32, "replay+ewc"), (256, "plain"), (256, "replay+ewc"), (32, "ewc"))
 
 
@@ -132,60 +129,6 @@ def service_throughput(bootstrap: str, client: str, mode: str, total: int, model
     return (n1 - n0) / (t1 - t0)
 
 
-def offered_load(bootstrap: str, rate: float, seconds: float, seed: int) -> None:
-    """Runs in its own process: real-time traffic at `rate` examples/s.
-
-    Each request's log is produced at its event time and its feedback `FEEDBACK_DELAY`
-    seconds later, at the feedback's event time, as a serving system and its users would.
-    """
-    from confluent_kafka import Producer
-
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
-    examples = make_examples(int(rate * seconds), seed)
-    started = time.time() + 0.1
-    waiting: deque[tuple[float, str, bytes]] = deque()  # feedback due later, in due order
-    for i, (rid, x, y) in enumerate(examples):
-        due = started + i / rate
-        _sleep_until(due)
-        while waiting and waiting[0][0] <= due:
-            _, key, value = waiting.popleft()
-            _produce(producer, "feedback", key, value)
-        log, feedback = encode_pair(rid, x, y, due, FEEDBACK_DELAY)
-        _produce(producer, "inference-logs", rid, log)
-        waiting.append((due + FEEDBACK_DELAY, rid, feedback))
-        producer.poll(0)
-    for due, key, value in waiting:
-        _sleep_until(due)
-        _produce(producer, "feedback", key, value)
-    producer.flush()
-
-
-def _sleep_until(due: float) -> None:
-    while (now := time.time()) < due:
-        time.sleep(min(0.001, due - now))
-
-
-def loop_latency(bootstrap: str, rate: float, seconds: float) -> list[float]:
-    """Feedback event time -> model updated, for every example, at a fixed offered rate."""
-    latencies: list[float] = []
-    total = int(rate * seconds)
-    service = Service(service_config(bootstrap, "confluent-kafka", "process"))
-    # Traffic goes on past the measured examples, as a live service sees it (no end of input).
-    producer = mp.get_context("spawn").Process(
-        target=offered_load, args=(bootstrap, rate, seconds + LATENCY_TAIL_SECONDS, 7), daemon=True)
-
-    def on_batch(svc: Service, batch) -> None:
-        now = time.time()
-        latencies.extend(now - ex.label_ts for ex in batch.examples[:total - len(latencies)])
-        if svc.stats is not None and svc.stats.assigned and not producer.is_alive() and producer.exitcode is None:
-            producer.start()  # start offering load once the group has its partitions
-
-    service.run(until=lambda s: s.learned >= total, on_batch=on_batch)
-    producer.terminate()
-    producer.join()
-    return latencies
-
-
 SERVICE_PATHS = (("confluent-kafka", "process"), ("kafka-python", "process"), ("confluent-kafka", "inline"))
 LIMITS = ("bare consume", "intake alone", "dict join loop")
 
@@ -230,14 +173,16 @@ def main() -> None:
                     broker.bootstrap_servers, "confluent-kafka", "process", args.torch_examples,
                     model_table(batch, config)))
 
-    with EmbeddedBroker() as broker:
-        broker.create_topics(TOPICS, partitions=2)
-        latencies = sorted(loop_latency(broker.bootstrap_servers, args.rate, args.seconds))
-    report(args, bare, service, limits, latencies, torch_runs)
+    from latency import measured, print_run   # imports this module: not at the top (no cycle)
+
+    runs = {setting: measured(args.rate, args.seconds, setting) for setting in ("default", "low")}
+    for run in runs.values():
+        print_run(run, args.rate)
+    report(args, bare, service, limits, runs, torch_runs)
 
 
 def report(args, bare: list[float], service: dict[tuple[str, str], list[float]], limits: dict[str, list[float]],
-           latencies: list[float], torch_runs: dict[tuple[int, str], dict[str, list[float]]]) -> None:
+           latency_runs: dict, torch_runs: dict[tuple[int, str], dict[str, list[float]]]) -> None:
     bare_eps = statistics.median(bare)
     print(f"{'path':<40} {'examples/s':>11} {'min':>9} {'max':>9} {'x bare':>7}")
     print(f"{'bare River loop (in memory)':<40} {bare_eps:>11,.0f} {min(bare):>9,.0f} {max(bare):>9,.0f} {1:>7.2f}")
@@ -255,9 +200,14 @@ def report(args, bare: list[float], service: dict[tuple[str, str], list[float]],
     print(f"limit (lower of bare learner and bare consume) {limit:,.0f} examples/s: service (confluent-kafka, intake "
           f"process) {service_eps / limit:.2f} x limit, {service_eps / limit_eps['dict join loop']:.2f} x the dict "
           f"join loop; intake alone {limit_eps['intake alone'] / limit_eps['bare consume']:.2f} x bare consume")
-    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    from latency import figures
+
+    latency = latency_runs["default"]
+    p50, p99 = latency.quantile(0.5), latency.quantile(0.99)
+    low = latency_runs["low"]
     print(f"median of {args.repeat} rounds of {args.examples:,} examples; loop latency at {args.rate:,.0f} examples/s "
-          f"offered: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms ({len(latencies):,} examples)")
+          f"offered: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms ({len(latency.latencies):,} examples); "
+          f"low-latency setting: p50 {low.quantile(0.5) * 1000:.1f} ms, p99 {low.quantile(0.99) * 1000:.1f} ms")
     print(f"\n{'torch learner (MLP 64-64, Adam)':<32} {'service':>9} {'learner':>9} {'bare loop':>10} "
           f"{'service/bare':>13} {'learner/bare':>13}")
     torch_figures = {}
@@ -283,6 +233,8 @@ def report(args, bare: list[float], service: dict[tuple[str, str], list[float]],
         "kafka_python_eps": round(kafka_python_eps), "kafka_python_ratio": round(kafka_python_eps / bare_eps, 3),
         "inline_eps": round(inline_eps), "inline_ratio": round(inline_eps / bare_eps, 3),
         "offered_rate": args.rate, "latency_p50_ms": round(p50 * 1000, 1), "latency_p99_ms": round(p99 * 1000, 1),
+        **{k: v for run, prefix in ((latency, "latency_"), (low, "latency_low_"))
+           for k, v in figures(run, prefix).items() if k not in ("latency_p50_ms", "latency_p99_ms")},
         **torch_figures,
     }))
 

@@ -55,6 +55,9 @@ class KafkaConfig(_Section):
     examples_topic: str = "examples"          # "" to not consume pre-joined examples
     session_timeout_ms: PositiveInt = 10_000
     max_poll_interval_ms: PositiveInt = 300_000
+    # How long the broker may hold the consumer's fetch that has no new data (the client's fetch.wait.max.ms /
+    # fetch_max_wait_ms; unset: 100). Lower is fresher (README "Low latency"), at more fetch requests to the broker.
+    fetch_wait_ms: Optional[PositiveInt] = None
     # Passed verbatim to the client (SASL/TLS and tuning), in that client's own key names.
     # A value "env:NAME" is read from the environment at start, so secrets stay out of the file.
     settings: dict[str, Setting] = {}
@@ -102,6 +105,9 @@ class TrainConfig(_Section):
     # rows' over every class seen (Caccia et al. 2022): new classes stop overwriting old ones (bench/forgetting.py).
     # "auto": er_ace for a classifier with replay, else cross-entropy (regression: squared error, always).
     loss: Literal["auto", "cross_entropy", "er_ace"] = "auto"
+    # Logit replay (DER++, Buzzega et al. 2020; classification with replay): the buffer keeps each row's outputs as
+    # learned, and this weight times their squared distance to a replayed row's outputs now joins the loss. 0: off.
+    distill: NonNegative = 0.0
 
 
 class EncoderConfig(_Section):
@@ -351,6 +357,17 @@ def _check(config: Config) -> None:
     for name, model in config.models.items():
         if model.train.loss == "er_ace" and model.task != "classification":
             raise ConfigError(f"config error: models.{name}.train.loss: \"er_ace\" needs task = \"classification\"")
+        _check_distill(name, model)
+
+
+def _check_distill(name: str, model: ModelConfig) -> None:
+    """`train.distill` needs outputs per class to keep and a replay buffer to keep them in."""
+    if not model.train.distill:
+        return
+    if model.task != "classification":
+        raise ConfigError(f"config error: models.{name}.train.distill: needs task = \"classification\"")
+    if model.replay.kind == "none" or model.replay.ratio == 0:
+        raise ConfigError(f"config error: models.{name}.train.distill: needs replay (replay.kind and replay.ratio > 0)")
 
 
 def check_source(config: Config) -> None:

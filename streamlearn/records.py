@@ -60,6 +60,7 @@ class IntakeStats(msgspec.Struct):
     assigned: list[str] = []                       # position keys this intake currently reads
     caught_up: bool = False                        # every partition idle and all input released
     broker: str = ""                               # what keeps the source from reading, in words ("": nothing)
+    stages: dict[str, HistogramState] = {}         # intake stages of the feedback loop (kafka, join, batch): seconds
 
 
 class Batch(msgspec.Struct):
@@ -77,6 +78,8 @@ class Batch(msgspec.Struct):
                                      # (a backlog's join state is megabytes: one copy of it, not two)
     exhausted: bool = False          # final because the source has no more input (a file at its end), not
                                      # because the intake was stopped: learners flush only then
+    sent: float = 0.0                # wall time the intake handed the batch over (stage timing only)
+    received: float = 0.0            # wall time the learner's process received it (set there; stage timing only)
 
 
 _encoder = msgspec.msgpack.Encoder()

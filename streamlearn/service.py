@@ -39,12 +39,17 @@ from streamlearn.records import Batch, Example, IntakeStats, Rejected
 from streamlearn.stream.channel import Channel, start_intake
 from streamlearn.stream.intake import Resume
 from streamlearn.telemetry.exporter import ServiceCollector
+from streamlearn.telemetry.histogram import STAGE_BUCKETS, Histogram, HistogramState
 from streamlearn.telemetry.history import HistoryRecorder, HistoryWriter
 from streamlearn.telemetry.server import MetricsServer
 from streamlearn.triggers import Trigger
 
 log = logging.getLogger(__name__)
 STALL_SECONDS = 60.0  # /healthz fails when the loop has not turned for this long
+# The feedback loop's stages timed on the learner side, per example (wall clock, measurement only; the intake times
+# kafka, join and batch): handoff: the intake handed the batch over -> this process received it; queue: received ->
+# its learning started; learn: started -> the whole batch learned.
+LEARNER_STAGES = ("handoff", "queue", "learn")
 
 
 class LearnFailure(RuntimeError):
@@ -65,6 +70,7 @@ class Service:
         self.snapshots: Optional[Snapshotter] = None
         self.restored_from: Optional[int] = None
         self._learning_seconds = 0.0
+        self.stages = {name: Histogram(STAGE_BUCKETS) for name in LEARNER_STAGES}   # counted since this start
         self._resume = Resume()
         self._deploy_state: Optional[bytes] = None
         audit_length = None
@@ -77,7 +83,8 @@ class Service:
         self.registry = registry or CollectorRegistry()
         self.registry.register(ServiceCollector(lambda: self.stats, lambda: self.learners.values(),
                                                 lambda: self.snapshots, lambda: self.served, lambda: self.handoff,
-                                                config.kafka.examples_topic or config.kafka.inference_topic))
+                                                config.kafka.examples_topic or config.kafka.inference_topic,
+                                                self.stage_states))
         self.metrics: Optional[MetricsServer] = None
         self._channel: Optional[Channel] = None
         self._stop = threading.Event()
@@ -251,6 +258,7 @@ class Service:
         if batch.exhausted or (batch.final and self.snapshots is None):
             for learner in self.learners.values():
                 learner.flush(now)
+        self._time_stages(batch, now)
         self._quarantine([r for learner in self.learners.values() for r in learner.evaluation.take_rejected()])
         self._learning_seconds += time.perf_counter() - started
         if self.audit is not None and batch.examples:
@@ -262,6 +270,22 @@ class Service:
         self.stats = batch.stats
         if batch.barrier is not None and self.snapshots is not None:   # cut steps 3-4
             self._cut.take(batch.barrier, batch.final, self.offsets, self.learned, self._capture)
+
+    def _time_stages(self, batch: Batch, started: float) -> None:
+        """Observes the learner-side stages of a batch learned from `started` (wall time) until now."""
+        count = len(batch.examples)
+        if not count or not batch.sent or not batch.received:   # nothing to time, or not stamped
+            return
+        now = time.time()
+        self.stages["handoff"].observe(max(0.0, batch.received - batch.sent), count)
+        self.stages["queue"].observe(max(0.0, started - batch.received), count)
+        self.stages["learn"].observe(max(0.0, now - started), count)
+
+    def stage_states(self) -> dict[str, HistogramState]:
+        """Every stage of the feedback loop timed so far, in loop order: the intake's (as of its newest batch), then
+        the learner's."""
+        intake = self.stats.stages if self.stats is not None else {}
+        return {**intake, **{name: h.state() for name, h in self.stages.items()}}
 
     def _newest_snapshot(self) -> Optional[int]:
         return self.snapshots.store.latest_seq() if self.snapshots is not None else None

@@ -50,6 +50,9 @@ SUBJECTS = {
     **{f"mlp-{task}{'-dropout' if dropout else ''}": torch_learner(task, hidden=[8], dropout=dropout)
        for task in ("classification", "regression") for dropout in (0.0, 0.2)},
     TORCH_FACTORY: torch_learner("classification", TORCH_FACTORY),
+    "mlp-classification-distill": lambda: TorchLearner("m", ModelConfig(   # logit replay: logits in the buffer
+        model="mlp", kind="torch", params={"hidden": [8]}, window=50, replay=ReplayConfig(capacity=40),
+        train=TrainConfig(batch_size=8, max_wait=2.0, distill=0.3)), seed=SEED),
 }
 STREAMS = {task: make_stream(task) for task in ("classification", "regression")}
 # (subject, check) -> a defect the checks found and this test leaves, with its reason (strict: fixing it fails here)

@@ -127,3 +127,119 @@ def test_the_learner_tells_replayed_rows_from_incoming_ones():
     # With ER-ACE the incoming rows (one class among them) add nothing: the loss is the replayed half's.
     replayed = F.cross_entropy(logits[3:], ys[3:], reduction="sum") / 6
     assert float(losses.er_ace(logits, ys, 3)) == pytest.approx(float(replayed), rel=1e-6)
+
+
+# --- logit replay (DER++, `train.distill`) ---------------------------------------------------------------------
+
+def test_logit_distance_compares_only_the_classes_known_when_a_row_was_stored():
+    logits = torch.tensor([[1.0, 2.0, 5.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]], requires_grad=True)
+    stored = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [9.0, 9.0, 9.0]])
+    known = torch.tensor([2, 3, 0])               # the last row knew no class: no target at all
+    loss = losses.logit_distance(logits, stored, known)
+    assert loss.item() == pytest.approx(((1 + 4) / 2 + (1 + 1 + 1) / 3) / 2, rel=1e-6)
+    loss.backward()
+    assert logits.grad[0, 2] == 0 and torch.all(logits.grad[2] == 0)   # unknown then: never pulled
+    assert logits.grad[0, 1] == pytest.approx(2 * (2.0 - 0.0) / 2 / 2)   # d/dx of mean over 2 columns, 2 rows
+    nothing = torch.zeros(2, 3, requires_grad=True)
+    zero = losses.logit_distance(nothing, torch.ones(2, 3), torch.tensor([0, 0]))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.all(nothing.grad == 0)   # no target: zero, with a graph to backpropagate
+    assert float(losses.logit_distance(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))) == 0.0
+
+
+def buffers(logits: int, seed: int = 1):
+    """One buffer of each kind, 16 rows of 2 features, keeping `logits` outputs per row."""
+    from streamlearn.replay.class_balanced import ClassBalancedBuffer
+    from streamlearn.replay.reservoir import ReservoirBuffer
+    from streamlearn.replay.time_decayed import TimeDecayedBuffer
+    return [ReservoirBuffer(16, 2, seed=seed, logits=logits), ClassBalancedBuffer(16, 2, seed=seed, logits=logits),
+            TimeDecayedBuffer(16, 2, half_life=8, seed=seed, logits=logits)]
+
+
+def test_every_buffer_keeps_each_rows_logits_with_it_through_eviction_expiry_and_a_snapshot():
+    from streamlearn.replay.store import Logits
+
+    for buffer, twin in zip(buffers(logits=3), buffers(logits=3, seed=9)):
+        for start in range(0, 200, 25):           # far more rows than fit: rows are overwritten in place
+            n = np.arange(start, start + 25, dtype=np.float32)
+            x = np.stack([n, -n], axis=1)
+            # the logits of row n are (n, 2n, 3n): a misplaced one shows
+            logits = Logits((n[:, None] * np.array([1, 2, 3], np.float32)), n.astype(np.int64) % 3 + 1)
+            buffer.add(x, (n % 4).astype(np.float32), n.astype(float), logits)
+        store = buffer.store
+        assert store.size == 16
+        ids = store.x[:store.size, 0]
+        assert np.array_equal(store.logits[:store.size], ids[:, None] * np.array([1, 2, 3], np.float32))
+        assert np.array_equal(store.known[:store.size], ids.astype(np.int64) % 3 + 1)
+        assert buffer.expire(190.0) > 0   # every kind holds rows older than that
+        twin.load({k: v.copy() for k, v in buffer.arrays().items()})
+        for b in (buffer, twin):
+            ids = b.store.x[:b.store.size, 0]
+            assert np.array_equal(b.store.logits[:b.store.size], ids[:, None] * np.array([1, 2, 3], np.float32))
+        assert np.array_equal(buffer.sample(8), twin.sample(8))   # the generator came back too
+
+
+def test_a_buffer_without_logits_keeps_its_snapshot_keys_and_reads_an_older_snapshot_with_logits_on():
+    plain = buffers(logits=0)
+    for buffer in plain:
+        buffer.add(np.ones((4, 2), np.float32), np.zeros(4, np.float32), np.arange(4.0))
+        assert not any(k.endswith((".logits", ".known")) for k in buffer.arrays())
+    for old, new in zip(plain, buffers(logits=5)):   # a snapshot from before `train.distill` was turned on
+        new.load(old.arrays())
+        assert new.store.size == 4 and new.store.logits.shape == (16, 5) and not new.store.known.any()
+
+
+def distill_learner(distill: float, loss: str = "er_ace") -> TorchLearner:
+    config = parse_config({"models": {"m": {"model": "mlp", "params": {"hidden": [8]},
+                                            "train": {"loss": loss, "max_classes": 4, "distill": distill},
+                                            "replay": {"kind": "class_balanced", "capacity": 64, "ratio": 0.5}}}},
+                          env={}).models["m"]
+    return TorchLearner("m", config, seed=0)
+
+
+def test_the_learner_adds_distill_times_the_replayed_rows_logit_distance():
+    model = distill_learner(0.7)
+    model.learn_batch(task([0, 1], 64, 0))
+    store = model.replay.store
+    assert store.size == 64 and set(store.known[:64].tolist()) == {2}   # stored after classes 0 and 1 were known
+    assert np.abs(store.logits[:64, :2]).sum() > 0
+    model.learn_batch(task([2], 3, 64))
+    raw, y, w = (model.queue.columns[i] for i in (0, 1, 2))
+    x_all, y_all, _, rows = model._mixed_rows(raw, y, w)
+    stored = model._stored_logits(rows)
+    with torch.no_grad():
+        out = model.net(torch.from_numpy(model.encoder.scale(x_all)))
+    ys = torch.from_numpy(y_all).long()
+    got = model._loss(out, ys, None, incoming=3, stored=stored)
+    by_hand = ((out[3:, :2] - torch.from_numpy(store.logits[rows, :2])) ** 2).mean(dim=1).mean()
+    assert float(got) == pytest.approx(float(losses.er_ace(out[:, :3], ys, 3) + 0.7 * by_hand), rel=1e-6)
+    assert distill_learner(0.0)._stored_logits(rows) is None and distill_learner(0.0).replay.store.logits.shape[1] == 0
+
+
+def test_a_restored_learner_with_logit_replay_continues_bit_for_bit():
+    from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
+    from streamlearn.checkpoints.store import Manifest, Snapshot
+
+    original = distill_learner(0.3)
+    original.learn_batch(task([0, 1], 70, 0))          # leaves a partial micro-batch queued
+    files = pack({"m": original.snapshot()}, b"", ServiceFigures(0, 0.0))
+    twin = TorchLearner("m", original.config, seed=999)
+    twin.restore(unpack(Snapshot(Manifest(1, None, 0.0, "", {}, []), files)).learners["m"])
+    assert np.array_equal(twin.replay.store.logits, original.replay.store.logits)
+    for learner in (original, twin):
+        learner.learn_batch(task([2, 3], 90, 70))
+        learner.flush()
+    assert torch.equal(original.flat.param, twin.flat.param)
+    assert np.array_equal(original.replay.store.logits, twin.replay.store.logits)
+
+
+def test_config_refuses_distill_without_a_classifier_or_replay_in_one_line():
+    def parsed(table):
+        return parse_config({"models": {"m": {"model": "mlp", **table}}}, env={})
+    with pytest.raises(ConfigError, match=r'^config error: models\.m\.train\.distill: needs task = "classification"$'):
+        parsed({"task": "regression", "train": {"distill": 0.1}})
+    with pytest.raises(ConfigError, match=r"^config error: models\.m\.train\.distill: needs replay"):
+        parsed({"train": {"distill": 0.1}, "replay": {"kind": "none"}})
+    with pytest.raises(ConfigError, match=r"^config error: models\.m\.train\.distill: Expected `float` >= 0"):
+        parsed({"train": {"distill": -1.0}})
+    assert parsed({}).models["m"].train.distill == 0.0 and parsed({"task": "regression"}).models["m"]

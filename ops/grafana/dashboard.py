@@ -161,6 +161,8 @@ def latency(layout: Layout) -> list:
               quantiles("queueing_seconds", "topic"), unit="s"),
         graph(layout, "Processing", "Intake read the completing message to model updated (join wait, "
               "hand-off, micro-batch wait, update).", quantiles("processing_seconds", "model", MODEL), unit="s"),
+        graph(layout, "Where the time goes", "Per example, by stage of the feedback loop: kafka, join (waiting for "
+              "the watermark), batch, handoff, queue, learn.", quantiles("stage_seconds", "stage"), unit="s"),
         graph(layout, "Update duration", "One learner update (one micro-batch).",
               quantiles("update_seconds", "model", MODEL), unit="s"),
     ]

@@ -12,6 +12,15 @@ incoming rows, the two losses are the same.
 Both are means over the rows, weighted by feedback weights when given, so that
 `replay.ratio` keeps deciding the replayed rows' share of the loss.
 
+Logit replay (`train.distill`, the "dark knowledge" term of DER++, Buzzega et al.
+2020, "Dark Experience for General Continual Learning"): the replay buffer also
+keeps the network's outputs for a row as they were when the row was learned, and
+a replayed row's current outputs are pulled toward them by a squared error. A
+label says only which class wins; the stored outputs say how the old network
+ranked every class it knew, which holds the old decision boundaries in place
+better than the labels alone. Only the classes known when a row was stored are
+compared (the other units had not learned anything yet).
+
 >>> logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 3.0]])
 >>> targets = torch.tensor([0, 1, 2])
 >>> float(er_ace(logits, targets, incoming=3)) == float(cross_entropy(logits, targets))
@@ -64,3 +73,16 @@ def incoming_mask(targets: torch.Tensor, incoming: int, classes: int) -> torch.T
 
 def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (losses * weights).sum() / weights.sum()
+
+
+def logit_distance(logits: torch.Tensor, stored: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the mean squared difference between `logits` and `stored`, over each row's first
+    `known[i]` columns (the classes known when it was stored); rows that knew none are left out (0 if none is left)."""
+    width = min(logits.shape[1], stored.shape[1])
+    valid = torch.arange(width)[None, :] < known[:, None]
+    counts = valid.sum(dim=1)
+    rows = counts > 0
+    if not bool(rows.any()):
+        return logits.sum() * 0.0   # keeps the graph: a backward pass through it gives zero gradients
+    squared = torch.where(valid, (logits[:, :width] - stored[:, :width]) ** 2, 0.0)
+    return (squared[rows].sum(dim=1) / counts[rows]).mean()

@@ -55,7 +55,7 @@ from streamlearn.learners.networks import build_network
 from streamlearn.records import Example, Features
 from streamlearn.replay.class_balanced import ClassBalancedBuffer
 from streamlearn.replay.reservoir import ReservoirBuffer
-from streamlearn.replay.store import ReplayBuffer
+from streamlearn.replay.store import Logits, ReplayBuffer
 from streamlearn.replay.time_decayed import TimeDecayedBuffer
 from streamlearn.triggers import Trigger
 
@@ -63,6 +63,7 @@ STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._N
 FEATURES, LABEL, WEIGHT = attrgetter("features"), attrgetter("label"), attrgetter("weight")
 TIMES = (attrgetter("ts"), attrgetter("label_ts"), attrgetter("consumed"))   # the Queue's float columns
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+Stored = tuple[torch.Tensor, torch.Tensor]   # replayed rows' outputs as stored, and the classes known then
 
 
 class Reference(NamedTuple):
@@ -293,7 +294,8 @@ class TorchLearner(LearnerBase):
         if self.task == "regression":
             self.targets.update(y.reshape(-1, 1).astype(np.float64))
         self._set_lr()
-        x_all, y_all, w_all = self._mixed(raw, y, w)
+        x_all, y_all, w_all, rows = self._mixed_rows(raw, y, w)
+        stored = self._stored_logits(rows)
         xs = torch.from_numpy(self.encoder.scale(x_all))   # scaled as it was scored: statistics learn after
         ys = torch.from_numpy(y_all)
         if self.task == "regression":
@@ -302,12 +304,12 @@ class TorchLearner(LearnerBase):
             ys = ys.long()
         ws = None if (w_all == 1.0).all() else torch.from_numpy(w_all)   # feedback weights, when any differ
         for step in range(self.config.train.steps_per_batch):
-            out = self._step(xs, ys, ws, incoming=len(y))
+            out = self._step(xs, ys, ws, incoming=len(y), stored=stored)
             if step == 0 and scored < len(y):
                 self._score(out[scored:len(y)], y[scored:], known[scored:], ts[scored:], raw[scored:])
         self.encoder.learn(raw)
         if self.replay is not None:
-            self.replay.add(raw, y, ts)
+            self.replay.add(raw, y, ts, self._logits_to_keep(out[:len(y)]))
         self.evaluation.learned += len(y)
         if self._consolidation_due(ts) and not self._holding_ewc():
             self.consolidate()
@@ -327,18 +329,39 @@ class TorchLearner(LearnerBase):
 
     def _mixed(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The new examples (first, as they came) plus replayed ones, `replay.ratio` of the whole."""
+        return self._mixed_rows(raw, y, w)[:3]
+
+    def _mixed_rows(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`_mixed`, and the buffer rows replayed."""
         if self.replay is None:
-            return raw, y, w
+            return raw, y, w, np.empty(0, dtype=np.int64)
         ratio = self.config.replay.ratio
         policy = self.evaluation.policy
         since = policy.case.ts if policy.suspected and policy.config.expire_replay else None   # the new concept's rows
         rows = self.replay.sample(int(round(len(y) * ratio / (1 - ratio))), since)
         store = self.replay.store
         return (np.concatenate([raw, store.x[rows]]), np.concatenate([y, store.y[rows]]),
-                np.concatenate([w, np.ones(len(rows), dtype=np.float32)]))
+                np.concatenate([w, np.ones(len(rows), dtype=np.float32)]), rows)
+
+    def _stored_logits(self, rows: np.ndarray) -> Optional[Stored]:
+        """With `train.distill`: the replayed rows' outputs as they were stored, and the classes known then."""
+        if not self.config.train.distill or self.replay is None or not len(rows):
+            return None
+        store = self.replay.store
+        return torch.from_numpy(store.logits[rows]), torch.from_numpy(store.known[rows])
+
+    def _logits_to_keep(self, out: torch.Tensor) -> Optional[Logits]:
+        """With `train.distill`: the incoming rows' outputs of the last step's forward pass, for the buffer; a row
+        with a non-finite output keeps none (zero classes known: never a target)."""
+        if not self.config.train.distill:
+            return None
+        values = out.numpy()
+        finite = np.isfinite(values).all(axis=1)
+        known = np.where(finite, len(self.classes), 0).astype(np.int64)
+        return Logits(np.where(finite[:, None], values, 0.0).astype(np.float32), known)
 
     def _step(self, xs: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor],
-              incoming: Optional[int] = None) -> torch.Tensor:
+              incoming: Optional[int] = None, stored: Optional[Stored] = None) -> torch.Tensor:
         """One gradient step; undone (and counted) if the gradient or the new weights are not finite.
 
         A non-finite loss shows as a non-finite gradient, so the gradient check covers it. Returns the
@@ -352,7 +375,7 @@ class TorchLearner(LearnerBase):
                 self.generator.set_state(torch.get_rng_state())
         else:
             out = self.net(xs)
-        self._loss(out, ys, ws, incoming).backward()
+        self._loss(out, ys, ws, incoming, stored).backward()
         grad = self.flat.param.grad
         if not _finite(grad):
             self.rolled_back += 1
@@ -367,17 +390,24 @@ class TorchLearner(LearnerBase):
         return out.detach()
 
     def _loss(self, out: torch.Tensor, ys: torch.Tensor, ws: Optional[torch.Tensor],
-              incoming: Optional[int] = None) -> torch.Tensor:
+              incoming: Optional[int] = None, stored: Optional[Stored] = None) -> torch.Tensor:
         """Mean loss over the mixed batch, weighted by feedback weights when given; classes not seen yet left out.
 
         With ER-ACE (`train.loss`) the incoming rows (the first `incoming`; None: all) are scored against the classes
-        present among them only, the replayed ones against every class seen.
+        present among them only, the replayed ones against every class seen. With `stored` (the replayed rows'
+        outputs when they were stored, and the classes known then), `train.distill` times their squared distance
+        to the replayed rows' outputs now is added (DER++).
         """
         if self.task == "classification":
             logits = out if len(self.classes) == out.shape[1] else out[:, :len(self.classes)]
+            incoming = len(ys) if incoming is None else incoming
             if losses.uses_er_ace(self.config.train.loss, self.task, self.replay is not None):
-                return losses.er_ace(logits, ys, len(ys) if incoming is None else incoming, ws)
-            return losses.cross_entropy(logits, ys, ws)
+                loss = losses.er_ace(logits, ys, incoming, ws)
+            else:
+                loss = losses.cross_entropy(logits, ys, ws)
+            if stored is not None:
+                loss = loss + self.config.train.distill * losses.logit_distance(out[incoming:], *stored)
+            return loss
         if ws is None:
             return F.mse_loss(out[:, 0], ys)
         return ((out[:, 0] - ys) ** 2 * ws).sum() / ws.sum()
@@ -643,9 +673,14 @@ def _replay_buffer(config: ModelConfig, width: int, seed: int) -> Optional[Repla
     if r.kind == "class_balanced" and config.task != "classification":
         raise ModelError("class_balanced replay needs a classification task", key="replay.kind")
     if r.kind == "time_decayed":
-        return TimeDecayedBuffer(r.capacity, width, r.half_life, seed)
+        return TimeDecayedBuffer(r.capacity, width, r.half_life, seed, logits=_logit_width(config))
     kind = ClassBalancedBuffer if r.kind == "class_balanced" else ReservoirBuffer
-    return kind(r.capacity, width, seed)
+    return kind(r.capacity, width, seed, logits=_logit_width(config))
+
+
+def _logit_width(config: ModelConfig) -> int:
+    """Output units whose values a replay buffer keeps per row: all of them with `train.distill`, else none."""
+    return config.train.max_classes if config.train.distill and config.task == "classification" else 0
 
 
 def _finite_target(label) -> float:

@@ -21,28 +21,28 @@ import numpy as np
 
 from typing import Optional
 
-from streamlearn.replay.store import ReplayStore, load_rng, rng_state, uniform_rows
+from streamlearn.replay.store import Logits, ReplayStore, load_rng, rng_state, uniform_rows
 
 
 class ClassBalancedBuffer:
     """Up to `capacity` examples, split as evenly as the stream allows across classes (labels are class indices)."""
 
-    def __init__(self, capacity: int, dim: int, seed: int = 0) -> None:
-        self.store = ReplayStore(capacity, dim)
+    def __init__(self, capacity: int, dim: int, seed: int = 0, logits: int = 0) -> None:
+        self.store = ReplayStore(capacity, dim, logits)
         self.seen = np.zeros(0, dtype=np.int64)      # examples seen per class
         self.rng = np.random.default_rng(seed)
 
-    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray, logits: Optional[Logits] = None) -> None:
         for i in range(len(x)):
-            self._add_one(x[i], int(y[i]), ts[i])
+            self._add_one(x[i], int(y[i]), ts[i], logits, i)
 
-    def _add_one(self, x: np.ndarray, label: int, ts: float) -> None:
+    def _add_one(self, x: np.ndarray, label: int, ts: float, logits: Optional[Logits], i: int) -> None:
         store = self.store
         if label >= len(self.seen):
             self.seen = np.concatenate([self.seen, np.zeros(label + 1 - len(self.seen), dtype=np.int64)])
         self.seen[label] += 1
         if store.size < store.capacity:
-            store.put(store.size, x, label, ts)
+            store.put(store.size, x, label, ts, logits, i)
             store.size += 1
             return
         held = np.bincount(store.y.astype(np.int64), minlength=len(self.seen))
@@ -53,7 +53,7 @@ class ClassBalancedBuffer:
             rows = np.flatnonzero(store.y == label)
         else:
             return
-        store.put(int(rows[self.rng.integers(len(rows))]), x, label, ts)
+        store.put(int(rows[self.rng.integers(len(rows))]), x, label, ts, logits, i)
 
     def sample(self, n: int, since: Optional[float] = None) -> np.ndarray:
         return uniform_rows(self.store, self.rng, n, since)

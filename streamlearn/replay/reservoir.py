@@ -18,22 +18,21 @@ import numpy as np
 
 from typing import Optional
 
-from streamlearn.replay.store import ReplayStore, load_rng, rng_state, uniform_rows
+from streamlearn.replay.store import Logits, ReplayStore, load_rng, rng_state, uniform_rows
 
 
 class ReservoirBuffer:
     """A uniform sample of the stream so far, `capacity` examples at most."""
 
-    def __init__(self, capacity: int, dim: int, seed: int = 0) -> None:
-        self.store = ReplayStore(capacity, dim)
+    def __init__(self, capacity: int, dim: int, seed: int = 0, logits: int = 0) -> None:
+        self.store = ReplayStore(capacity, dim, logits)
         self.seen = 0
         self.rng = np.random.default_rng(seed)
 
-    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray, logits: Optional[Logits] = None) -> None:
         store = self.store
         fill = min(len(x), store.capacity - store.size)  # empty rows first
-        store.x[store.size:store.size + fill], store.y[store.size:store.size + fill] = x[:fill], y[:fill]
-        store.ts[store.size:store.size + fill] = ts[:fill]
+        store.put_many(np.arange(store.size, store.size + fill), x, y, ts, logits, np.arange(fill))
         store.size += fill
         self.seen += fill
         rest = len(x) - fill
@@ -42,7 +41,7 @@ class ReservoirBuffer:
             rows = self.rng.integers(self.seen + 1 + np.arange(rest))
             self.seen += rest
             for i in np.flatnonzero(rows < store.capacity):  # in order: a later one overwrites an earlier
-                store.put(int(rows[i]), x[fill + i], y[fill + i], ts[fill + i])
+                store.put(int(rows[i]), x[fill + i], y[fill + i], ts[fill + i], logits, fill + i)
 
     def sample(self, n: int, since: Optional[float] = None) -> np.ndarray:
         return uniform_rows(self.store, self.rng, n, since)

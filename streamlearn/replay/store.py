@@ -2,8 +2,11 @@
 
 Rows are feature vectors as the encoder produced them (before scaling, so a
 replayed example is scaled with today's statistics), their label index or value,
-and their event time. The columns and the sampling generator are the buffer's
-whole state, numpy arrays only, so a snapshot stores them without pickle.
+and their event time; with `logits > 0`, also the network's outputs for the row
+when it was learned and how many classes were known then (DER, Buzzega et al.
+2020: a replayed row's current outputs are pulled toward them). The columns and
+the sampling generator are the buffer's whole state, numpy arrays only, so a
+snapshot stores them without pickle.
 
 >>> store = ReplayStore(capacity=3, dim=2)
 >>> store.put(0, np.array([1.0, 2.0]), 1.0, ts=10.0); store.size = 1
@@ -14,28 +17,50 @@ whole state, numpy arrays only, so a snapshot stores them without pickle.
 from __future__ import annotations
 
 import json
-from typing import Optional, Protocol
+from typing import NamedTuple, Optional, Protocol
 
 import numpy as np
 
 
-class ReplayStore:
-    """`capacity` rows of (x, y, ts); rows `[0, size)` are filled."""
+class Logits(NamedTuple):
+    """The network's outputs for rows being added (`values`, one row each) and the classes known for each."""
 
-    def __init__(self, capacity: int, dim: int) -> None:
+    values: np.ndarray
+    known: np.ndarray
+
+
+class ReplayStore:
+    """`capacity` rows of (x, y, ts), and of (logits, known) when `logits > 0`; rows `[0, size)` are filled."""
+
+    def __init__(self, capacity: int, dim: int, logits: int = 0) -> None:
         self.capacity = capacity
         self.x = np.zeros((capacity, dim), dtype=np.float32)
         self.y = np.zeros(capacity, dtype=np.float32)   # class index or regression target
         self.ts = np.zeros(capacity, dtype=np.float64)
+        self.logits = np.zeros((capacity, logits), dtype=np.float32)   # the network's outputs when stored
+        self.known = np.zeros(capacity, dtype=np.int64)                # classes known then: valid logit columns
         self.size = 0
 
-    def put(self, row: int, x: np.ndarray, y: float, ts: float) -> None:
+    def put(self, row: int, x: np.ndarray, y: float, ts: float, logits: Optional[Logits] = None,
+            i: int = 0) -> None:
+        """Writes row `row`; with `logits`, their `i`-th row too (a store without a logits column ignores them)."""
         self.x[row], self.y[row], self.ts[row] = x, y, ts
+        if logits is not None and self.logits.shape[1]:
+            self.logits[row], self.known[row] = logits.values[i], logits.known[i]
+
+    def put_many(self, rows: np.ndarray, x: np.ndarray, y: np.ndarray, ts: np.ndarray,
+                 logits: Optional[Logits] = None, take: Optional[np.ndarray] = None) -> None:
+        """Writes rows `rows` from the inputs' rows `take` (all, in order, when None)."""
+        pick = slice(None) if take is None else take
+        self.x[rows], self.y[rows], self.ts[rows] = x[pick], y[pick], ts[pick]
+        if logits is not None and self.logits.shape[1]:
+            self.logits[rows], self.known[rows] = logits.values[pick], logits.known[pick]
 
     def keep(self, rows: np.ndarray) -> None:
         """Keeps only `rows` (ascending), moved to the front in order; the rest is free again."""
         n = len(rows)
         self.x[:n], self.y[:n], self.ts[:n] = self.x[rows], self.y[rows], self.ts[rows]
+        self.logits[:n], self.known[:n] = self.logits[rows], self.known[rows]
         self.size = n
 
     def drop_before(self, ts: float) -> int:
@@ -49,12 +74,21 @@ class ReplayStore:
         return np.flatnonzero(self.ts[:self.size] >= ts)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.x": self.x, f"{prefix}.y": self.y, f"{prefix}.ts": self.ts,
-                f"{prefix}.size": np.array([self.size], dtype=np.int64)}
+        arrays = {f"{prefix}.x": self.x, f"{prefix}.y": self.y, f"{prefix}.ts": self.ts,
+                  f"{prefix}.size": np.array([self.size], dtype=np.int64)}
+        if self.logits.shape[1]:   # only when kept: snapshots without them stay as they were
+            arrays.update({f"{prefix}.logits": self.logits, f"{prefix}.known": self.known})
+        return arrays
 
     def load(self, arrays: dict[str, np.ndarray], prefix: str) -> None:
         self.x, self.y, self.ts = (arrays[f"{prefix}.{k}"].copy() for k in ("x", "y", "ts"))
         self.size = int(arrays[f"{prefix}.size"][0])
+        if self.logits.shape[1]:
+            if f"{prefix}.logits" in arrays:
+                self.logits, self.known = (arrays[f"{prefix}.{k}"].copy() for k in ("logits", "known"))
+            else:   # a snapshot from before logits were kept: no row has a target for its outputs
+                self.logits = np.zeros((self.capacity, self.logits.shape[1]), dtype=np.float32)
+                self.known = np.zeros(self.capacity, dtype=np.int64)
 
 
 class ReplayBuffer(Protocol):
@@ -62,7 +96,8 @@ class ReplayBuffer(Protocol):
 
     store: ReplayStore
 
-    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None: ...
+    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray, logits: Optional[Logits] = None) -> None:
+        """Offers rows to the buffer (with their logits, kept when the buffer has a logits column)."""
 
     def sample(self, n: int, since: Optional[float] = None) -> np.ndarray:
         """Row indices of `n` replayed examples (fewer when the buffer holds fewer); only rows of event

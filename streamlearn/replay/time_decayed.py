@@ -17,27 +17,27 @@ import numpy as np
 
 from typing import Optional
 
-from streamlearn.replay.store import ReplayStore, load_rng, rng_state
+from streamlearn.replay.store import Logits, ReplayStore, load_rng, rng_state
 
 
 class TimeDecayedBuffer:
     """The last `capacity` examples; sampling weight 2^(-age / half_life), age in examples."""
 
-    def __init__(self, capacity: int, dim: int, half_life: float = 1000.0, seed: int = 0) -> None:
-        self.store = ReplayStore(capacity, dim)
+    def __init__(self, capacity: int, dim: int, half_life: float = 1000.0, seed: int = 0, logits: int = 0) -> None:
+        self.store = ReplayStore(capacity, dim, logits)
         self.half_life = half_life
         self.order = np.zeros(capacity, dtype=np.int64)   # arrival number of each row
         self.seen = 0
         self.rng = np.random.default_rng(seed)
         self.floor = -np.inf   # rows older than this event time are expired: never replayed, overwritten in turn
 
-    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray, ts: np.ndarray, logits: Optional[Logits] = None) -> None:
         store = self.store
         skip = max(0, len(x) - store.capacity)  # of a batch longer than the window, only its tail stays
         self.seen += skip
         arrival = self.seen + np.arange(len(x) - skip)
         rows = arrival % store.capacity          # a ring: the oldest row goes first
-        store.x[rows], store.y[rows], store.ts[rows] = x[skip:], y[skip:], ts[skip:]
+        store.put_many(rows, x, y, ts, logits, np.arange(skip, len(x)))
         self.order[rows] = arrival
         self.seen += len(rows)
         store.size = min(self.seen, store.capacity)

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Literal, Mapping, Optional, Union
 
 import msgspec
 
-from streamlearn.config import Config, check_source, resolve_settings
+from streamlearn.config import Config, KafkaConfig, Setting, check_source, resolve_settings
 from streamlearn.records import Batch, Rejected, decode_batch, encode_batch
 from streamlearn.stream.dead_letters import FileDeadLetters, KafkaDeadLetters
 from streamlearn.stream.file_source import FileSource
@@ -79,9 +79,20 @@ def open_intake(config: Config, resume: Resume) -> Intake:
         sink = FileDeadLetters(path.with_name(path.name + ".dlq.jsonl"))
     else:
         settings = resolve_settings(config.kafka.settings, os.environ)
-        source = open_kafka_source(config.kafka, settings, resume.offsets)
+        source = open_kafka_source(config.kafka, {**consumer_settings(config.kafka), **settings}, resume.offsets)
         sink = KafkaDeadLetters(config.kafka, settings, kafka_topics(config.kafka))
     return Intake(config, source, sink, resume=resume, spill_dir=Path(config.state_dir))
+
+
+def consumer_settings(kafka: KafkaConfig) -> dict[str, Setting]:
+    """The consumer's own client keys that streamlearn's config sets (`kafka.settings` still wins over them).
+
+    Only the consumer gets them: a producer (dead letters) given a consumer key logs a warning at every start.
+    """
+    if kafka.fetch_wait_ms is None:
+        return {}
+    key = "fetch.wait.max.ms" if kafka.client == "confluent-kafka" else "fetch_max_wait_ms"
+    return {key: kafka.fetch_wait_ms}
 
 
 class InlineIntake:
@@ -93,7 +104,9 @@ class InlineIntake:
         self._stop = False
 
     def batches(self, stopping: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
-        yield from self._intake.batches(lambda: self._stop)
+        for batch in self._intake.batches(lambda: self._stop):
+            batch.received = time.time()   # stage timing: handed over in the same thread
+            yield batch
 
     def commit(self, offsets: dict[str, int], final: bool = False) -> None:
         self._intake.commit(offsets)
@@ -137,7 +150,8 @@ class ProcessIntake:
         self._encoder = msgspec.msgpack.Encoder()
         # A socket buffer holds about one batch; this queue lets the intake run a few batches
         # ahead while the learner learns, instead of the two taking turns.
-        self._inbox: queue.Queue[Optional[bytes]] = queue.Queue(maxsize=BATCHES_IN_FLIGHT)
+        # Each frame with the wall time it was received (stage timing: hand-off ends, the learner's queue starts).
+        self._inbox: queue.Queue[Optional[tuple[float, bytes]]] = queue.Queue(maxsize=BATCHES_IN_FLIGHT)
         self._batch_size = config.intake.batch_size
         self._pump = threading.Thread(target=self._receive, name="intake-receiver", daemon=True)
         self._pump.start()
@@ -145,7 +159,8 @@ class ProcessIntake:
     def _receive(self) -> None:
         try:
             while True:
-                self._inbox.put(self._conn.recv_bytes())
+                data = self._conn.recv_bytes()
+                self._inbox.put((time.time(), data))
         except (EOFError, OSError):
             self._inbox.put(None)
 
@@ -154,7 +169,7 @@ class ProcessIntake:
         quiet_since = None
         while True:
             try:
-                data = self._inbox.get(timeout=WAKE_SECONDS)
+                frame = self._inbox.get(timeout=WAKE_SECONDS)
             except queue.Empty:
                 if not stopping():
                     continue
@@ -168,13 +183,14 @@ class ProcessIntake:
                 self._abandon()
                 return
             quiet_since = None
-            if data is None:
+            if frame is None:
                 code = self._process.wait(EXIT_WAIT_SECONDS)
                 if stopping():
                     log.warning("the intake process ended (exit code %s) while stopping", code)
                     return
                 raise IntakeDied(f"intake process died (exit code {code}); its log lines above say why")
-            batch = decode_batch(data)
+            batch = decode_batch(frame[1])
+            batch.received = frame[0]
             if batch.barrier_follows:
                 batch.barrier = self._receive_state()
                 if batch.barrier is None:   # the intake ended while sending it: as if before the batch
@@ -188,12 +204,12 @@ class ProcessIntake:
         """The intake's state that follows a batch: frames up to an empty one, joined (None: the intake ended)."""
         frames = []
         while True:
-            frame = self._inbox.get()
-            if frame is None:
+            item = self._inbox.get()
+            if item is None:
                 return None
-            if not frame:
+            if not item[1]:
                 return b"".join(frames)
-            frames.append(frame)
+            frames.append(item[1])
 
     def _abandon(self) -> None:
         """Ends an intake that does not answer; what it did since the newest snapshot is read again at the next start."""

@@ -43,12 +43,16 @@ from streamlearn.stream import pieces
 from streamlearn.stream.join import FeedbackJoiner, JoinerState
 from streamlearn.stream.source import Chunk, Source
 from streamlearn.stream.watermark import NEVER, PartitionWatermarks
-from streamlearn.telemetry.histogram import DELAY_BUCKETS, WAIT_BUCKETS, Histogram
+from streamlearn.telemetry.histogram import DELAY_BUCKETS, STAGE_BUCKETS, WAIT_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 0.5  # an empty batch at least this often keeps the counters on the learner side fresh
 BARRIER_FLUSH_SECONDS = 1.0  # a barrier waits this long for dead letters to land, then tries at the next cut
 FINAL_FLUSH_SECONDS = 10.0   # the last snapshot waits longer: after it the intake exits
+# The feedback loop's stages timed here, per example (wall clock, measurement only; the learner times the rest):
+# kafka: broker timestamp of the message that completed the example -> read; join: read -> released by the
+# watermark; batch: released -> handed over in a batch (intake.max_wait, intake.batch_size).
+INTAKE_STAGES = ("kafka", "join", "batch")
 
 
 class IntakeState(msgspec.Struct):
@@ -99,6 +103,9 @@ class Intake:
         self.dead: Counter[tuple[str, str]] = Counter()
         self.feedback_delay = Histogram(DELAY_BUCKETS)
         self.queueing: dict[str, Histogram] = {}   # per topic: broker timestamp -> read here
+        # Counted since this process started (not restored: the learner's stages restart with it too).
+        self.stages = {name: Histogram(STAGE_BUCKETS) for name in INTAKE_STAGES}
+        self._released_at = 0.0   # wall time of the newest release by the join
         self._watermark = NEVER
         k = config.kafka
         self._kinds = {k.inference_topic: INFERENCE_TOPIC, k.feedback_topic: FEEDBACK_TOPIC,
@@ -152,36 +159,51 @@ class Intake:
     def batches(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
         """Yields batches until the source is exhausted or `should_stop()`; the last one is `final`."""
         held: list[Example] = []
+        runs: list[tuple[int, float]] = []   # (examples, released at) of what is held, for the batch stage
         first_held_at = last_yield = self.clock()
         while not should_stop():
             examples = self.poll(timeout=self.max_wait, room=self.batch_size - len(held))
             now = self.clock()
             if examples and not held:
                 first_held_at = now
-            held.extend(examples)
+            self._hold(held, runs, examples)
             done = self.source.exhausted()
             if done:
-                held.extend(self.finish())
+                self._hold(held, runs, self.finish())
             due = held and (len(held) >= self.batch_size or now - first_held_at >= self.max_wait)
             if due or done or now - last_yield >= HEARTBEAT_SECONDS:
-                yield from self._pieces(held, final=done, exhausted=done)
-                held, last_yield = [], now
+                yield from self._pieces(held, final=done, exhausted=done, runs=runs)
+                held, runs, last_yield = [], [], now
             if done:
                 return
         # Stopped: what the join holds goes into the final snapshot, to be released as it would have been.
-        yield from self._pieces(held + (self.joiner.flush() if self._flush_on_stop else []), final=True)
+        self._hold(held, runs, self._released(self.joiner.flush()) if self._flush_on_stop else [])
+        yield from self._pieces(held, final=True, runs=runs)
 
-    def _pieces(self, examples: list[Example], final: bool, exhausted: bool = False) -> Iterator[Batch]:
-        """`examples` in batches of at most `batch_size`; the last one is the cut (`exhausted`: no input is left)."""
+    def _hold(self, held: list[Example], runs: list[tuple[int, float]], examples: list[Example]) -> None:
+        """Adds what the join just released to what waits for the next batch, with when it was released."""
+        if examples:
+            held.extend(examples)
+            runs.append((len(examples), self._released_at))
+
+    def _pieces(self, examples: list[Example], final: bool, exhausted: bool = False,
+                runs: tuple[tuple[int, float], ...] | list[tuple[int, float]] = ()) -> Iterator[Batch]:
+        """`examples` in batches of at most `batch_size`; the last one is the cut (`exhausted`: no input is left).
+
+        `runs`: (how many, released at) for `examples`, in order: their wait for this hand-off is the batch stage.
+        """
+        sent = time.time()
+        for count, released in runs:
+            self.stages["batch"].observe(max(0.0, sent - released), count)
         stats = self.stats()
         size = self.batch_size
         cut_at = size * ((len(examples) - 1) // size) if examples else 0
         for start in range(0, cut_at, size):
-            yield Batch(examples[start:start + size], stats=stats, cut=False)
+            yield Batch(examples[start:start + size], stats=stats, cut=False, sent=sent)
         carries = self._barrier(final)
         yield Batch(examples[cut_at:], dict(self.offsets), stats, final=final, exhausted=exhausted,
                     barrier=self.state() if carries and not self.state_follows else None,
-                    barrier_follows=carries and self.state_follows)
+                    barrier_follows=carries and self.state_follows, sent=sent)
 
     def _barrier(self, final: bool) -> bool:
         """Whether this cut carries the state a snapshot asked for (the final cut: always), once every dead
@@ -210,17 +232,29 @@ class Intake:
         room = self.batch_size if room is None else room
         if not self.joiner.releasable(self._watermark):
             self._read(timeout)
-        return self.joiner.advance(self._watermark, room)
+        return self._released(self.joiner.advance(self._watermark, room))
+
+    def _released(self, examples: list[Example]) -> list[Example]:
+        """Times the join stage of examples the join just released (read -> now) and returns them."""
+        if examples:
+            self._released_at = now = time.time()
+            consumed = np.fromiter((e.consumed for e in examples), float, len(examples))
+            self.stages["join"].observe_many(np.maximum(now - consumed[consumed > 0], 0.0))   # 0: not timed
+        return examples
 
     def _read(self, timeout: float) -> None:
         """Reads, decodes and joins one poll's messages; moves the watermark; pauses what runs ahead."""
         chunks = self.source.poll(self.poll_records, timeout)
         self.joiner.consumed = consumed = time.time()
         for chunk in chunks:
+            completing: Optional[list[int]] = [] if chunk.timestamps else None
+            newest = self._take(chunk, completing)
             if chunk.timestamps:
                 waits = consumed - np.asarray(chunk.timestamps)
                 self._queueing(chunk.topic).observe_many(waits[~np.isnan(waits)])
-            newest = self._take(chunk)
+                if completing:   # the kafka stage: the waits of the messages that completed an example
+                    waits = waits[completing]
+                    self.stages["kafka"].observe_many(np.maximum(waits[~np.isnan(waits)], 0.0))
             if newest > NEVER:
                 self.watermarks.observe(chunk.partition, newest)
             self.offsets[chunk.partition] = chunk.next_offset
@@ -249,10 +283,13 @@ class Intake:
     def finish(self) -> list[Example]:
         """End of input: everything seen has arrived, so the watermark moves to the newest event."""
         self._watermark = max(self._watermark, self.watermarks.newest())
-        return self.joiner.advance(self._watermark) + self.joiner.flush()
+        return self._released(self.joiner.advance(self._watermark) + self.joiner.flush())
 
-    def _take(self, chunk: Chunk) -> float:
+    def _take(self, chunk: Chunk, completing: Optional[list[int]] = None) -> float:
         """Decodes, checks and joins one chunk's messages; returns the newest event time accepted.
+
+        `completing` gets the index of each message that completed an example (a pair's second half, or a
+        prejoined example), for the kafka stage.
 
         Total: whatever decoding or joining one message raises, that message is dead-lettered
         `undecodable` (the exception's class in the detail), counted, and the chunk goes on. Where
@@ -268,6 +305,9 @@ class Intake:
         stamps = chunk.timestamps or None   # one per message, as the sources give them
         ahead = self.decoder.max_future_seconds
         newest, refused = NEVER, 0
+        matches = self.joiner.delays   # one entry per pair matched (drained by `stats`, never during a chunk)
+        every = kind == EXAMPLES_TOPIC   # a prejoined example is complete in its one message
+        track = completing is not None
         for i, (raw, offset) in enumerate(zip(chunk.values, chunk.offsets)):
             try:
                 record = decode(raw)
@@ -275,7 +315,10 @@ class Intake:
                     if stamps is not None and record.ts - stamps[i] > ahead:
                         record = self.decoder.ahead_of_broker(record.ts, stamps[i])
                     else:
+                        matched = len(matches)
                         accept(record)
+                        if track and (every or len(matches) != matched):
+                            completing.append(i)
             except Exception as err:   # noqa: BLE001 - one message must never stop the intake
                 record = _undecodable(err)
             if type(record) is DeadLetter:
@@ -307,6 +350,7 @@ class Intake:
             events=dict(self.events), dead_letters=dict(self.dead), join=dict(self.joiner.outcomes),
             join_pending=self.joiner.pending, feedback_delay=self.feedback_delay.state(),
             consumer_lag=self.source.lag(), queueing={t: h.state() for t, h in self.queueing.items()},
+            stages={name: h.state() for name, h in self.stages.items()},
             watermark=self._watermark, assigned=sorted(self._known_partitions),
             caught_up=self._watermark >= self.watermarks.newest() and not self.joiner.held,
             broker=self.source.problem(),

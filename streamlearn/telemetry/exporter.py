@@ -36,8 +36,10 @@ class ServiceCollector(Collector):
                  learners: Callable[[], Iterable[Learner]],
                  snapshots: Callable[[], Optional[Snapshotter]] = lambda: None,
                  served: Callable[[], Mapping[str, ServedScores]] = dict,
-                 handoff: Callable[[], Optional["Handoff"]] = lambda: None, rejected_topic: str = "") -> None:
+                 handoff: Callable[[], Optional["Handoff"]] = lambda: None, rejected_topic: str = "",
+                 stages: Callable[[], Mapping[str, HistogramState]] = dict) -> None:
         self._intake_stats = intake_stats
+        self._stages = stages   # stage name -> seconds of the feedback loop's examples in it
         self._rejected_topic = rejected_topic   # the dead-letter topic label of examples a model refused
         self._learners = learners
         self._snapshots = snapshots
@@ -51,6 +53,11 @@ class ServiceCollector(Collector):
         own = [(l.name, l.metrics()) for l in learners]   # each learner's own figures, read once per scrape
         yield from _intake_metrics(stats, _learn_error_letters(evaluations, self._rejected_topic))
         yield from _learner_metrics(evaluations, own, self._served())
+        yield _histogram("stage_seconds", "Where the feedback loop's time goes, per example, by stage: kafka (broker "
+                         "timestamp of the message completing it -> read), join (read -> released by the watermark), "
+                         "batch (released -> handed over), handoff (-> received by the learner process), queue "
+                         "(-> its batch's learning starts), learn (-> the batch learned).",
+                         [((name,), state) for name, state in self._stages().items()], ["stage"])
         yield from _probe_metrics(evaluations)
         snapshots = self._snapshots()
         if snapshots is not None:

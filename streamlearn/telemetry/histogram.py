@@ -22,6 +22,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Time spent waiting (in the broker, in the join): milliseconds when keeping up, hours when replaying a backlog.
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
                 21600.0, 86400.0)
+# Stages of the feedback loop (streamlearn_stage_seconds): fine below 100 ms, where a live service sits, out to a day
+# for a backlog's join wait.
+STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
 DELAY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 
 
@@ -46,9 +50,10 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+    def observe(self, value: float, times: int = 1) -> None:
+        """Counts `value` once, or `times` times (the examples of one batch that waited alike)."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.total += value * times
 
     def observe_many(self, values) -> None:
         arr = np.asarray(values, dtype=float)
