@@ -28,7 +28,8 @@ import orjson
 from streamlearn.config import Config
 from streamlearn.learners.models import build_model
 from streamlearn.stream.channel import start_intake
-from streamlearn.stream.kafka_source import FETCH_QUEUE_BACKOFF_MS, FETCH_WAIT_MS, PREFETCH_KBYTES, PREFETCH_MESSAGES
+from streamlearn.stream.kafka_source import (FETCH_MAX_BYTES, FETCH_QUEUE_BACKOFF_MS, FETCH_WAIT_MS, PREFETCH_KBYTES,
+                                              PREFETCH_MESSAGES)
 
 STEADY_SHARE = 0.95
 CONSUME_BATCH = 10_000
@@ -50,6 +51,7 @@ def _consumer(bootstrap: str, topics: tuple[str, ...], auto_commit: bool = False
         "auto.offset.reset": "earliest", "enable.auto.commit": auto_commit,
         "fetch.wait.max.ms": FETCH_WAIT_MS, "queued.max.messages.kbytes": PREFETCH_KBYTES,
         "queued.min.messages": PREFETCH_MESSAGES, "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
+        "fetch.max.bytes": FETCH_MAX_BYTES,
     })
     consumer.subscribe(list(topics))
     return consumer
