@@ -115,7 +115,7 @@ def test_the_learner_tells_replayed_rows_from_incoming_ones():
         model.learn_batch(task([0, 1], 64, 0))
         model.learn_batch(task([2], 3, 64))       # class 2 appears; 3 rows wait in the queue
         raw, y, w = (model.queue.columns[i] for i in (0, 1, 2))
-        x_all, y_all, _ = model._mixed(raw, y, w)
+        x_all, y_all, _, _ = model._mixed_rows(raw, y, w)
         assert len(y) == 3 and len(y_all) == 6 and set(y_all[3:].tolist()) <= {0.0, 1.0}   # incoming rows first
         with torch.no_grad():
             out = model.net(torch.from_numpy(model.encoder.scale(x_all)))

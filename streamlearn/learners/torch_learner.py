@@ -327,12 +327,9 @@ class TorchLearner(LearnerBase):
                                          self.consolidation.state())
         return self.consolidation.check(evaluation.learned, float(ts.max()), score=lambda: evaluation.watched_score)
 
-    def _mixed(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The new examples (first, as they came) plus replayed ones, `replay.ratio` of the whole."""
-        return self._mixed_rows(raw, y, w)[:3]
-
     def _mixed_rows(self, raw, y, w) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """`_mixed`, and the buffer rows replayed."""
+        """The new examples (first, as they came) plus replayed ones, `replay.ratio` of the whole; and the buffer
+        rows replayed."""
         if self.replay is None:
             return raw, y, w, np.empty(0, dtype=np.int64)
         ratio = self.config.replay.ratio
