@@ -157,8 +157,10 @@ def create_topics(broker: EmbeddedBroker, partitions: int) -> dict[str, str]:
 
 
 def write_config(path: Path, state_dir: Path, source: str, bootstrap: str, topics: dict[str, str], group: str,
-                 every_examples: int = 100_000, metrics: bool = True, extra: str = "", batch_size: int = 1000) -> Path:
-    """A service config: default join and intake settings, snapshots with an audit log, two River models."""
+                 every_examples: int = 100_000, metrics: bool = True, extra: str = "", batch_size: int = 1000,
+                 processes: int = 1) -> Path:
+    """A service config: default join and intake settings, snapshots with an audit log, two River models
+    (`processes`: `intake.processes`)."""
     path.write_text(f"""
 source = "{source}"
 state_dir = "{state_dir}"
@@ -166,6 +168,7 @@ seed = 3
 {kafka_toml(bootstrap, group, topics)}[intake]
 max_message_bytes = {MAX_MESSAGE_BYTES}
 batch_size = {batch_size}
+processes = {processes}
 [snapshot]
 every_examples = {every_examples}
 audit_log = "{state_dir}/learned.log"

@@ -98,18 +98,19 @@ def bare_loop(examples) -> float:
     return len(examples) / (time.perf_counter() - started)
 
 
-def service_config(bootstrap: str, client: str, mode: str, model: dict | None = None):
+def service_config(bootstrap: str, client: str, mode: str, model: dict | None = None, processes: int = 1):
     return parse_config({
         "kafka": {"bootstrap_servers": bootstrap, "client": client, "group_id": f"bench-{uuid.uuid4().hex[:8]}",
                   "session_timeout_ms": 6000, "examples_topic": ""},
-        "intake": {"mode": mode},
+        "intake": {"mode": mode, "processes": processes},
         "models": {"default": model or {"model": MODEL}},
         "metrics": {"enabled": False},
         "state_dir": tempfile.mkdtemp(prefix="streamlearn-bench-"),
     }, env={})
 
 
-def service_throughput(bootstrap: str, client: str, mode: str, total: int, model: dict | None = None) -> float:
+def service_throughput(bootstrap: str, client: str, mode: str, total: int, model: dict | None = None,
+                       processes: int = 1) -> float:
     """Steady-state examples/s: from the first learned batch until 95% of the backlog is learned.
 
     The group join before and the tail after are left out (as they were when the tail waited for
@@ -124,20 +125,24 @@ def service_throughput(bootstrap: str, client: str, mode: str, total: int, model
         if batch.examples and (not marks or marks[-1][1] < STEADY_SHARE * total):
             marks.append((time.perf_counter(), taken(service)))
 
-    Service(service_config(bootstrap, client, mode, model)).run(until=lambda s: taken(s) >= total, on_batch=on_batch)
+    Service(service_config(bootstrap, client, mode, model, processes)).run(until=lambda s: taken(s) >= total, on_batch=on_batch)
     (t0, n0), (t1, n1) = marks[0], marks[-1]
     return (n1 - n0) / (t1 - t0)
 
 
-SERVICE_PATHS = (("confluent-kafka", "process"), ("kafka-python", "process"), ("confluent-kafka", "inline"))
-LIMITS = ("bare consume", "intake alone", "dict join loop")
+# (client, intake mode, intake processes)
+SERVICE_PATHS = (("confluent-kafka", "process", 1), ("kafka-python", "process", 1), ("confluent-kafka", "inline", 1),
+                 ("confluent-kafka", "process", 2))
+LIMITS = ("bare consume", "intake alone", "dict join loop", "intake alone, 2 processes")
 
 
 def limit_rounds(bootstrap: str, total: int) -> dict[str, float]:
     """One round of the reference rows of `limits.py` on the backlog (examples/s)."""
     return {"bare consume": bare_consume(bootstrap, TOPICS[:2], total),
             "intake alone": intake_alone(service_config(bootstrap, "confluent-kafka", "process"), total),
-            "dict join loop": dict_join_loop(bootstrap, TOPICS[:2], total, MODEL)}
+            "dict join loop": dict_join_loop(bootstrap, TOPICS[:2], total, MODEL),
+            "intake alone, 2 processes": intake_alone(service_config(bootstrap, "confluent-kafka", "process",
+                                                                     processes=2), total)}
 
 
 def main() -> None:
@@ -153,7 +158,7 @@ def main() -> None:
     torch.set_num_threads(1)  # as the service does (torch_threads = 1): small networks lose to thread hand-offs
     x, y = encoded(examples[:args.torch_examples])
     bare: list[float] = []
-    service: dict[tuple[str, str], list[float]] = {path: [] for path in SERVICE_PATHS}
+    service: dict[tuple[str, str, int], list[float]] = {path: [] for path in SERVICE_PATHS}
     limits: dict[str, list[float]] = {name: [] for name in LIMITS}
     torch_runs: dict[tuple[int, str], dict[str, list[float]]] = {
         run: {"bare": [], "learner": [], "service": []} for run in TORCH_RUNS}
@@ -162,8 +167,9 @@ def main() -> None:
         produce_backlog(broker.bootstrap_servers, examples)
         for _ in range(args.repeat):  # interleaved, so that a machine that drifts affects both sides alike
             bare.append(bare_loop(examples))
-            for client, mode in SERVICE_PATHS:
-                service[(client, mode)].append(service_throughput(broker.bootstrap_servers, client, mode, len(examples)))
+            for client, mode, processes in SERVICE_PATHS:
+                service[(client, mode, processes)].append(
+                    service_throughput(broker.bootstrap_servers, client, mode, len(examples), processes=processes))
             for name, eps in limit_rounds(broker.bootstrap_servers, len(examples)).items():
                 limits[name].append(eps)
             for batch, config in TORCH_RUNS:
@@ -181,16 +187,16 @@ def main() -> None:
     report(args, bare, service, limits, runs, torch_runs)
 
 
-def report(args, bare: list[float], service: dict[tuple[str, str], list[float]], limits: dict[str, list[float]],
+def report(args, bare: list[float], service: dict[tuple[str, str, int], list[float]], limits: dict[str, list[float]],
            latency_runs: dict, torch_runs: dict[tuple[int, str], dict[str, list[float]]]) -> None:
     bare_eps = statistics.median(bare)
     print(f"{'path':<40} {'examples/s':>11} {'min':>9} {'max':>9} {'x bare':>7}")
     print(f"{'bare River loop (in memory)':<40} {bare_eps:>11,.0f} {min(bare):>9,.0f} {max(bare):>9,.0f} {1:>7.2f}")
     medians = {}
-    for (client, mode), runs in service.items():
-        medians[(client, mode)] = eps = statistics.median(runs)
-        print(f"{'service: ' + client + ', intake ' + mode:<40} {eps:>11,.0f} {min(runs):>9,.0f} {max(runs):>9,.0f} "
-              f"{eps / bare_eps:>7.2f}")
+    for (client, mode, processes), runs in service.items():
+        medians[(client, mode, processes)] = eps = statistics.median(runs)
+        path = f"service: {client}, intake {mode}" + (f" x{processes}" if processes > 1 else "")
+        print(f"{path:<40} {eps:>11,.0f} {min(runs):>9,.0f} {max(runs):>9,.0f} {eps / bare_eps:>7.2f}")
     limit_eps = {name: statistics.median(runs) for name, runs in limits.items()}
     for name, runs in limits.items():
         print(f"{'reference: ' + name:<40} {limit_eps[name]:>11,.0f} {min(runs):>9,.0f} {max(runs):>9,.0f} "
@@ -223,8 +229,8 @@ def report(args, bare: list[float], service: dict[tuple[str, str], list[float]],
     torch_figures["torch_32_ewc_cost"] = round(ewc_cost, 3)
     print(f"service: end to end through Kafka; learner: the TorchLearner alone on the same examples in memory. "
           f"EWC penalty at batch 32: {100 * ewc_cost:.1f}% of the learner's throughput (ewc vs plain)")
-    service_eps, kafka_python_eps, inline_eps = (medians[path] for path in SERVICE_PATHS)
-    consume_eps, intake_eps, loop_eps = (limit_eps[name] for name in LIMITS)
+    service_eps, kafka_python_eps, inline_eps, two_intakes_eps = (medians[path] for path in SERVICE_PATHS)
+    consume_eps, intake_eps, loop_eps, two_intakes_alone_eps = (limit_eps[name] for name in LIMITS)
     print(json.dumps({
         "service_eps": round(service_eps), "bare_eps": round(bare_eps), "ratio": round(service_eps / bare_eps, 3),
         "bare_consume_eps": round(consume_eps), "intake_eps": round(intake_eps), "dict_join_loop_eps": round(loop_eps),
@@ -232,6 +238,8 @@ def report(args, bare: list[float], service: dict[tuple[str, str], list[float]],
         "loop_ratio": round(service_eps / loop_eps, 3), "intake_consume_ratio": round(intake_eps / consume_eps, 3),
         "kafka_python_eps": round(kafka_python_eps), "kafka_python_ratio": round(kafka_python_eps / bare_eps, 3),
         "inline_eps": round(inline_eps), "inline_ratio": round(inline_eps / bare_eps, 3),
+        "two_intakes_eps": round(two_intakes_eps), "two_intakes_ratio": round(two_intakes_eps / bare_eps, 3),
+        "two_intakes_alone_eps": round(two_intakes_alone_eps),
         "offered_rate": args.rate, "latency_p50_ms": round(p50 * 1000, 1), "latency_p99_ms": round(p99 * 1000, 1),
         **{k: v for run, prefix in ((latency, "latency_"), (low, "latency_low_"))
            for k, v in figures(run, prefix).items() if k not in ("latency_p50_ms", "latency_p99_ms")},

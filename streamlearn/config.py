@@ -88,6 +88,9 @@ class IntakeConfig(_Section):
     # An event time more than this far ahead of the message's broker timestamp is refused (`schema`):
     # one absurd `ts` would otherwise carry its partition's watermark into the future and expire every pending join.
     max_future_seconds: Positive = 3600.0
+    # Intake processes (Kafka, mode "process"): each reads the same partition numbers of every topic (co-partitioned
+    # by request id) and joins them; the learner merges their examples in event time (`stream/fan_in.py`).
+    processes: PositiveInt = 1
 
 
 class TrainConfig(_Section):
@@ -354,6 +357,9 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: gate.holdout_every: 1 would hold out every example; 0 (none) or >= 2")
     if config.publish.enabled:
         _check_publish(config.publish)
+    if config.intake.processes > 1 and (config.intake.mode != "process" or config.file_path is not None):
+        raise ConfigError("config error: intake.processes: more than 1 needs source = \"kafka\" and "
+                          "intake.mode = \"process\" (a file is one partition)")
     for name, model in config.models.items():
         if model.train.loss == "er_ace" and model.task != "classification":
             raise ConfigError(f"config error: models.{name}.train.loss: \"er_ace\" needs task = \"classification\"")

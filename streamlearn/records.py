@@ -61,6 +61,8 @@ class IntakeStats(msgspec.Struct):
     caught_up: bool = False                        # every partition idle and all input released
     broker: str = ""                               # what keeps the source from reading, in words ("": nothing)
     stages: dict[str, HistogramState] = {}         # intake stages of the feedback loop (kafka, join, batch): seconds
+    released_to: float = float("-inf")             # every example before this event time has been handed over
+                                                   # (the watermark, or the oldest example the join still holds)
 
 
 class Batch(msgspec.Struct):

@@ -67,11 +67,11 @@ def make_backlog(broker, folder: Path, spec: BacklogSpec, every_examples: int) -
 
 
 def catch_up(broker, backlog: Backlog, name: str, every_examples: int, extra: str = "",
-             timeout: float = 180.0) -> RunResult:
+             timeout: float = 180.0, processes: int = 1) -> RunResult:
     """One `streamlearn run` on the backlog with a consumer group of its own, until the file's examples are learned."""
     state = backlog.folder / name
     config = write_config(backlog.folder / f"{name}.toml", state, "kafka", broker.bootstrap_servers, backlog.topics,
-                          f"{name}-{uuid.uuid4().hex[:6]}", every_examples, extra=extra)
+                          f"{name}-{uuid.uuid4().hex[:6]}", every_examples, extra=extra, processes=processes)
     return run_kafka(config, state, backlog.produced, backlog.reference.summary["learned"], timeout=timeout)
 
 

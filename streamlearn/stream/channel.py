@@ -33,16 +33,21 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Optional, Union
 
 import msgspec
 
-from streamlearn.config import Config, KafkaConfig, Setting, check_source, resolve_settings
+from streamlearn.config import Config, ConfigError, KafkaConfig, Setting, check_source, resolve_settings
 from streamlearn.records import Batch, Rejected, decode_batch, encode_batch
 from streamlearn.stream.dead_letters import FileDeadLetters, KafkaDeadLetters
 from streamlearn.stream.file_source import FileSource
 from streamlearn.stream.intake import Intake, Resume
 from streamlearn.stream.kafka_source import kafka_topics, open_kafka_source
+from streamlearn.stream.merge import check_intakes
+from streamlearn.stream.source import Share
+
+if TYPE_CHECKING:
+    from streamlearn.stream.fan_in import FanInIntake
 
 log = logging.getLogger(__name__)
 FINAL_COMMIT_WAIT = 30.0   # the learner's final commit follows the last snapshot's write: room for a slow disk
@@ -59,6 +64,10 @@ WAKE_SECONDS = 0.25   # how often a learner waiting for a batch looks whether it
 class IntakeDied(RuntimeError):
     """The intake process ended without being asked to: one line for the log, no traceback."""
 
+    def __init__(self, code: Optional[int]) -> None:
+        super().__init__(f"intake process died (exit code {code}); its log lines above say why")
+        self.code = code
+
 
 class Control(msgspec.Struct):
     """A message from the learner side to the intake."""
@@ -70,8 +79,8 @@ class Control(msgspec.Struct):
     rejected: list[Rejected] = []
 
 
-def open_intake(config: Config, resume: Resume) -> Intake:
-    """Builds the configured source and dead-letter sink, and the intake over them."""
+def open_intake(config: Config, resume: Resume, share: Optional[Share] = None) -> Intake:
+    """Builds the configured source and dead-letter sink, and the intake over them (over `share` of the partitions)."""
     path = config.file_path
     if path is not None:
         start_line = resume.offsets.get(f"file:{path}", 0)
@@ -79,7 +88,7 @@ def open_intake(config: Config, resume: Resume) -> Intake:
         sink = FileDeadLetters(path.with_name(path.name + ".dlq.jsonl"))
     else:
         settings = resolve_settings(config.kafka.settings, os.environ)
-        source = open_kafka_source(config.kafka, {**consumer_settings(config.kafka), **settings}, resume.offsets)
+        source = open_kafka_source(config.kafka, {**consumer_settings(config.kafka), **settings}, resume.offsets, share)
         sink = KafkaDeadLetters(config.kafka, settings, kafka_topics(config.kafka))
     return Intake(config, source, sink, resume=resume, spill_dir=Path(config.state_dir))
 
@@ -136,7 +145,7 @@ class ProcessIntake:
     never re-imports the caller's `__main__`.
     """
 
-    def __init__(self, config: Config, resume: Resume) -> None:
+    def __init__(self, config: Config, resume: Resume, share: Optional[Share] = None) -> None:
         check_source(config)   # a one-line ConfigError here, not a traceback from the child
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
@@ -145,7 +154,7 @@ class ProcessIntake:
             [sys.executable, "-m", "streamlearn.stream.channel", str(fd)],
             stdin=subprocess.PIPE, pass_fds=(fd,), env=_child_environment(os.environ))
         theirs.close()
-        self._process.stdin.write(msgspec.msgpack.encode(ChildArgs(config, resume)))
+        self._process.stdin.write(msgspec.msgpack.encode(ChildArgs(config, resume, share)))
         self._process.stdin.close()
         self._encoder = msgspec.msgpack.Encoder()
         # A socket buffer holds about one batch; this queue lets the intake run a few batches
@@ -166,39 +175,42 @@ class ProcessIntake:
 
     def batches(self, stopping: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
         """The intake's batches, up to its final one; after `stopping()`, up to a silence of `STOP_PATIENCE`."""
-        quiet_since = None
+        patience = StopPatience(self.request_stop)
         while True:
             try:
-                frame = self._inbox.get(timeout=WAKE_SECONDS)
-            except queue.Empty:
+                batch = self.next_batch(WAKE_SECONDS)
+            except IntakeDied as died:
                 if not stopping():
-                    continue
-                if quiet_since is None:   # no batch to answer with a stop yet (e.g. still starting): say it now
-                    quiet_since = time.monotonic()
-                    self.request_stop()
-                if time.monotonic() - quiet_since < STOP_PATIENCE:
-                    continue
-                log.warning("the intake did not answer the stop within %.0f s (still starting, or the broker cannot "
-                            "be reached): stopping without its final batch", STOP_PATIENCE)
-                self._abandon()
+                    raise
+                log.warning("the intake process ended (exit code %s) while stopping", died.code)
                 return
-            quiet_since = None
-            if frame is None:
-                code = self._process.wait(EXIT_WAIT_SECONDS)
-                if stopping():
-                    log.warning("the intake process ended (exit code %s) while stopping", code)
+            if batch is None:
+                if stopping() and patience.exhausted():
+                    self.abandon()
                     return
-                raise IntakeDied(f"intake process died (exit code {code}); its log lines above say why")
-            batch = decode_batch(frame[1])
-            batch.received = frame[0]
-            if batch.barrier_follows:
-                batch.barrier = self._receive_state()
-                if batch.barrier is None:   # the intake ended while sending it: as if before the batch
-                    self._inbox.put(None)
-                    continue
+                continue
+            patience.heard()
             yield batch
             if batch.final:
                 return
+
+    def next_batch(self, timeout: float) -> Optional[Batch]:
+        """The intake's next batch (None: none came within `timeout`); raises `IntakeDied` once the process ended."""
+        try:
+            frame = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if frame is None:
+            self._inbox.put(None)   # ended for every later call too
+            raise IntakeDied(self._process.wait(EXIT_WAIT_SECONDS))
+        batch = decode_batch(frame[1])
+        batch.received = frame[0]
+        if batch.barrier_follows:
+            batch.barrier = self._receive_state()
+            if batch.barrier is None:   # the intake ended while sending it: as if before the batch
+                self._inbox.put(None)
+                return self.next_batch(timeout)
+        return batch
 
     def _receive_state(self) -> Optional[bytes]:
         """The intake's state that follows a batch: frames up to an empty one, joined (None: the intake ended)."""
@@ -211,7 +223,7 @@ class ProcessIntake:
                 return b"".join(frames)
             frames.append(item[1])
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         """Ends an intake that does not answer; what it did since the newest snapshot is read again at the next start."""
         self._process.kill()
         self._process.wait()
@@ -253,6 +265,33 @@ class ProcessIntake:
             self._process.wait()
 
 
+class StopPatience:
+    """After a stop: how long an intake that says nothing is waited for before it is abandoned (`STOP_PATIENCE`).
+
+    An intake still starting can be held a minute by a broker that cannot be reached, and has no batch to
+    answer the stop with: at the first silence the stop is said again (`request_stop`), then waited for.
+    """
+
+    def __init__(self, request_stop: Callable[[], None]) -> None:
+        self._request_stop = request_stop
+        self._since: Optional[float] = None
+
+    def heard(self) -> None:
+        self._since = None
+
+    def exhausted(self) -> bool:
+        """Called at each silence after the stop: whether the wait is over (with a warning, once)."""
+        if self._since is None:
+            self._since = time.monotonic()
+            self._request_stop()
+            return False
+        if time.monotonic() - self._since < STOP_PATIENCE:
+            return False
+        log.warning("the intake did not answer the stop within %.0f s (still starting, or the broker cannot "
+                    "be reached): stopping without its final batch", STOP_PATIENCE)
+        return True
+
+
 def _child_environment(env: Mapping[str, str]) -> dict[str, str]:
     """The intake child's environment: glibc's malloc told to hand large buffers straight back.
 
@@ -267,6 +306,7 @@ def _child_environment(env: Mapping[str, str]) -> dict[str, str]:
 class ChildArgs(msgspec.Struct):
     config: Config
     resume: Resume
+    share: Optional[Share] = None
 
 
 def _intake_main(fd: int) -> None:
@@ -280,7 +320,11 @@ def _intake_main(fd: int) -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s intake: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
     conn = Connection(fd)
-    intake = open_intake(config, args.resume)
+    try:
+        intake = open_intake(config, args.resume, args.share)
+    except ConfigError as err:   # one line (e.g. topics not co-partitioned for intake.processes), no traceback
+        log.error("%s", err)
+        sys.exit(2)
     controls = _ControlReader(conn, intake)
     intake.state_follows = True
     try:
@@ -291,6 +335,9 @@ def _intake_main(fd: int) -> None:
         controls.await_final_commit(FINAL_COMMIT_WAIT)
     except (OSError, EOFError):
         pass  # the learner went away; nothing to hand over to
+    except ConfigError as err:   # found while reading: partitions added to one topic only
+        log.error("%s", err)
+        sys.exit(2)
     finally:
         intake.close()
         conn.close()
@@ -352,12 +399,19 @@ class _ControlReader:
         self.finished = control.kind == "final_commit"
 
 
-Channel = Union[InlineIntake, ProcessIntake]
+Channel = Union[InlineIntake, ProcessIntake, "FanInIntake"]
 
 
 def start_intake(config: Config, resume: Optional[Resume] = None) -> Channel:
+    """The configured intake: inline, one process, or `intake.processes` of them merged (`stream/fan_in.py`)."""
+    resume = resume or Resume()
+    if config.intake.processes > 1:
+        from streamlearn.stream.fan_in import FanInIntake   # here, not above: it is built on `ProcessIntake`
+
+        return FanInIntake(config, resume)
+    check_intakes(resume.state, 1)   # a snapshot of several intakes: one line, not a traceback from the child
     kind = ProcessIntake if config.intake.mode == "process" else InlineIntake
-    return kind(config, resume or Resume())
+    return kind(config, resume)
 
 
 if __name__ == "__main__":

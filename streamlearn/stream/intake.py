@@ -351,7 +351,8 @@ class Intake:
             join_pending=self.joiner.pending, feedback_delay=self.feedback_delay.state(),
             consumer_lag=self.source.lag(), queueing={t: h.state() for t, h in self.queueing.items()},
             stages={name: h.state() for name, h in self.stages.items()},
-            watermark=self._watermark, assigned=sorted(self._known_partitions),
+            watermark=self._watermark, released_to=min(self._watermark, self.joiner.held_from()),
+            assigned=sorted(self._known_partitions),
             caught_up=self._watermark >= self.watermarks.newest() and not self.joiner.held,
             broker=self.source.problem(),
         )

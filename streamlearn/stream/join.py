@@ -100,6 +100,11 @@ class FeedbackJoiner:
         """Matched and pre-joined examples waiting for the watermark (or for `advance`)."""
         return len(self._ready) + len(self._overflow)
 
+    def held_from(self) -> float:
+        """The event time of the oldest example held for release (inf: none): all before it went out."""
+        oldest = self._ready[0][0] if self._ready else math.inf
+        return min(oldest, min((e.ts for e in self._overflow), default=math.inf))
+
     def state(self) -> JoinerState:
         closed = self._closed.state()
         return JoinerState(list(map(msgspec.Raw, self._logs.packed())), list(self._early.values()), closed.recent,

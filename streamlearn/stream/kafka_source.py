@@ -8,6 +8,11 @@ Offsets are never auto-committed: the service decides what is done. When
 `start_offsets` are given (from a snapshot), an assigned partition starts there
 instead of at the group's committed offset.
 
+Given a `Share` (`intake.processes` > 1), a source takes no part in the group's
+rebalancing: it assigns itself its share of the partitions (the same numbers of
+every topic), looks again every `SHARE_REFRESH_SECONDS` for partitions added, and
+commits to the group's offsets as a member would.
+
 When the broker cannot be reached, the client keeps retrying and the source says so
 once (`streamlearn.stream.broker_watch`); `problem()` puts it in words for `/readyz`.
 """
@@ -21,7 +26,7 @@ from typing import Mapping, Optional
 
 from streamlearn.config import KafkaConfig, Setting
 from streamlearn.stream.broker_watch import BrokerWatch, client_callbacks
-from streamlearn.stream.source import Chunk, position_key, split_position
+from streamlearn.stream.source import Chunk, Share, position_key, split_position
 
 log = logging.getLogger(__name__)
 LAG_REFRESH_SECONDS = 5.0
@@ -43,25 +48,31 @@ FETCH_QUEUE_BACKOFF_MS = 20
 # ahead in event time keep theirs: with the default 50 MB, responses of several MB each came and went, the intake
 # swung by ~10 MB and grew 25-28% from a 100,000 to a 1,000,000-request backlog. 1 MB: +12%, catch-up as fast.
 FETCH_MAX_BYTES = 1 << 20
+SHARE_REFRESH_SECONDS = 30.0   # a source with a share looks this often for partitions added to its topics
+METADATA_TIMEOUT = 1.0         # seconds one look at the topics' metadata may take (the poll waits for it)
 NO_TIMESTAMP = float("nan")   # a message without a broker timestamp: the list stays one entry per message
 def kafka_topics(config: KafkaConfig) -> list[str]:
     return [t for t in (config.inference_topic, config.feedback_topic, config.examples_topic) if t]
 
 
 def open_kafka_source(config: KafkaConfig, settings: Mapping[str, Setting],
-                      start_offsets: Optional[Mapping[str, int]] = None):
-    """Returns a subscribed source for the configured client."""
+                      start_offsets: Optional[Mapping[str, int]] = None, share: Optional[Share] = None):
+    """Returns a subscribed source for the configured client (given a share: one assigned that share)."""
     kind = ConfluentSource if config.client == "confluent-kafka" else KafkaPythonSource
-    return kind(config, settings, dict(start_offsets or {}))
+    return kind(config, settings, dict(start_offsets or {}), share)
 
 
 class ConfluentSource:
     """Consumer group through librdkafka (confluent-kafka)."""
 
-    def __init__(self, config: KafkaConfig, settings: Mapping[str, Setting], start: dict[str, int]) -> None:
+    def __init__(self, config: KafkaConfig, settings: Mapping[str, Setting], start: dict[str, int],
+                 share: Optional[Share] = None) -> None:
         from confluent_kafka import Consumer
 
         self._start = start
+        self._topics = kafka_topics(config)
+        self._share = share
+        self._share_at = -LAG_REFRESH_SECONDS   # monotonic time of the last look at the share's partitions
         self._assigned: set[str] = set()
         self._at_end: set[str] = set()   # partitions whose last word was an end-of-partition event
         self._lag: dict[tuple[str, int], int] = {}
@@ -83,7 +94,34 @@ class ConfluentSource:
             "fetch.max.bytes": FETCH_MAX_BYTES,
             **settings, **callbacks,
         })
-        self._consumer.subscribe(kafka_topics(config), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        if share is None:
+            self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        else:
+            self._assign_share()
+
+    def _assign_share(self) -> None:
+        """Assigns the share's partitions not assigned yet (all of them at the first look that finds every topic)."""
+        from confluent_kafka import OFFSET_STORED, KafkaException, TopicPartition
+
+        self._share_at = time.monotonic()
+        try:
+            metadata = self._consumer.list_topics(timeout=METADATA_TIMEOUT)
+        except KafkaException as err:
+            self._warn(f"cannot read the topics' partitions yet: {err}")
+            return
+        counts = {}
+        for topic in self._topics:
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None or not found.partitions:
+                self._warn(f"topic {topic} not found: waiting for it to read this intake's share of its partitions")
+                return
+            counts[topic] = len(found.partitions)
+        new = sorted(set(self._share.partitions(counts)) - self._assigned)
+        if new:
+            self._consumer.incremental_assign([TopicPartition(*split_position(key), self._start.get(key, OFFSET_STORED))
+                                               for key in new])
+            self._assigned.update(new)
+            log.info("intake %d of %d reads %s", self._share.index + 1, self._share.count, ", ".join(new))
 
     def _on_assign(self, consumer, partitions) -> None:
         for tp in partitions:
@@ -100,6 +138,8 @@ class ConfluentSource:
             self._at_end.discard(position_key(tp.topic, tp.partition))
 
     def poll(self, max_records: int, timeout: float) -> list[Chunk]:
+        if self._share is not None and time.monotonic() - self._share_at >= self._share_wait():
+            self._assign_share()
         chunks: dict[tuple[str, int], Chunk] = {}
         where, chunk = None, None
         for msg in self._consumer.consume(max_records, timeout):
@@ -121,6 +161,10 @@ class ConfluentSource:
         if chunks:
             self._watch.heard()
         return list(chunks.values())
+
+    def _share_wait(self) -> float:
+        """Seconds between looks at the share's partitions: at every poll until it has some, then rarely."""
+        return SHARE_REFRESH_SECONDS if self._assigned else METADATA_TIMEOUT
 
     def _error(self, msg) -> None:
         from confluent_kafka import KafkaError
@@ -199,10 +243,15 @@ class ConfluentSource:
 class KafkaPythonSource:
     """Consumer group through kafka-python (pure Python; install crc32c with it)."""
 
-    def __init__(self, config: KafkaConfig, settings: Mapping[str, Setting], start: dict[str, int]) -> None:
+    def __init__(self, config: KafkaConfig, settings: Mapping[str, Setting], start: dict[str, int],
+                 share: Optional[Share] = None) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
 
         self._start = start
+        self._topics = kafka_topics(config)
+        self._share = share
+        self._share_at = -LAG_REFRESH_SECONDS
+        self._missing: set[str] = set()     # topics the share waits for, told once
         self._delivered: set[str] = set()   # partitions the last poll delivered from
         self._consumer = KafkaConsumer(**{
             "bootstrap_servers": config.bootstrap_servers, "group_id": config.group_id,
@@ -225,9 +274,42 @@ class KafkaPythonSource:
                     if key in source._start:
                         source._consumer.seek(tp, source._start[key])
 
-        self._consumer.subscribe(kafka_topics(config), listener=SeekOnAssign())
+        if share is None:
+            self._consumer.subscribe(self._topics, listener=SeekOnAssign())
+        else:
+            self._assign_share()
+
+    def _assign_share(self) -> None:
+        """Assigns the share's partitions not assigned yet; those assigned before keep their positions."""
+        from kafka import TopicPartition
+
+        self._share_at = time.monotonic()
+        counts = {}
+        for topic in self._topics:
+            found = self._consumer.partitions_for_topic(topic)
+            if not found:
+                if topic not in self._missing:   # once, not at every poll
+                    log.warning("topic %s not found: waiting for it to read this intake's share of its partitions",
+                                topic)
+                    self._missing.add(topic)
+                return
+            counts[topic] = len(found)
+        assigned = self._consumer.assignment()
+        new = set(self._share.partitions(counts)) - {position_key(tp.topic, tp.partition) for tp in assigned}
+        if not new:
+            return
+        positions = {tp: self._consumer.position(tp) for tp in assigned}   # `assign` replaces the whole assignment
+        self._consumer.assign([*assigned, *(TopicPartition(*split_position(key)) for key in new)])
+        for tp, offset in positions.items():
+            self._consumer.seek(tp, offset)
+        for key in new & set(self._start):
+            self._consumer.seek(TopicPartition(*split_position(key)), self._start[key])
+        log.info("intake %d of %d reads %s", self._share.index + 1, self._share.count, ", ".join(sorted(new)))
 
     def poll(self, max_records: int, timeout: float) -> list[Chunk]:
+        if self._share is not None and time.monotonic() - self._share_at >= (
+                SHARE_REFRESH_SECONDS if self._consumer.assignment() else METADATA_TIMEOUT):
+            self._assign_share()
         chunks = []
         records = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
         self._delivered = {position_key(tp.topic, tp.partition) for tp in records}

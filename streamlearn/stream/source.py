@@ -2,6 +2,16 @@
 
 Sources hand out messages grouped per partition, in offset order: one Python
 object per partition per poll instead of one per message keeps the intake cheap.
+With `intake.processes = K`, intake `k` reads a `Share` of the partitions: the
+same partition numbers of every topic, so that a log and its feedback (keyed by
+request id, co-partitioned) meet in one intake.
+
+>>> Share(1, 2).partitions({"inference-logs": 4, "feedback": 4})
+['feedback:1', 'feedback:3', 'inference-logs:1', 'inference-logs:3']
+>>> Share(0, 2).partitions({"inference-logs": 4, "feedback": 2})
+Traceback (most recent call last):
+...
+streamlearn.config.ConfigError: config error: intake.processes: 2 intake processes need co-partitioned topics (the same partition count, keyed by request id): feedback has 2 partitions, inference-logs 4
 """
 
 from __future__ import annotations
@@ -9,6 +19,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import msgspec
+
+from streamlearn.config import ConfigError
 
 
 class Chunk(msgspec.Struct):
@@ -57,6 +69,23 @@ class Source(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class Share(msgspec.Struct, frozen=True):
+    """The partitions one of `count` intake processes reads: those whose number is `index` modulo `count`."""
+
+    index: int
+    count: int
+
+    def partitions(self, counts: dict[str, int]) -> list[str]:
+        """This share's position keys, given each topic's partition count (which must be equal: co-partitioned)."""
+        if len(set(counts.values())) > 1:
+            (first, n), *rest = sorted(counts.items())
+            found = ", ".join([f"{first} has {n} partitions", *(f"{t} {m}" for t, m in rest)])
+            raise ConfigError(f"config error: intake.processes: {self.count} intake processes need co-partitioned "
+                              f"topics (the same partition count, keyed by request id): {found}")
+        return sorted(position_key(topic, p) for topic, n in counts.items() for p in range(n)
+                      if p % self.count == self.index)
 
 
 def split_position(key: str) -> tuple[str, int]:

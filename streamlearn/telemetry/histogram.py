@@ -13,7 +13,7 @@ reads the buckets at scrape time.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterable
+from typing import Iterable, Optional
 
 import msgspec
 import numpy as np
@@ -35,6 +35,19 @@ class HistogramState(msgspec.Struct, array_like=True):
     bounds: tuple[float, ...]
     counts: list[int]
     total: float = 0.0
+
+
+def summed(states: Iterable[HistogramState]) -> Optional[HistogramState]:
+    """The histogram of all the observations of several (with the same bounds), None for none.
+
+    >>> summed([HistogramState((1.0,), [1, 0], 0.5), HistogramState((1.0,), [2, 1], 3.0)])
+    HistogramState(bounds=(1.0,), counts=[3, 1], total=3.5)
+    """
+    states = list(states)
+    if not states:
+        return None
+    return HistogramState(states[0].bounds, [sum(c) for c in zip(*(s.counts for s in states))],
+                          sum(s.total for s in states))
 
 
 class Histogram:
