@@ -126,16 +126,20 @@ def test_idle_timeout_neither_loses_joins_nor_holds_the_tail(broker, small, idle
 
 def test_sigkills_mid_backlog_end_as_an_uninterrupted_run(broker, tmp_path, running):
     backlog = make_backlog(broker, tmp_path, KILLED, 1000)
+    config = write_config(tmp_path / "killed.toml", tmp_path / "killed", "kafka", broker.bootstrap_servers,
+                          backlog.topics, f"killed-{uuid.uuid4().hex[:6]}", every_examples=1000,
+                          extra=STATIC_MEMBER + in_order(KILLED), batch_size=KILLED_BATCH)
+    killed_then_finished(config, tmp_path / "killed", backlog, running, KILLS, random.Random(7))
+
+
+def killed_then_finished(config: Path, state: Path, backlog: Backlog, running: list, kills: int,
+                         rng: random.Random) -> None:
+    """Runs the service `kills` times, each SIGKILLed at a random point a little past its restore, then to the
+    end; the learned ids must be the file source's, each once and in its order (`in_order` configs)."""
     expected = backlog.reference.ids
-    state = tmp_path / "killed"
-    config = write_config(tmp_path / "killed.toml", state, "kafka", broker.bootstrap_servers, backlog.topics,
-                          f"killed-{uuid.uuid4().hex[:6]}", every_examples=1000, extra=STATIC_MEMBER + in_order(KILLED),
-                          batch_size=KILLED_BATCH)
     state.mkdir()
-    rng = random.Random(7)
-    kills = 0
-    while kills < KILLS:
-        log = tmp_path / f"killed-{kills}.log"
+    for kill in range(kills):
+        log = state.parent / f"{state.name}-{kill}.log"
         process = start_service(config, log)
         running.append((process, log))
         # The metrics line comes after the restore, which cuts the audit log back to its snapshot.
@@ -143,16 +147,15 @@ def test_sigkills_mid_backlog_end_as_an_uninterrupted_run(broker, tmp_path, runn
                  what="the restore")
         assert process.poll() is None, f"the service exited ({process.returncode}) while starting"
         after_restore = len(learned_ids(state))
-        assert after_restore < len(expected), f"the backlog was learned before kill {kills + 1}: make it larger"
+        assert after_restore < len(expected), f"the backlog was learned before kill {kill + 1}: make it larger"
         # A random point in the backlog, a little past the restored one (the audit log grows in 8 kB writes).
         target = after_restore + rng.randrange(1000, 6000)
         wait_for(lambda: len(learned_ids(state)) >= target or process.poll() is not None, timeout=120,
-                 interval=0.02, what=f"learning to reach the point of kill {kills + 1}")
+                 interval=0.02, what=f"learning to reach the point of kill {kill + 1}")
         at_kill = len(learned_ids(state))
         process.send_signal(signal.SIGKILL)
         process.wait()
-        kills += 1
-        print(f"kill {kills}: {after_restore} ids in the audit log after the restore, {at_kill} at the kill")
+        print(f"kill {kill + 1}: {after_restore} ids in the audit log after the restore, {at_kill} at the kill")
     # Learned ids past the last snapshot are cut back on restore; the uninterrupted end follows.
     final = run_kafka(config, state, backlog.produced, backlog.reference.summary["learned"], timeout=180)
     assert final.summary["learned"] == backlog.reference.summary["learned"]

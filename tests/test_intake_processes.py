@@ -9,19 +9,18 @@ time. With the disorder within `join.max_out_of_order`, one intake learns the fi
 from __future__ import annotations
 
 import random
-import signal
 import uuid
 
 import msgspec
 import pytest
 
-from bench.backlog import BacklogSpec, create_topics, in_order, learned_ids, run_kafka, start_service, write_config
+from bench.backlog import BacklogSpec, create_topics, in_order, start_service, write_config
 from streamlearn.config import ConfigError, parse_config
 from streamlearn.records import Example, IntakeStats
 from streamlearn.stream.merge import EventTimeMerge, FanInState, check_intakes, fan_in_state, merged_stats
 from streamlearn.telemetry.histogram import HistogramState
-from tests.conftest import wait_for
-from tests.test_backlog import KILLED_BATCH, STATIC_MEMBER, assert_same_as_file, catch_up, make_backlog
+from tests.test_backlog import (KILLED_BATCH, STATIC_MEMBER, assert_same_as_file, catch_up, killed_then_finished,
+                                make_backlog)
 
 SPEC = BacklogSpec(requests=20_000, seed=41, rate=5.0)
 KILLED = BacklogSpec(requests=30_000, seed=43, rate=5.0)
@@ -43,33 +42,10 @@ def test_two_intake_processes_learn_the_sequence_of_one(broker, backlog):
 
 def test_sigkills_with_two_intake_processes_end_as_an_uninterrupted_run(broker, tmp_path, running):
     backlog = make_backlog(broker, tmp_path, KILLED, 1000)
-    expected = backlog.reference.ids
-    state = tmp_path / "killed"
-    config = write_config(tmp_path / "killed.toml", state, "kafka", broker.bootstrap_servers, backlog.topics,
-                          f"killed-{uuid.uuid4().hex[:6]}", every_examples=1000, extra=STATIC_MEMBER + in_order(KILLED),
-                          batch_size=KILLED_BATCH, processes=2)
-    state.mkdir()
-    rng = random.Random(11)
-    for kill in range(KILLS):
-        log = tmp_path / f"killed-{kill}.log"
-        process = start_service(config, log)
-        running.append((process, log))
-        wait_for(lambda: "metrics on" in log.read_text() or process.poll() is not None, timeout=120,
-                 what="the restore")
-        assert process.poll() is None, f"the service exited ({process.returncode}) while starting:\n{log.read_text()}"
-        after_restore = len(learned_ids(state))
-        assert after_restore < len(expected), f"the backlog was learned before kill {kill + 1}: make it larger"
-        target = after_restore + rng.randrange(1000, 5000)
-        wait_for(lambda: len(learned_ids(state)) >= target or process.poll() is not None, timeout=120,
-                 interval=0.02, what=f"learning to reach the point of kill {kill + 1}")
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    final = run_kafka(config, state, backlog.produced, backlog.reference.summary["learned"], timeout=180)
-    assert final.summary["join"] == backlog.reference.summary["join"]
-    got = learned_ids(state)
-    assert len(got) == len(set(got)), "an example was learned twice"
-    assert set(got) == set(expected), "an example was lost"
-    assert got == expected, "the learned order differs from the uninterrupted run's"
+    config = write_config(tmp_path / "killed.toml", tmp_path / "killed", "kafka", broker.bootstrap_servers,
+                          backlog.topics, f"killed-{uuid.uuid4().hex[:6]}", every_examples=1000,
+                          extra=STATIC_MEMBER + in_order(KILLED), batch_size=KILLED_BATCH, processes=2)
+    killed_then_finished(config, tmp_path / "killed", backlog, running, KILLS, random.Random(11))
 
 
 def test_topics_not_co_partitioned_stop_the_service_with_one_line(broker, tmp_path):
