@@ -22,6 +22,7 @@ import pytest
 from bench.backlog import (BacklogSpec, Produced, RunResult, backlog_messages, create_topics, in_order, learned_ids,
                            produce, run_file, run_kafka, start_service, write_config)
 from streamlearn.checkpoints.audit import AuditLog
+from streamlearn.checkpoints.store import SnapshotStore
 from tests.conftest import wait_for
 
 # 5 requests per second and model: the small backlog spans 2000 s of event time, longer than join.early_ttl
@@ -138,6 +139,7 @@ def killed_then_finished(config: Path, state: Path, backlog: Backlog, running: l
     end; the learned ids must be the file source's, each once and in its order (`in_order` configs)."""
     expected = backlog.reference.ids
     state.mkdir()
+    offsets: dict[str, int] = {}
     for kill in range(kills):
         log = state.parent / f"{state.name}-{kill}.log"
         process = start_service(config, log)
@@ -156,6 +158,7 @@ def killed_then_finished(config: Path, state: Path, backlog: Backlog, running: l
         process.send_signal(signal.SIGKILL)
         process.wait()
         print(f"kill {kill + 1}: {after_restore} ids in the audit log after the restore, {at_kill} at the kill")
+        offsets = newer_offsets(state, offsets)
     # Learned ids past the last snapshot are cut back on restore; the uninterrupted end follows.
     final = run_kafka(config, state, backlog.produced, backlog.reference.summary["learned"], timeout=180)
     assert final.summary["learned"] == backlog.reference.summary["learned"]
@@ -164,6 +167,16 @@ def killed_then_finished(config: Path, state: Path, backlog: Backlog, running: l
     assert len(got) == len(set(got)), "an example was learned twice"
     assert set(got) == set(expected), "an example was lost"
     assert got == expected, "the learned order differs from the uninterrupted run's"
+
+
+def newer_offsets(state: Path, before: dict[str, int]) -> dict[str, int]:
+    """The newest snapshot's offsets, none of them behind `before` (a partition read again: learned or joined twice)."""
+    store = SnapshotStore(state / "snapshots")
+    seq = store.latest_seq()
+    now = store.manifest(seq).offsets if seq is not None else {}
+    behind = {key: (offset, now.get(key)) for key, offset in before.items() if now.get(key, -1) < offset}
+    assert not behind, f"snapshot {seq} went back on partitions (before, now): {behind}"
+    return now
 
 
 def test_audit_log_length_is_right_for_a_snapshot_just_after_a_restore(tmp_path):

@@ -56,8 +56,11 @@ class FanInIntake:
         self._intakes: list[ProcessIntake] = []
         try:
             for k, intake_state in enumerate(state.intakes):
-                self._intakes.append(ProcessIntake(config, Resume(resume.offsets, intake_state or None),
-                                                   Share(k, count)))
+                # Only its own partitions' offsets: an intake's batches carry every offset it was given, and one it
+                # does not read would go back, stale, into the merged offsets of every later cut.
+                share = Share(k, count)
+                offsets = {key: offset for key, offset in resume.offsets.items() if share.holds(key)}
+                self._intakes.append(ProcessIntake(config, Resume(offsets, intake_state or None), share))
         except BaseException:
             self.close()
             raise

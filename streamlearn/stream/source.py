@@ -77,6 +77,10 @@ class Share(msgspec.Struct, frozen=True):
     index: int
     count: int
 
+    def holds(self, key: str) -> bool:
+        """Whether position key `key` ("topic:partition") is in this share."""
+        return split_position(key)[1] % self.count == self.index
+
     def partitions(self, counts: dict[str, int]) -> list[str]:
         """This share's position keys, given each topic's partition count (which must be equal: co-partitioned)."""
         if len(set(counts.values())) > 1:
