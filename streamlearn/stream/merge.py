@@ -6,6 +6,8 @@ that event time has been handed over). The merge holds what it was given and let
 in `(ts, id)` order, what lies before the lowest of those marks: no intake can still
 send anything older. An intake that is caught up (its partitions at their end, nothing
 held) holds nothing back, as a partition at its end does not hold a watermark back.
+A snapshot of K intakes is a `FanInState`: each intake's own state and what the
+merge held; it restores with K intakes only (`check_intakes`).
 
 >>> from streamlearn.records import Example
 >>> def example(rid, ts): return Example(rid, "default", {}, 1, 1.0, ts, ts)
