@@ -254,6 +254,8 @@ class FeedbackJoiner:
 
     def _bound(self) -> None:
         """Keeps pending entries plus held examples within the bound: releases held ones first, then evicts."""
+        if self.pending + len(self._ready) <= self.max_pending:   # the usual case, checked at every message: once
+            return
         while self._ready and self.pending + len(self._ready) > self.max_pending:
             # the oldest: the next the watermark would free
             self._overflow.append(self._unpack(heapq.heappop(self._ready)[2]))
