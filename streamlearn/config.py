@@ -274,6 +274,17 @@ class MetricsConfig(_Section):
     port: Port = 9108               # 0 picks a free port (tests)
 
 
+class ClusterConfig(_Section):
+    """Replicas of one service learning one model (issue 19, in progress): each reads a share of the partitions,
+    and they average their models' parameters every `sync_every` seconds of event time (`streamlearn.cluster`)."""
+
+    replicas: PositiveInt = 1
+    rank: Optional[Annotated[int, msgspec.Meta(ge=0)]] = None   # None: the RANK environment variable (torchrun's)
+    init_method: str = "env://"           # torch.distributed's rendezvous (env://: MASTER_ADDR, MASTER_PORT)
+    sync_every: Positive = 60.0           # event-time seconds between parameter averages
+    timeout: Positive = 300.0             # seconds a sync waits in a collective before the replica fails
+
+
 class Config(_Section):
     source: str = "kafka"           # "kafka" or "file:PATH.jsonl"
     seed: int = 42
@@ -289,6 +300,7 @@ class Config(_Section):
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
     gate: GateConfig = msgspec.field(default_factory=GateConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=lambda: {"default": ModelConfig()})
 
     @property
@@ -357,6 +369,7 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: gate.holdout_every: 1 would hold out every example; 0 (none) or >= 2")
     if config.publish.enabled:
         _check_publish(config.publish)
+    _check_cluster(config)
     if config.intake.processes > 1 and (config.intake.mode != "process" or config.file_path is not None):
         raise ConfigError("config error: intake.processes: more than 1 needs source = \"kafka\" and "
                           "intake.mode = \"process\" (a file is one partition)")
@@ -364,6 +377,42 @@ def _check(config: Config) -> None:
         if model.train.loss == "er_ace" and model.task != "classification":
             raise ConfigError(f"config error: models.{name}.train.loss: \"er_ace\" needs task = \"classification\"")
         _check_distill(name, model)
+
+
+def replica_rank(config: Config, env: Optional[Mapping[str, str]] = None) -> int:
+    """This replica's rank: `cluster.rank`, else the RANK environment variable (what torchrun sets); 0 alone."""
+    cluster = config.cluster
+    if cluster.replicas == 1:
+        return 0
+    if cluster.rank is not None:
+        return cluster.rank
+    value = (os.environ if env is None else env).get("RANK")
+    if value is None or not value.isdigit() or int(value) >= cluster.replicas:
+        raise ConfigError(f"config error: cluster.rank: not set, and RANK={value!r} is not a rank below "
+                          f"cluster.replicas ({cluster.replicas})")
+    return int(value)
+
+
+def _check_cluster(config: Config) -> None:
+    """Replicas read shares of Kafka partitions; their snapshots must be taken at the same epoch (not built yet)."""
+    cluster = config.cluster
+    if cluster.replicas == 1:
+        return
+    if config.file_path is not None:
+        raise ConfigError("config error: cluster.replicas: more than 1 needs source = \"kafka\" (a file is one "
+                          "partition)")
+    if cluster.rank is not None and cluster.rank >= cluster.replicas:
+        raise ConfigError(f"config error: cluster.rank: {cluster.rank} is not below cluster.replicas "
+                          f"({cluster.replicas})")
+    if config.snapshot.enabled:
+        raise ConfigError("config error: snapshot.enabled: not yet with cluster.replicas > 1 (snapshots taken at "
+                          "the same epoch on every replica are not built yet)")
+    if config.publish.enabled:
+        raise ConfigError("config error: publish.enabled: not yet with cluster.replicas > 1 (one replica to publish "
+                          "for all is not built yet)")
+    if config.drift.policy.enabled:
+        raise ConfigError("config error: drift.policy.enabled: set it false with cluster.replicas > 1 (a replica "
+                          "that resets or restores its model on its own cannot be averaged with the others yet)")
 
 
 def _check_distill(name: str, model: ModelConfig) -> None:

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, NoReturn, Optional
 
 from prometheus_client import CollectorRegistry
 
@@ -30,7 +30,7 @@ from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
 from streamlearn.checkpoints.cut import Cut
 from streamlearn.checkpoints.snapshotter import Serialize, Snapshotter, config_fingerprint
 from streamlearn.checkpoints.store import Snapshot, SnapshotStore
-from streamlearn.config import Config, ConfigError, ModelConfig
+from streamlearn.config import Config, ConfigError, ModelConfig, replica_rank
 from streamlearn.learners.contract import Learner, build_learner
 from streamlearn.learners.evaluation import ModelEvaluation
 from streamlearn.learners.models import ModelError
@@ -43,6 +43,9 @@ from streamlearn.telemetry.histogram import STAGE_BUCKETS, Histogram, HistogramS
 from streamlearn.telemetry.history import HistoryRecorder, HistoryWriter
 from streamlearn.telemetry.server import MetricsServer
 from streamlearn.triggers import Trigger
+
+if TYPE_CHECKING:
+    from streamlearn.cluster.epochs import EpochSync
 
 log = logging.getLogger(__name__)
 STALL_SECONDS = 60.0  # /healthz fails when the loop has not turned for this long
@@ -87,6 +90,7 @@ class Service:
                                                 self.stage_states))
         self.metrics: Optional[MetricsServer] = None
         self._channel: Optional[Channel] = None
+        self._epochs: Optional["EpochSync"] = None   # with cluster.replicas > 1
         self._stop = threading.Event()
         self._last_turn = time.monotonic()
         self._started = 0.0
@@ -142,11 +146,17 @@ class Service:
         self.start_metrics()
         restore = _install_signal_handlers(self.stop)
         self._started = time.monotonic()
+        if self.config.cluster.replicas > 1:   # here: the rendezvous waits for every replica
+            from streamlearn.cluster.epochs import EpochSync   # here: a single replica never imports torch.distributed
+
+            self._epochs = EpochSync(self.config.cluster, replica_rank(self.config), self.learners)
         self._channel = start_intake(self.config, self._resume)
         self._cut.begin()
         stopping = False
         try:
             batches = self._channel.batches(self._stop.is_set)   # a stop is heard even while no batch comes
+            if self._epochs is not None:   # cut at epoch boundaries, where the replicas average their models
+                batches = self._epochs.batches(batches, self._stop.is_set)
             for batch in batches:
                 self._learn_or_stop(batch, batches)
                 if on_batch is not None:
@@ -162,6 +172,8 @@ class Service:
             self._cut.finish(self._channel, self.offsets)   # cut steps 5-6: the write in flight, the last commit
         finally:
             self._channel.close()
+            if self._epochs is not None:
+                self._epochs.close()
             restore()
         return self.summary()
 
@@ -350,6 +362,7 @@ class Service:
             "learning_seconds": round(self._learning_seconds, 3),
             "examples_per_second": round(self.learned / elapsed, 1) if elapsed else 0.0,
             **({"deploy": self.handoff.summary()} if self.handoff is not None else {}),
+            **({"cluster": self._epochs.summary()} if self._epochs is not None else {}),
         }
 
 

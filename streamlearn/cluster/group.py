@@ -15,6 +15,7 @@ Two replicas on loopback (`tests/test_cluster_sync.py` runs this in two processe
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Mapping
 
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from streamlearn.cluster.wire import decode_header, encode_header
+from streamlearn.config import ConfigError
 from streamlearn.learners.averaging import ParameterSet, Values, combine
 
 DEFAULT_TIMEOUT = 300.0   # seconds a collective waits for every replica before it fails
@@ -46,14 +48,47 @@ def sync_bytes(sets: Mapping[str, ParameterSet]) -> int:
     return len(encode_header(keyed, positional)) + 8 * sum(a.size for arrays in positional.values() for a in arrays.values())
 
 
+def rendezvous_address(init_method: str) -> tuple[str, int]:
+    """Host and port of the rendezvous store: `tcp://HOST:PORT`, or `env://` (MASTER_ADDR, MASTER_PORT)."""
+    if init_method == "env://":
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    elif init_method.startswith("tcp://"):
+        host, _, port = init_method[len("tcp://"):].rpartition(":")
+    else:
+        host = port = None
+    if not host or not port or not port.isdigit():
+        raise ConfigError(f"config error: cluster.init_method: {init_method!r} is not tcp://HOST:PORT, nor env:// with "
+                          "MASTER_ADDR and MASTER_PORT set")
+    return host, int(port)
+
+
 class ReplicaGroup:
     """Rank `rank` of `size` replicas in one process group (torch.distributed's `init_method`: env:// or tcp://)."""
 
     def __init__(self, rank: int, size: int, init_method: str = "env://", backend: str = "gloo",
                  timeout: float = DEFAULT_TIMEOUT) -> None:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout))
+        host, port = rendezvous_address(init_method)
+        # The rendezvous store, made here rather than by init_process_group, so that replicas can also leave each
+        # other word without a collective (`post_ready`, `all_ready`): a collective blocks until every one comes.
+        self.store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=dist.PrefixStore("collectives", self.store), rank=rank,
+                                world_size=size, timeout=timedelta(seconds=timeout))
+        self._flags = dist.PrefixStore("streamlearn", self.store)
         self.rank, self.size = rank, size
+
+    def post_ready(self, sync: int, count: int = 1) -> None:
+        """Says this replica is ready for sync number `sync` (`count` -1 takes it back)."""
+        self._flags.add(f"ready/{sync}", count)
+
+    def ready(self, sync: int) -> int:
+        """How many replicas have said they are ready for sync number `sync`."""
+        return self._flags.add(f"ready/{sync}", 0)
+
+    def highest(self, value: float) -> float:
+        """The highest of every replica's `value` (one small collective)."""
+        mine = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+        return float(mine.item())
 
     def average(self, sets: Mapping[str, ParameterSet]) -> dict[str, ParameterSet]:
         """Every replica's sets for the same models, combined as `averaging.combine` combines them.

@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Optional
 
 import msgspec
 
-from streamlearn.config import Config, ConfigError, KafkaConfig, Setting, check_source, resolve_settings
+from streamlearn.config import Config, ConfigError, KafkaConfig, Setting, check_source, replica_rank, resolve_settings
 from streamlearn.records import Batch, Rejected, decode_batch, encode_batch
 from streamlearn.stream.dead_letters import FileDeadLetters, KafkaDeadLetters
 from streamlearn.stream.file_source import FileSource
 from streamlearn.stream.intake import Intake, Resume
 from streamlearn.stream.kafka_source import kafka_topics, open_kafka_source
 from streamlearn.stream.merge import check_intakes
-from streamlearn.stream.source import Share
+from streamlearn.stream.source import Share, intake_share
 
 if TYPE_CHECKING:
     from streamlearn.stream.fan_in import FanInIntake
@@ -108,8 +108,9 @@ class InlineIntake:
     """The intake in the learner's own thread: simplest, for files, debugging and tests (`intake`: one built over
     another source, e.g. `streamlearn.testing.memory_intake`)."""
 
-    def __init__(self, config: Config, resume: Resume, intake: Optional[Intake] = None) -> None:
-        self._intake = intake or open_intake(config, resume)
+    def __init__(self, config: Config, resume: Resume, share: Optional[Share] = None,
+                 intake: Optional[Intake] = None) -> None:
+        self._intake = intake or open_intake(config, resume, share)
         self._stop = False
 
     def batches(self, stopping: Callable[[], bool] = lambda: False) -> Iterator[Batch]:
@@ -410,8 +411,9 @@ def start_intake(config: Config, resume: Optional[Resume] = None) -> Channel:
 
         return FanInIntake(config, resume)
     check_intakes(resume.state, 1)   # a snapshot of several intakes: one line, not a traceback from the child
+    share = intake_share(config.cluster.replicas, replica_rank(config), 1, 0)
     kind = ProcessIntake if config.intake.mode == "process" else InlineIntake
-    return kind(config, resume)
+    return kind(config, resume, share)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ from typing import Callable, Iterator, Optional
 
 import msgspec
 
-from streamlearn.config import Config
+from streamlearn.config import Config, replica_rank
 from streamlearn.records import Batch, Example, IntakeStats, Rejected
 from streamlearn.stream.channel import WAKE_SECONDS, IntakeDied, ProcessIntake, StopPatience
 from streamlearn.stream.intake import HEARTBEAT_SECONDS, Resume
 from streamlearn.stream.merge import EventTimeMerge, FanInState, fan_in_state, merged_stats
-from streamlearn.stream.source import Share
+from streamlearn.stream.source import intake_share
 
 log = logging.getLogger(__name__)
 BATCHES_PER_LOOK = 4   # batches taken from one intake before the others are looked at
@@ -58,7 +58,7 @@ class FanInIntake:
             for k, intake_state in enumerate(state.intakes):
                 # Only its own partitions' offsets: an intake's batches carry every offset it was given, and one it
                 # does not read would go back, stale, into the merged offsets of every later cut.
-                share = Share(k, count)
+                share = intake_share(config.cluster.replicas, replica_rank(config), count, k)
                 offsets = {key: offset for key, offset in resume.offsets.items() if share.holds(key)}
                 self._intakes.append(ProcessIntake(config, Resume(offsets, intake_state or None), share))
         except BaseException:

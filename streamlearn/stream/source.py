@@ -16,7 +16,7 @@ streamlearn.config.ConfigError: config error: intake.processes: 2 intake process
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import msgspec
 
@@ -90,6 +90,19 @@ class Share(msgspec.Struct, frozen=True):
                               f"topics (the same partition count, keyed by request id): {found}")
         return sorted(position_key(topic, p) for topic, n in counts.items() for p in range(n)
                       if p % self.count == self.index)
+
+
+def intake_share(replicas: int, rank: int, processes: int, index: int) -> Optional[Share]:
+    """The share of intake `index` of `processes` in replica `rank` of `replicas` (None: one reads everything).
+
+    Replica r's intakes together read the partitions p with p mod `replicas` = r.
+
+    >>> intake_share(2, 1, 2, 1)
+    Share(index=3, count=4)
+    """
+    if replicas * processes == 1:
+        return None
+    return Share(rank + replicas * index, replicas * processes)
 
 
 def split_position(key: str) -> tuple[str, int]:
