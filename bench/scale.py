@@ -1,4 +1,4 @@
-"""The cost of one parameter sync between replicas, by model size (gloo on loopback).
+"""The cost of one parameter sync between replicas by model size (gloo on loopback), and of two replicas end to end.
 
 Two replica processes join one torch.distributed process group (gloo, TCP on
 127.0.0.1) and time `ReplicaGroup.average`, what a sync costs each replica: its
@@ -14,10 +14,14 @@ decoded and combined. Two model shapes:
 Reported per size: median milliseconds per sync, the bytes each replica hands in (its
 gathered header, and its positional values as float64 for the all-reduce), and the
 ratio to the bare all-reduce. What a sync costs a service is this times the syncs
-per second (`cluster.sync_every` seconds of event time apart); what the replicas'
-examples/s are end to end is not measured here yet (the replica runtime of issue 19).
+per second (`cluster.sync_every` seconds of event time apart).
 
-    .venv/bin/python bench/scale.py [--repeat 5]
+Then end to end: one replica, then two, learn the same backlog on the embedded broker
+(4 partitions a topic, two River models); examples/s and CPU microseconds per example
+of every process, from the first to the last example learned. On one machine two
+replicas share its cores: the figure to read is the CPU per example.
+
+    .venv/bin/python bench/scale.py [--repeat 5] [--requests 100000]
 
 Prints a table, then one JSON line with the headline figures.
 """
@@ -26,10 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +45,7 @@ import numpy as np
 TORCH_SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 RIVER_FEATURES = (1_000, 10_000, 100_000)
 REPLICAS = 2
+IDLE_END = 10.0   # seconds without a newly learned example that end an end-to-end run
 
 
 def torch_sets(size: int, rank: int):
@@ -95,6 +103,66 @@ def replica(rank: int, port: int, repeat: int) -> None:
         print(json.dumps(rows), flush=True)
 
 
+def end_to_end(requests: int) -> list[dict]:
+    """One replica, then two, each learning the same backlog (4 partitions a topic) to its end: examples/s from
+    the first to the last example learned, and CPU microseconds per example of every process (learners, intakes)
+    over the same span."""
+    from backlog import BacklogSpec, backlog_on_broker, metrics_port, scrape, start_service, write_config
+    from streamlearn.stream.broker import EmbeddedBroker
+
+    spec = BacklogSpec(requests=requests, seed=5)
+    folder = Path(tempfile.mkdtemp(prefix="streamlearn-scale-"))
+    rows = []
+    with EmbeddedBroker() as broker:
+        topics, produced = backlog_on_broker(broker, spec, None)
+        for replicas in (1, 2):
+            port, group = free_port(), f"scale-{replicas}-{time.monotonic_ns()}"
+            configs = []
+            for rank in range(replicas):
+                cluster = (f"[cluster]\nreplicas = {replicas}\nrank = {rank}\n"
+                           f"init_method = \"tcp://127.0.0.1:{port}\"\nsync_every = 60\n") if replicas > 1 else ""
+                state = folder / f"r{replicas}-{rank}"
+                config = write_config(folder / f"r{replicas}-{rank}.toml", state, "kafka", broker.bootstrap_servers,
+                                      topics, group, extra="[eval]\nprobe_size = 0\n[drift.policy]\nenabled = false\n"
+                                      + cluster)
+                config.write_text(config.read_text().replace("[snapshot]\n", "[snapshot]\nenabled = false\n"))
+                state.mkdir()
+                configs.append((config, folder / f"r{replicas}-{rank}.log"))
+            processes = [start_service(config, log) for config, log in configs]
+            ports = [metrics_port(log, p) for (_, log), p in zip(configs, processes)]
+            marks = []   # (time, learned, CPU seconds of every replica's processes) while learning grows
+            last_growth = time.monotonic()
+            while time.monotonic() - last_growth < IDLE_END:
+                learned = sum((scrape(p) or (0.0, 0.0))[0] for p in ports)
+                if learned > (marks[-1][1] if marks else 0):
+                    last_growth = time.monotonic()
+                    marks.append((last_growth, learned, sum(cpu_seconds(p.pid) for p in processes)))
+                time.sleep(0.05)
+            for p in processes:
+                p.send_signal(signal.SIGTERM)
+            for p in processes:
+                p.wait(timeout=120)
+            (t0, n0, c0), (t1, n1, c1) = marks[0], marks[-1]
+            rows.append({"replicas": replicas, "learned": int(n1), "eps": (n1 - n0) / (t1 - t0),
+                         "cpu_us_per_example": 1e6 * (c1 - c0) / (n1 - n0)})
+    return rows
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a service process and its intake child so far (0 once gone)."""
+    from backlog import intake_pid
+
+    total = 0.0
+    for p in (pid, intake_pid(pid)):
+        try:
+            with open(f"/proc/{p}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (FileNotFoundError, ProcessLookupError, TypeError):
+            continue
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -104,6 +172,7 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="timed syncs per size (half of it from 1M parameters)")
+    parser.add_argument("--requests", type=int, default=100_000, help="requests of the end-to-end backlog (0: skip)")
     parser.add_argument("--replica", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,10 +186,10 @@ def main() -> None:
     outputs = [p.communicate()[0] for p in processes]
     if any(p.returncode for p in processes):
         sys.exit(f"a replica failed: exit codes {[p.returncode for p in processes]}")
-    report(json.loads(outputs[0].strip().splitlines()[-1]))
+    report(json.loads(outputs[0].strip().splitlines()[-1]), end_to_end(args.requests) if args.requests else [])
 
 
-def report(rows: list[dict]) -> None:
+def report(rows: list[dict], runs: list[dict]) -> None:
     print(f"{'model':<8} {'parameters':>12} {'bytes in':>12} {'sync ms':>9} {'all-reduce ms':>14} {'x all-reduce':>13}")
     figures = {}
     for row in rows:
@@ -135,6 +204,14 @@ def report(rows: list[dict]) -> None:
             figures[f"{key}_all_reduce_ms"] = round(reduce_ms, 3)
     print(f"{REPLICAS} replicas on one machine, gloo over TCP loopback; River sizes are features (weights + scaler "
           "statistics, keyed by name)")
+    if runs:
+        print(f"\n{'replicas':<9} {'learned':>9} {'examples/s':>11} {'CPU us/example':>15}")
+        for run in runs:
+            print(f"{run['replicas']:<9} {run['learned']:>9,} {run['eps']:>11,.0f} {run['cpu_us_per_example']:>15.1f}")
+            figures[f"replicas_{run['replicas']}_eps"] = round(run["eps"])
+            figures[f"replicas_{run['replicas']}_cpu_us_per_example"] = round(run["cpu_us_per_example"], 1)
+        print("end to end on this machine: the same backlog of two River logreg models, from the first to the last "
+              "example learned (every process shares the same 2 cores and the broker)")
     print(json.dumps(figures))
 
 
