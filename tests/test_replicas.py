@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 import uuid
 from pathlib import Path
 
@@ -17,7 +18,10 @@ import pytest
 
 from bench.backlog import (BacklogSpec, in_order, learned_ids, metrics_port, run_kafka, scrape, start_service,
                            write_config)
+from streamlearn.cluster.epochs import EpochSync
 from streamlearn.config import ConfigError, parse_config, replica_rank
+from streamlearn.learners.contract import build_learner
+from streamlearn.records import Batch, Example
 from streamlearn.stream.source import Share, intake_share
 from tests.conftest import wait_for
 from tests.test_cluster_sync import free_port
@@ -120,3 +124,38 @@ def test_the_rank_comes_from_the_config_or_from_torchrun():
     with pytest.raises(ConfigError, match="cluster.rank: not set, and RANK=None"):
         replica_rank(parse_config(table, env={}), env={})
     assert intake_share(3, 1, 2, 1) == Share(4, 6)   # replica 1's second intake: partitions 4, 10, ... (p mod 3 = 1)
+
+
+class SilentPeer:
+    """A group whose other replica never gets ready: only readiness is asked of it (no collective runs)."""
+
+    rank, size = 0, 2
+
+    def __init__(self) -> None:
+        self.posted: dict[int, int] = {}
+
+    def post_ready(self, sync: int, count: int = 1) -> None:
+        self.posted[sync] = self.posted.get(sync, 0) + count
+
+    def ready(self, sync: int) -> int:
+        return self.posted.get(sync, 0)   # this replica's word only
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stop_while_waiting_for_the_others_learns_each_example_once_and_takes_the_word_back():
+    config = parse_config({"cluster": {"replicas": 2, "rank": 0, "sync_every": 10}, "snapshot": {"enabled": False},
+                           "drift": {"policy": {"enabled": False}}}, env={})
+    learner = build_learner("default", config.models["default"], config)
+    peer = SilentPeer()
+    epochs = EpochSync(config.cluster, 0, {"default": learner}, group=peer)
+    batch = Batch([Example(f"e-{i}", "default", {"x": float(i)}, i % 2, 1.0, float(i), float(i)) for i in range(25)])
+    stop = threading.Event()
+    out = []
+    for piece in epochs.batches(iter([batch]), stop.is_set):
+        out += [e.id for e in piece.examples]
+        stop.set()   # asked to stop while the first sync waits for the silent peer
+    assert out == [f"e-{i}" for i in range(25)], "an example was handed over twice, or lost"
+    assert peer.posted == {0: 0}, "the readiness was not taken back"
+    assert epochs.syncs == 0

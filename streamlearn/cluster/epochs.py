@@ -70,9 +70,9 @@ class EpochSync:
             if cut is None:
                 break
             yield Batch(examples[start:cut], stats=batch.stats, cut=False, sent=batch.sent, received=batch.received)
+            start = cut   # learned: what follows is the rest, with or without the sync (a stop while waiting)
             if not self._sync(stopping):
                 break
-            start = cut
         if start:
             batch.examples = examples[start:]
         yield batch
