@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from streamlearn.stream.broker import free_port
 
 TORCH_SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 RIVER_FEATURES = (1_000, 10_000, 100_000)
@@ -161,12 +162,6 @@ def cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError, TypeError):
             continue
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> None:

@@ -84,6 +84,16 @@ class Batch(msgspec.Struct):
     received: float = 0.0            # wall time the learner's process received it (set there; stage timing only)
 
 
+def handoff_pieces(examples: list[Example], size: int) -> tuple[list[list[Example]], list[Example]]:
+    """`examples` split for the hand-off: full pieces of `size` (not cuts), then the last piece (the cut, may be empty).
+
+    >>> [len(p) for p in handoff_pieces(list(range(5)), 2)[0]], handoff_pieces(list(range(5)), 2)[1]
+    ([2, 2], [4])
+    """
+    cut_at = size * ((len(examples) - 1) // size) if examples else 0
+    return [examples[start:start + size] for start in range(0, cut_at, size)], examples[cut_at:]
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Batch)
 

@@ -9,7 +9,6 @@ on every replica.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import pytest
 
 from streamlearn.cluster.wire import Array, WireError, WireSet, WireValues, decode_sets, encode_sets
 from streamlearn.learners.averaging import combine
+from streamlearn.stream.broker import free_port
 
 WORKER = textwrap.dedent('''
     import random, sys
@@ -56,12 +56,6 @@ WORKER = textwrap.dedent('''
     river.set(merged["river"]); net.set(merged["torch"])
     open(out, "wb").write(encode_sets({"river": river.get(0.0), "torch": net.get(0.0)}))
 ''')
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_replicas(tmp_path, mismatch: bool = False) -> list[str]:

@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamlearn.config import parse_config
+from streamlearn.stream.broker import free_port
 from streamlearn.demo.traffic import TrafficGenerator, TrafficSpec
 from tests.conftest import http_get, wait_for
 
@@ -429,12 +429,6 @@ def produce(bootstrap: str, topics: dict[str, str], messages, pause: float = 0.0
     assert producer.flush(30) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_service(tmp: Path, bootstrap: str, topics: dict[str, str]) -> tuple[subprocess.Popen, int, Path]:
     """`streamlearn run` in a child process; returns it, its metrics port and its log file."""
     config = tmp / "config.toml"
@@ -469,7 +463,7 @@ def _prometheus_files(tmp: Path, target_port: int) -> Path:
 
 
 def _start_prometheus(tmp: Path, target_port: int) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     log = tmp / "prometheus.log"
     process = subprocess.Popen([PROMETHEUS, f"--config.file={_prometheus_files(tmp, target_port)}",
                                 f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",

@@ -22,9 +22,9 @@ from streamlearn.cluster.epochs import EpochSync
 from streamlearn.config import ConfigError, parse_config, replica_rank
 from streamlearn.learners.contract import build_learner
 from streamlearn.records import Batch, Example
+from streamlearn.stream.broker import free_port
 from streamlearn.stream.source import Share, intake_share
 from tests.conftest import wait_for
-from tests.test_cluster_sync import free_port
 from tests.test_backlog import make_backlog
 
 SPEC = BacklogSpec(requests=20_000, seed=47, rate=5.0)

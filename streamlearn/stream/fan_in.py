@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional
 import msgspec
 
 from streamlearn.config import Config, replica_rank
-from streamlearn.records import Batch, Example, IntakeStats, Rejected
+from streamlearn.records import Batch, Example, IntakeStats, Rejected, handoff_pieces
 from streamlearn.stream.channel import WAKE_SECONDS, IntakeDied, ProcessIntake, StopPatience
 from streamlearn.stream.intake import HEARTBEAT_SECONDS, Resume
 from streamlearn.stream.merge import EventTimeMerge, FanInState, fan_in_state, merged_stats
@@ -137,17 +137,16 @@ class FanInIntake:
         """`examples` in batches of at most `batch_size`; the last one is a cut with every intake's offsets, and
         with `barrier` or `final` the state of every intake and of the merge."""
         stats = merged_stats(self._stats, len(self._merge))
-        size = self._batch_size
-        cut_at = size * ((len(examples) - 1) // size) if examples else 0
-        for start in range(0, cut_at, size):
-            yield Batch(examples[start:start + size], stats=stats, cut=False, sent=self._sent, received=self._received)
+        leading, last = handoff_pieces(examples, self._batch_size)
+        for piece in leading:
+            yield Batch(piece, stats=stats, cut=False, sent=self._sent, received=self._received)
         state = None
         if (barrier or final) and None not in self._states:
             state = msgspec.msgpack.encode(FanInState(list(self._states), self._merge.held()))
         if barrier:
             self._barrier_asked = False
             self._aligned.clear()
-        yield Batch(examples[cut_at:], dict(self._offsets), stats, final=final, barrier=state,
+        yield Batch(last, dict(self._offsets), stats, final=final, barrier=state,
                     sent=self._sent, received=self._received)
 
     # --- the channel's other words, to every intake ----------------------------------------------------------

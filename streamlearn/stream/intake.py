@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 
 from streamlearn.config import Config
-from streamlearn.records import Batch, Example, IntakeStats, Rejected
+from streamlearn.records import Batch, Example, IntakeStats, Rejected, handoff_pieces
 from streamlearn.stream.dead_letters import DeadLetterSink
 from streamlearn.stream.decode import DeadLetter, EventDecoder
 from streamlearn.stream.events import EXAMPLES_TOPIC, FEEDBACK_TOPIC, INFERENCE_TOPIC
@@ -196,12 +196,11 @@ class Intake:
         for count, released in runs:
             self.stages["batch"].observe(max(0.0, sent - released), count)
         stats = self.stats()
-        size = self.batch_size
-        cut_at = size * ((len(examples) - 1) // size) if examples else 0
-        for start in range(0, cut_at, size):
-            yield Batch(examples[start:start + size], stats=stats, cut=False, sent=sent)
+        leading, last = handoff_pieces(examples, self.batch_size)
+        for piece in leading:
+            yield Batch(piece, stats=stats, cut=False, sent=sent)
         carries = self._barrier(final)
-        yield Batch(examples[cut_at:], dict(self.offsets), stats, final=final, exhausted=exhausted,
+        yield Batch(last, dict(self.offsets), stats, final=final, exhausted=exhausted,
                     barrier=self.state() if carries and not self.state_follows else None,
                     barrier_follows=carries and self.state_follows, sent=sent)
 

@@ -51,6 +51,12 @@ FETCH_MAX_BYTES = 1 << 20
 SHARE_REFRESH_SECONDS = 30.0   # a source with a share looks this often for partitions added to its topics
 METADATA_TIMEOUT = 1.0         # seconds one look at the topics' metadata may take (the poll waits for it)
 NO_TIMESTAMP = float("nan")   # a message without a broker timestamp: the list stays one entry per message
+def share_due(last_look: float, assigned: bool) -> bool:
+    """Whether a source with a share looks at its topics' partitions again: every poll (a second apart at most)
+    until it has some, then every `SHARE_REFRESH_SECONDS` for partitions added."""
+    return time.monotonic() - last_look >= (SHARE_REFRESH_SECONDS if assigned else METADATA_TIMEOUT)
+
+
 def kafka_topics(config: KafkaConfig) -> list[str]:
     return [t for t in (config.inference_topic, config.feedback_topic, config.examples_topic) if t]
 
@@ -138,7 +144,7 @@ class ConfluentSource:
             self._at_end.discard(position_key(tp.topic, tp.partition))
 
     def poll(self, max_records: int, timeout: float) -> list[Chunk]:
-        if self._share is not None and time.monotonic() - self._share_at >= self._share_wait():
+        if self._share is not None and share_due(self._share_at, bool(self._assigned)):
             self._assign_share()
         chunks: dict[tuple[str, int], Chunk] = {}
         where, chunk = None, None
@@ -161,10 +167,6 @@ class ConfluentSource:
         if chunks:
             self._watch.heard()
         return list(chunks.values())
-
-    def _share_wait(self) -> float:
-        """Seconds between looks at the share's partitions: at every poll until it has some, then rarely."""
-        return SHARE_REFRESH_SECONDS if self._assigned else METADATA_TIMEOUT
 
     def _error(self, msg) -> None:
         from confluent_kafka import KafkaError
@@ -307,8 +309,7 @@ class KafkaPythonSource:
         log.info("intake %d of %d reads %s", self._share.index + 1, self._share.count, ", ".join(sorted(new)))
 
     def poll(self, max_records: int, timeout: float) -> list[Chunk]:
-        if self._share is not None and time.monotonic() - self._share_at >= (
-                SHARE_REFRESH_SECONDS if self._consumer.assignment() else METADATA_TIMEOUT):
+        if self._share is not None and share_due(self._share_at, bool(self._consumer.assignment())):
             self._assign_share()
         chunks = []
         records = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
