@@ -40,8 +40,11 @@ import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import orjson
+
 from streamlearn.demo.traffic import Message, TrafficGenerator, TrafficSpec
 from streamlearn.stream.broker import EmbeddedBroker
+from streamlearn.stream.events import INFERENCE_TOPIC
 from streamlearn.testing import kafka_toml
 
 MODELS = ("fraud", "churn")
@@ -62,6 +65,7 @@ class BacklogSpec:
     disorder: float = 0.05
     lateness: float = 1.0
     rate: float = 50.0
+    numeric: bool = False   # the logs' features without the string one (for numeric-only models)
 
 
 def in_order(spec: BacklogSpec) -> str:
@@ -88,6 +92,8 @@ def backlog_messages(spec: BacklogSpec) -> Iterator[Message]:
                                      malformed_rate=0.0, request_rate=spec.rate, start_ts=START_TS + 0.2 / spec.rate,
                                      max_message_bytes=MAX_MESSAGE_BYTES))
     merged = heapq.merge(a.messages(), map(_second_model, b.messages()), key=lambda m: m.ts)
+    if spec.numeric:
+        merged = map(_numeric_only, merged)
     rng = random.Random(spec.seed + 2)
     held: list[tuple[float, int, Message]] = []
     for n, message in enumerate(merged):
@@ -102,6 +108,14 @@ def backlog_messages(spec: BacklogSpec) -> Iterator[Message]:
 def _second_model(m: Message) -> Message:
     return dataclasses.replace(m, key=b"s-" + m.key[2:],
                                value=m.value.replace(b'"request_id":"r-', b'"request_id":"s-', 1))
+
+
+def _numeric_only(m: Message) -> Message:
+    if m.topic != INFERENCE_TOPIC:
+        return m
+    log = orjson.loads(m.value)
+    log["features"] = {k: v for k, v in log["features"].items() if not isinstance(v, str)}
+    return dataclasses.replace(m, value=orjson.dumps(log))
 
 
 def partition_of(key: bytes, partitions: int) -> int:

@@ -282,7 +282,14 @@ class ClusterConfig(_Section):
     rank: Optional[Annotated[int, msgspec.Meta(ge=0)]] = None   # None: the RANK environment variable (torchrun's)
     init_method: str = "env://"           # torch.distributed's rendezvous (env://: MASTER_ADDR, MASTER_PORT)
     sync_every: Positive = 60.0           # event-time seconds between parameter averages
-    timeout: Positive = 300.0             # seconds a sync waits in a collective before the replica fails
+    timeout: Positive = 300.0             # seconds a sync waits for the other replicas before this one fails
+    snapshot_dir: str = ""                # a folder every replica shares: replica r snapshots to replica-<r>/ in it
+                                          # (needed to rescale; "": each its own state_dir/snapshots)
+
+    @property
+    def enabled(self) -> bool:
+        """This service is a replica of a cluster (even alone, when it keeps a cluster's snapshots to rescale)."""
+        return self.replicas > 1 or bool(self.snapshot_dir)
 
 
 class Config(_Section):
@@ -394,25 +401,23 @@ def replica_rank(config: Config, env: Optional[Mapping[str, str]] = None) -> int
 
 
 def _check_cluster(config: Config) -> None:
-    """Replicas read shares of Kafka partitions; their snapshots must be taken at the same epoch (not built yet)."""
+    """Replicas read shares of Kafka partitions (divided by partition number when they rescale)."""
     cluster = config.cluster
-    if cluster.replicas == 1:
+    if not cluster.enabled:
         return
     if config.file_path is not None:
-        raise ConfigError("config error: cluster.replicas: more than 1 needs source = \"kafka\" (a file is one "
-                          "partition)")
+        key = "cluster.replicas: more than 1" if cluster.replicas > 1 else "cluster.snapshot_dir: a cluster"
+        raise ConfigError(f"config error: {key} needs source = \"kafka\" (a file is one partition)")
     if cluster.rank is not None and cluster.rank >= cluster.replicas:
         raise ConfigError(f"config error: cluster.rank: {cluster.rank} is not below cluster.replicas "
                           f"({cluster.replicas})")
-    if config.snapshot.enabled:
-        raise ConfigError("config error: snapshot.enabled: not yet with cluster.replicas > 1 (snapshots taken at "
-                          "the same epoch on every replica are not built yet)")
     if config.publish.enabled:
-        raise ConfigError("config error: publish.enabled: not yet with cluster.replicas > 1 (one replica to publish "
-                          "for all is not built yet)")
+        raise ConfigError("config error: publish.enabled: not yet in a cluster (cluster.replicas > 1 or "
+                          "cluster.snapshot_dir): one replica to publish for all is not built yet")
     if config.drift.policy.enabled:
-        raise ConfigError("config error: drift.policy.enabled: set it false with cluster.replicas > 1 (a replica "
-                          "that resets or restores its model on its own cannot be averaged with the others yet)")
+        raise ConfigError("config error: drift.policy.enabled: set it false in a cluster (cluster.replicas > 1 or "
+                          "cluster.snapshot_dir): a replica that resets or restores its model on its own cannot be "
+                          "averaged with the others yet")
 
 
 def _check_distill(name: str, model: ModelConfig) -> None:

@@ -35,6 +35,7 @@ class Example(msgspec.Struct, array_like=True):
     consumed: float = 0.0  # wall time the intake read the message that completed it (0: unknown)
     model_version: str = ""            # the serving version that made the prediction ("": not logged)
     served: Union[Label, None] = None  # what that version predicted (the log's prediction, or its likeliest class)
+    partition: int = -1                # the Kafka partition number it came from (-1: a file): rescaling divides by it
 
 
 class Rejected(msgspec.Struct):

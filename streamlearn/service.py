@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, NoReturn, Optional
 
+import msgspec
 from prometheus_client import CollectorRegistry
 
 from streamlearn.checkpoints.audit import AuditLog
 from streamlearn.checkpoints.catalog import open_store, problem_with
-from streamlearn.checkpoints.content import ServiceFigures, pack, unpack
+from streamlearn.checkpoints.content import Content, ServiceFigures, pack, unpack
 from streamlearn.checkpoints.cut import Cut
 from streamlearn.checkpoints.snapshotter import Serialize, Snapshotter, config_fingerprint
 from streamlearn.checkpoints.store import Snapshot, SnapshotStore
@@ -77,7 +78,14 @@ class Service:
         self._resume = Resume()
         self._deploy_state: Optional[bytes] = None
         audit_length = None
-        if config.snapshot.enabled:
+        epoch: Optional[bytes] = None   # a replica's place among the epochs, as restored
+        self._group = _replica_group(config)   # here: the rendezvous waits for every replica
+        if config.snapshot.enabled and self._group is not None:
+            if from_snapshot is not None:
+                raise ConfigError("config error: cluster: --from-snapshot is not for replicas (they restore the "
+                                  "newest epoch they all have a snapshot of)")
+            audit_length, epoch = self._restore_epoch()
+        elif config.snapshot.enabled:
             audit_length = self._restore(from_snapshot)
         elif from_snapshot is not None:
             raise ConfigError("config error: snapshot.enabled: --from-snapshot needs snapshots enabled")
@@ -90,11 +98,13 @@ class Service:
                                                 self.stage_states))
         self.metrics: Optional[MetricsServer] = None
         self._channel: Optional[Channel] = None
-        self._epochs: Optional["EpochSync"] = None   # with cluster.replicas > 1
+        self._epochs: Optional["EpochSync"] = self._epoch_sync(epoch) if self._group is not None else None
         self._stop = threading.Event()
         self._last_turn = time.monotonic()
         self._started = 0.0
         self._cut = Cut(self.snapshots)   # barrier, snapshot and commit, in the order `checkpoints.cut` numbers
+        if self._epochs is not None:
+            self._cut.agreed = self._epochs.agreed_offsets
         for learner in self.learners.values():
             learner.evaluation.on_evaluation = self._record_evaluation
 
@@ -106,7 +116,29 @@ class Service:
         snapshot = _usable_snapshot(store, fingerprint, wanted)
         if snapshot is None:
             return None
-        content = unpack(snapshot)
+        self._take_over(unpack(snapshot), snapshot.manifest.offsets, snapshot.manifest.seq)
+        if wanted is not None and wanted != store.latest_seq():
+            # A rollback is made the newest snapshot at once: a crash before the next one must not undo it.
+            m = snapshot.manifest
+            copy = store.write(snapshot.files, m.offsets, fingerprint, m.meta, parent=m.seq)
+            log.info("rolled back: snapshot %d is now snapshot %d", m.seq, copy.seq)
+        return self.restored_audit_length
+
+    def _restore_epoch(self) -> tuple[Optional[int], Optional[bytes]]:
+        """A replica's restore: the newest epoch every replica has a snapshot of, agreed with them
+        (`cluster.restore`); its audit length and epoch state."""
+        from streamlearn.cluster.restore import restore_point
+
+        fingerprint = config_fingerprint(self.config)
+        self.snapshots = Snapshotter(self.config.snapshot, open_store(self.config), fingerprint)
+        point = restore_point(self.config, self._group, self._group.rank, fingerprint)
+        if point is None:
+            return None, None
+        self._take_over(point.content, point.offsets, point.seq)
+        return self.restored_audit_length, point.content.epoch
+
+    def _take_over(self, content: Content, offsets: dict[str, int], seq: Optional[int]) -> None:
+        """Makes a snapshot's content this service's state (the intake's part starts with the channel)."""
         for name, learner in self.learners.items():
             learner.restore(content.learners[name])
         self._learning_seconds = content.figures.learning_seconds
@@ -117,16 +149,12 @@ class Service:
         self._deploy_state = content.deploy
         self.snapshots.trigger = Trigger("snapshot", self.config.snapshot, time.monotonic(),
                                          content.figures.snapshot_trigger)
-        self._resume = Resume(snapshot.manifest.offsets, content.intake_state)
-        self.offsets = dict(snapshot.manifest.offsets)
-        self.restored_from = self.snapshots.parent = snapshot.manifest.seq
-        log.info("restored snapshot %d: %d examples learned", self.restored_from, content.figures.learned)
-        if wanted is not None and wanted != store.latest_seq():
-            # A rollback is made the newest snapshot at once: a crash before the next one must not undo it.
-            m = snapshot.manifest
-            copy = store.write(snapshot.files, m.offsets, fingerprint, m.meta, parent=m.seq)
-            log.info("rolled back: snapshot %d is now snapshot %d", m.seq, copy.seq)
-        return content.figures.audit_length
+        self._resume = Resume(offsets, content.intake_state)
+        self.offsets = dict(offsets)
+        self.restored_from = self.snapshots.parent = seq
+        self.restored_audit_length = content.figures.audit_length
+        what = f"snapshot {seq}" if seq is not None else "the old replicas' snapshots, divided"
+        log.info("restored %s: %d examples learned", what, content.figures.learned)
 
     def start_metrics(self) -> Optional[MetricsServer]:
         """Starts the HTTP endpoint (idempotent); its port is `self.metrics.port`."""
@@ -146,10 +174,6 @@ class Service:
         self.start_metrics()
         restore = _install_signal_handlers(self.stop)
         self._started = time.monotonic()
-        if self.config.cluster.replicas > 1:   # here: the rendezvous waits for every replica
-            from streamlearn.cluster.epochs import EpochSync   # here: a single replica never imports torch.distributed
-
-            self._epochs = EpochSync(self.config.cluster, replica_rank(self.config), self.learners)
         self._channel = start_intake(self.config, self._resume)
         self._cut.begin()
         stopping = False
@@ -163,7 +187,10 @@ class Service:
                     on_batch(self, batch)
                 if batch.final:
                     break
-                if not stopping and (self._stop.is_set() or (until is not None and until(self))):
+                if self._epochs is not None:   # replicas stop together, and snapshot at syncs (`EpochSync`)
+                    if until is not None and until(self):
+                        self.stop()
+                elif not stopping and (self._stop.is_set() or (until is not None and until(self))):
                     self._channel.request_stop()  # the intake drains and sends a final batch (with a barrier)
                     stopping = True
                 else:   # cut step 1; steps 3-4 run in `_learn` when the barrier arrives
@@ -236,7 +263,32 @@ class Service:
         handoff = self.handoff.state if self.handoff is not None else lambda: None   # serialized where the writer runs
         # The learners' snapshots are taken where the writer runs too (the forked child: a copy-on-write image of
         # them as they are now), so that the loop does not stall on pickling them.
-        return lambda: pack({name: l.snapshot() for name, l in learners.items()}, intake_state, figures, handoff())
+        epoch = msgspec.msgpack.encode(self._epochs.state()) if self._epochs is not None else None   # now: it moves
+        return lambda: pack({name: l.snapshot() for name, l in learners.items()}, intake_state, figures, handoff(),
+                            epoch)
+
+    def _snapshot_meta(self) -> dict[str, float]:
+        """The figures a snapshot's manifest shows (a replica's: its epoch, count and rank, what a restart picks by)."""
+        meta = {"learned": float(self.learned)}
+        if self._epochs is not None:
+            state = self._epochs.state()
+            meta.update(epoch=float(state.epoch), replicas=float(state.replicas), rank=float(state.rank))
+        return meta
+
+    def _epoch_sync(self, epoch: Optional[bytes]) -> "EpochSync":
+        """The replica's epochs: syncs at event-time boundaries, snapshots at syncs the replicas agree on."""
+        from streamlearn.cluster.epochs import Controls, EpochState, EpochSync
+
+        def ask_barrier(mine: bool) -> None:
+            if not mine:   # another replica's trigger fired: this one's starts its count again too
+                self.snapshots.trigger.fire("replicas", self.learned, time.monotonic(), self._drifts())
+            self._cut.ask(self._channel)
+
+        controls = Controls(self.snapshots is not None,
+                            lambda: self._cut.due(lambda: self.learned, self._drifts, self._lowest_score),
+                            ask_barrier, lambda: self._channel.request_stop())
+        state = msgspec.msgpack.decode(epoch, type=EpochState) if epoch is not None else None
+        return EpochSync(self.config.cluster, self.learners, self._group, controls, state)
 
     def stop(self) -> None:
         """Asks the loop to drain the current batch and return (safe from any thread or signal)."""
@@ -281,7 +333,7 @@ class Service:
             self.handoff.after_learning(self.offsets, self._newest_snapshot)
         self.stats = batch.stats
         if batch.barrier is not None and self.snapshots is not None:   # cut steps 3-4
-            self._cut.take(batch.barrier, batch.final, self.offsets, self.learned, self._capture)
+            self._cut.take(batch.barrier, batch.final, self.offsets, self._snapshot_meta(), self._capture)
 
     def _time_stages(self, batch: Batch, started: float) -> None:
         """Observes the learner-side stages of a batch learned from `started` (wall time) until now."""
@@ -420,6 +472,18 @@ def _build_learner(name: str, model: ModelConfig, config: Config) -> Learner:
         return build_learner(name, model, config)
     except ModelError as err:
         raise ConfigError(f"config error: models.{name}.{err.key}: {err}") from None
+
+
+def _replica_group(config: Config):
+    """This replica's group (a `ReplicaGroup` over torch.distributed, a `SoloGroup` alone); None outside a cluster."""
+    if not config.cluster.enabled:
+        return None
+    from streamlearn.cluster.group import ReplicaGroup, SoloGroup   # here: one service never imports torch.distributed
+
+    cluster = config.cluster
+    if cluster.replicas == 1:
+        return SoloGroup()
+    return ReplicaGroup(replica_rank(config), cluster.replicas, cluster.init_method, timeout=cluster.timeout)
 
 
 def _handoff(config: Config, learners: dict[str, Learner], state: Optional[bytes]):

@@ -23,9 +23,10 @@ from typing import Optional
 import msgspec
 
 from streamlearn.checkpoints.store import Manifest, Snapshot, SnapshotError, SnapshotStore
-from streamlearn.config import Config
+from streamlearn.config import Config, replica_rank
 
 KEY_ENV = "STREAMLEARN_SNAPSHOT_KEY"
+REPLICA_FOLDER = "replica-{rank}"   # replica r's snapshots in a shared `cluster.snapshot_dir`
 
 
 class SnapshotInfo(msgspec.Struct):
@@ -43,9 +44,15 @@ def signing_key() -> Optional[bytes]:
     return os.environ.get(KEY_ENV, "").encode() or None
 
 
-def open_store(config: Config) -> SnapshotStore:
-    """The store under `state_dir/snapshots`, keyed from the environment when a key is set."""
-    return SnapshotStore(Path(config.state_dir) / "snapshots", config.snapshot.keep, signing_key())
+def open_store(config: Config, folder: Optional[int] = None) -> SnapshotStore:
+    """This service's store, keyed from the environment when a key is set: `state_dir/snapshots`, or for replicas
+    sharing `cluster.snapshot_dir`, its `replica-<rank>` folder (`folder`: another replica's)."""
+    if config.cluster.snapshot_dir:
+        rank = replica_rank(config) if folder is None else folder
+        root = Path(config.cluster.snapshot_dir) / REPLICA_FOLDER.format(rank=rank)
+    else:
+        root = Path(config.state_dir) / "snapshots"
+    return SnapshotStore(root, config.snapshot.keep, signing_key())
 
 
 def problem_with(found: Snapshot | SnapshotError, fingerprint: str) -> Optional[str]:

@@ -10,6 +10,7 @@ optimizer moments, EWC state, replay buffers) without pickle, keyed `<model>/<na
 `service.json` holds the learner side's small figures (and the scores by serving
 version). `deploy.msgpack`, only with publishing on, is the handoff's own state as it
 gave it (held-out examples, the publish trigger, a waiting candidate's shadow totals).
+`epoch.msgpack`, only for a replica of a cluster, is its place among the epochs (`cluster.epochs.EpochState`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ INTAKE = "intake.msgpack"
 SERVICE = "service.json"
 TENSORS = "tensors.safetensors"
 DEPLOY = "deploy.msgpack"
+EPOCH = "epoch.msgpack"
 
 
 class ServiceFigures(msgspec.Struct):
@@ -46,16 +48,19 @@ class Content(msgspec.Struct):
     intake_state: bytes
     figures: ServiceFigures
     deploy: Optional[bytes] = None
+    epoch: Optional[bytes] = None
 
 
 def pack(learners: dict[str, LearnerSnapshot], intake_state: bytes, figures: ServiceFigures,
-         deploy: Optional[bytes] = None) -> dict[str, bytes]:
+         deploy: Optional[bytes] = None, epoch: Optional[bytes] = None) -> dict[str, bytes]:
     """The snapshot's files from the learners' snapshots and the other stages' states."""
     states = {name: {"kind": s.kind, "state": s.state} for name, s in learners.items()}   # bytes: no second walk
     files = {LEARNERS: pickle.dumps(states, protocol=pickle.HIGHEST_PROTOCOL),
              INTAKE: intake_state, SERVICE: msgspec.json.encode(figures)}
     if deploy is not None:
         files[DEPLOY] = deploy
+    if epoch is not None:
+        files[EPOCH] = epoch
     flat = {f"{model}/{key}": np.ascontiguousarray(array) for model, s in learners.items()
             for key, array in s.tensors.items()}
     if flat:
@@ -74,7 +79,7 @@ def unpack(snapshot: Snapshot) -> Content:
     learners = {name: _learner_snapshot(entry, tensors.get(name, {}))
                 for name, entry in pickle.loads(files[LEARNERS]).items()}
     return Content(learners, files[INTAKE], msgspec.json.decode(files[SERVICE], type=ServiceFigures),
-                   files.get(DEPLOY))
+                   files.get(DEPLOY), files.get(EPOCH))
 
 
 def _learner_snapshot(entry: dict, tensors: dict[str, np.ndarray]) -> LearnerSnapshot:

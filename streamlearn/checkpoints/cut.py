@@ -54,6 +54,9 @@ class Cut:
     def __init__(self, snapshots: Optional[Snapshotter]) -> None:
         self.snapshots = snapshots
         self.asked = False                     # a barrier is asked for and not yet taken
+        # Replicas: the offsets of the newest snapshot durable on every replica (a restart goes back to that
+        # epoch; the group's offsets must not be ahead of it). None: this service's own newest durable snapshot.
+        self.agreed: Optional[Callable[[Snapshotter], dict[str, int]]] = None
         self._last_commit = time.monotonic()
 
     def begin(self) -> None:
@@ -63,26 +66,33 @@ class Cut:
     def ask_if_due(self, channel: Controls, learned: Callable[[], int], drifts: Callable[[], int],
                    lowest_score: Callable[[], float]) -> bool:
         """Step 1: asks the intake for a barrier when the snapshot trigger fires; returns whether it asked."""
-        if self.snapshots is None or self.asked or not self.snapshots.idle:
-            return False
         # 1. The barrier is honoured after the batches already on their way: ask that many examples early, so
         #    that snapshots keep their interval while a backlog streams in.
-        ahead = learned() + channel.examples_in_flight()
-        # The score is read only if the trigger watches one (it asks every learner).
-        if self.snapshots.trigger.check(ahead, time.monotonic(), drifts(), lowest_score) is None:
+        if not self.due(lambda: learned() + channel.examples_in_flight(), drifts, lowest_score):
             return False
-        channel.request_barrier()
-        self.asked = True
+        self.ask(channel)
         return True
 
-    def take(self, intake_state: bytes, final: bool, offsets: dict[str, int], learned: int,
+    def due(self, ahead: Callable[[], int], drifts: Callable[[], int], lowest_score: Callable[[], float]) -> bool:
+        """Whether the snapshot trigger fires now (`ahead`: the examples learned, or soon learned)."""
+        if self.snapshots is None or self.asked or not self.snapshots.idle:
+            return False
+        # The score is read only if the trigger watches one (it asks every learner).
+        return self.snapshots.trigger.check(ahead(), time.monotonic(), drifts(), lowest_score) is not None
+
+    def ask(self, channel: Controls) -> None:
+        """Step 1's request: the intake attaches its state to its next cut."""
+        channel.request_barrier()
+        self.asked = True
+
+    def take(self, intake_state: bytes, final: bool, offsets: dict[str, int], meta: dict[str, float],
              capture: Capture) -> None:
         """Steps 3 and 4, at the barrier: captures the whole state as it is now and hands it to the writer."""
         started = time.perf_counter()
         # 3. The batch carrying the barrier is learned: the learner side matches the intake state only now.
         serialize = capture(intake_state, final)
         # 4. Fork and write; steps 5 (durable, then durable_offsets) follow in the writer, off the loop.
-        self.snapshots.submit(serialize, dict(offsets), {"learned": float(learned)})
+        self.snapshots.submit(serialize, dict(offsets), meta)
         self.asked = False
         self.snapshots.stall.observe(time.perf_counter() - started)
 
@@ -105,4 +115,6 @@ class Cut:
 
     def committable(self, offsets: dict[str, int]) -> dict[str, int]:
         """Offsets for the consumer group: those of the newest durable snapshot, when snapshots are on."""
-        return self.snapshots.durable_offsets if self.snapshots is not None else offsets
+        if self.snapshots is None:
+            return offsets
+        return self.agreed(self.snapshots) if self.agreed is not None else self.snapshots.durable_offsets

@@ -64,6 +64,8 @@ class Snapshotter:
         self.failures = 0
         self.last_success: Optional[float] = None   # unix time of the newest durable snapshot
         self.durable_offsets: dict[str, int] = {}
+        # The newest durable snapshot's offsets and figures (a replica's epoch) together: one reference, read whole.
+        self.newest_durable: tuple[dict[str, int], dict[str, float]] = ({}, {})
         self.parent: Optional[int] = None           # the restored snapshot the next one grows from
         self.trigger = Trigger("snapshot", config, time.monotonic())   # and always at clean shutdown
         self._idle = threading.Event()
@@ -89,7 +91,7 @@ class Snapshotter:
         if wait is None:   # 4. or pickle here, now, while the state is the barrier's; a thread writes
             state = _serialized_now(serialize)
             wait = lambda: self._write(state, offsets, meta)  # noqa: E731
-        threading.Thread(target=self._finish, args=(wait, offsets, started), name="snapshot-writer",
+        threading.Thread(target=self._finish, args=(wait, offsets, meta, started), name="snapshot-writer",
                          daemon=True).start()
 
     def wait(self) -> None:
@@ -134,7 +136,8 @@ class Snapshotter:
         os.close(write_end)
         return lambda: _child_outcome(pid, read_end)
 
-    def _finish(self, wait: Callable[[], WriteOutcome], offsets: dict[str, int], started: float) -> None:
+    def _finish(self, wait: Callable[[], WriteOutcome], offsets: dict[str, int], meta: dict[str, float],
+                started: float) -> None:
         """Cut step 5: once the store has named the snapshot latest, its offsets become the ones to commit."""
         try:
             outcome = wait()
@@ -152,6 +155,7 @@ class Snapshotter:
             self.parent = None
             # 5. Durable (tmp → fsync → rename → LATEST, in `SnapshotStore.write`): only now may the group follow.
             self.durable_offsets = dict(offsets)  # one reference swap: readers see old or new
+            self.newest_durable = (self.durable_offsets, dict(meta))
             self.last_success = outcome.manifest.created
             log.info("snapshot %d written in %.3f s", outcome.manifest.seq, took)
         finally:

@@ -84,11 +84,26 @@ class ReplicaGroup:
         """How many replicas have said they are ready for sync number `sync`."""
         return self._flags.add(f"ready/{sync}", 0)
 
-    def highest(self, value: float) -> float:
-        """The highest of every replica's `value` (one small collective)."""
-        mine = torch.tensor([value], dtype=torch.float64)
+    def post_stop(self) -> None:
+        """Asks every replica to stop (each hears it at its next batch, and all stop at one sync)."""
+        self._flags.add("stop", 1)
+
+    def post_durable(self, epoch: int) -> None:
+        """Says this replica's snapshot of epoch `epoch` is durable."""
+        self._flags.add(f"durable/{epoch}", 1)
+
+    def durable(self, epoch: int) -> int:
+        """How many replicas have a durable snapshot of epoch `epoch`."""
+        return self._flags.add(f"durable/{epoch}", 0)
+
+    def stop_posted(self) -> bool:
+        return self._flags.add("stop", 0) > 0
+
+    def agree(self, values: list[float]) -> list[float]:
+        """The highest of every replica's value, position by position (one small collective)."""
+        mine = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-        return float(mine.item())
+        return mine.tolist()
 
     def average(self, sets: Mapping[str, ParameterSet]) -> dict[str, ParameterSet]:
         """Every replica's sets for the same models, combined as `averaging.combine` combines them.
@@ -158,4 +173,48 @@ class ReplicaGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class SoloGroup:
+    """One replica alone (`cluster.replicas = 1` with a `cluster.snapshot_dir`): every collective is its own word.
+
+    It keeps the epochs and the snapshot layout of a cluster, so that a later start can scale out from its
+    snapshots (and a cluster can scale in to it), without torch.distributed.
+    """
+
+    rank, size = 0, 1
+
+    def __init__(self) -> None:
+        self._ready: dict[int, int] = {}
+        self._stop = False
+
+    def post_ready(self, sync: int, count: int = 1) -> None:
+        self._ready[sync] = self._ready.get(sync, 0) + count
+
+    def ready(self, sync: int) -> int:
+        return self._ready.get(sync, 0)
+
+    def post_stop(self) -> None:
+        self._stop = True
+
+    def post_durable(self, epoch: int) -> None:
+        pass
+
+    def durable(self, epoch: int) -> int:
+        return 1
+
+    def stop_posted(self) -> bool:
+        return self._stop
+
+    def agree(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def average(self, sets: Mapping[str, ParameterSet]) -> dict[str, ParameterSet]:
+        return {name: combine([s]) for name, s in sets.items()}
+
+    def gather(self, payload: bytes) -> list[bytes]:
+        return [payload]
+
+    def close(self) -> None:
+        pass
 

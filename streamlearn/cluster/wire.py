@@ -3,7 +3,9 @@
 What one replica sends the others at a sync: for each model its `ParameterSet`
 (weight, values, moments, base). Arrays travel as raw little-endian bytes with
 their dtype and shape, and only numeric dtypes are accepted back; keys (feature
-names) as strings or numbers. Bytes that do not decode to that shape are refused
+names, class labels) as strings, numbers or booleans, each keeping its type (the
+string "1" is not the number 1), or tuples of those (a weight that belongs to an
+input column and an output unit). Bytes that do not decode to that shape are refused
 with `WireError`, so a replica never builds anything but numbers from its peers.
 
 >>> import numpy as np
@@ -27,7 +29,8 @@ import numpy as np
 
 from streamlearn.learners.averaging import Moments, ParameterSet, Values
 
-Key = Union[str, int, float, bool]
+Scalar = Union[str, int, float, bool]
+Key = Union[str, int, float, bool, tuple[Scalar, ...]]
 NUMERIC_KINDS = "biuf"   # bool, signed and unsigned integers, floats: nothing else is rebuilt from a peer's bytes
 
 

@@ -8,7 +8,9 @@ Two rules, one per kind of number:
   intercept) combine by the mean weighted by each set's `weight` (the examples
   the replica learned since the last sync). Weights are keyed by feature name
   and aligned over the union of names; a replica that never saw a feature has
-  no say in its weight (the mean is over the replicas that hold it).
+  no say in its weight (the mean is over the replicas that hold it). A keyed
+  value may be an array (a torch input column's weights into every hidden unit):
+  the keys run along its first axis.
 - **Moments** (a River `StandardScaler`'s per-feature count, mean and variance)
   are running statistics, not estimates to average: counts add, means merge by
   count and variances by Chan et al.'s parallel formula, so the merged scaler
@@ -58,7 +60,7 @@ Keys = tuple[Hashable, ...]
 
 @dataclass(frozen=True)
 class Values:
-    """Numbers combined by weighted mean: positional (`keys` None) or one per feature name in `keys`."""
+    """Numbers combined by weighted mean: positional (`keys` None) or one row (first axis) per key in `keys`."""
 
     values: np.ndarray
     keys: Keys | None = None
@@ -136,6 +138,10 @@ def _check_fit(sets: list[ParameterSet]) -> None:
             if v.keys is None and v.values.shape != first.values[name].values.shape:
                 raise ValueError(f"combine: {name!r} has shape {v.values.shape} in set {i}, "
                                  f"{first.values[name].values.shape} in set 0")
+            if v.keys is not None and (v.values.shape[:1] != (len(v.keys),)
+                                       or v.values.shape[1:] != first.values[name].values.shape[1:]):
+                raise ValueError(f"combine: {name!r} of set {i} has shape {v.values.shape} for {len(v.keys)} keys, "
+                                 f"set 0 {first.values[name].values.shape} for {len(first.values[name].keys)}")
             if not np.isfinite(v.values).all():
                 raise ValueError(f"combine: {name!r} of set {i} holds non-finite values")
         for name, m in s.moments.items():
@@ -151,7 +157,10 @@ def _weighted_mean(weights: np.ndarray, parts: list[Values]) -> Values:
     else:
         keys = _union(p.keys for p in parts)
         rows, present = _scatter(keys, [(p.keys, p.values) for p in parts])
-    held = np.ones(rows.shape, dtype=bool) if present is None else present
+    if present is None:
+        held = np.ones(rows.shape, dtype=bool)
+    else:   # a key's row is held whole, along its trailing axes too
+        held = np.broadcast_to(present.reshape(present.shape + (1,) * (rows.ndim - 2)), rows.shape)
     w = np.where(held, weights.reshape((-1,) + (1,) * (rows.ndim - 1)), 0.0)
     unweighted = w.sum(axis=0) == 0   # nobody learned since the sync: the holders count equally
     w = np.where(unweighted, held, w)
@@ -208,9 +217,11 @@ def _union(key_lists: Iterable[Keys]) -> Keys:
 
 
 def _scatter(keys: Keys, parts: list[tuple[Keys, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows aligned on `keys` (0 where a part lacks a key) and which cells each part holds."""
+    """Rows aligned on `keys` (0 where a part lacks a key; a key's value may have trailing axes) and which keys each
+    part holds."""
     index = {k: i for i, k in enumerate(keys)}
-    rows = np.zeros((len(parts), len(keys)))
+    trailing = np.shape(parts[0][1])[1:] if parts else ()
+    rows = np.zeros((len(parts), len(keys)) + trailing)
     present = np.zeros((len(parts), len(keys)), dtype=bool)
     for r, (part_keys, values) in enumerate(parts):
         cols = np.fromiter((index[k] for k in part_keys), dtype=np.intp, count=len(part_keys))
@@ -222,7 +233,9 @@ def _scatter(keys: Keys, parts: list[tuple[Keys, np.ndarray]]) -> tuple[np.ndarr
 class TorchParameters:
     """A torch network's weights as its one flat tensor (`FlatParameters.param`), averaged as a whole.
 
-    The optimizer's state (Adam's moments) stays local; so do the FeatureEncoder's columns and scaling.
+    Only for networks whose inputs and outputs mean the same on every replica: a `TorchLearner`'s do not (its
+    encoder hands out columns as names come), so its `parameters()` are `torch_averaging.TorchLearnerParameters`.
+    The optimizer's state (Adam's moments) stays local.
     """
 
     def __init__(self, flat: FlatParameters) -> None:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
-from streamlearn.learners.averaging import Averaging, averageable
+from streamlearn.learners.averaging import Averaging
 from streamlearn.learners.base import LearnerBase
 from streamlearn.learners.contract import TORCH_ENCODING, TORCH_WEIGHTS, ExportedModel, LearnerMetrics
 from streamlearn.learners.drift import DriftMark
@@ -52,6 +52,7 @@ from streamlearn.learners import losses
 from streamlearn.learners.flat import FlatParameters
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.networks import build_network
+from streamlearn.learners.torch_averaging import torch_learner_parameters
 from streamlearn.records import Example, Features
 from streamlearn.replay.class_balanced import ClassBalancedBuffer
 from streamlearn.replay.reservoir import ReservoirBuffer
@@ -631,8 +632,9 @@ class TorchLearner(LearnerBase):
                                        TORCH_ENCODING: pickle.dumps(encoding, protocol=pickle.HIGHEST_PROTOCOL)})
 
     def parameters(self) -> Averaging:
-        """The model's averageable parameters as they are now, or why there are none (`averaging.averageable`)."""
-        return averageable(self.flat)
+        """The network's weights keyed by input column and class, and the encoder's and targets' statistics
+        (`torch_averaging`), or why the network's weights cannot be keyed."""
+        return torch_learner_parameters(self)
 
     def metrics(self) -> LearnerMetrics:
         replay = self.replay.store.size if self.replay is not None else None

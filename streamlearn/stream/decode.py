@@ -61,6 +61,7 @@ class LogEntry(msgspec.Struct):
     features: Features
     model_version: str = ""                         # the serving version that predicted ("": not logged)
     served: Union[bool, float, str, None] = None    # its prediction, for scores by version
+    partition: int = msgspec.field(default=-1, name="p")   # its Kafka partition number (-1: a file), set by the intake
 
 
 class LabelEntry(msgspec.Struct):
@@ -70,6 +71,7 @@ class LabelEntry(msgspec.Struct):
     ts: float
     label: Union[bool, float, str]
     weight: float
+    partition: int = msgspec.field(default=-1, name="p")   # its Kafka partition number (-1: a file), set by the intake
 
 
 class _Invalid(Exception):

@@ -41,7 +41,7 @@ from streamlearn.stream.decode import DeadLetter, EventDecoder
 from streamlearn.stream.events import EXAMPLES_TOPIC, FEEDBACK_TOPIC, INFERENCE_TOPIC
 from streamlearn.stream import pieces
 from streamlearn.stream.join import FeedbackJoiner, JoinerState
-from streamlearn.stream.source import Chunk, Source
+from streamlearn.stream.source import Chunk, Source, partition_number
 from streamlearn.stream.watermark import NEVER, PartitionWatermarks
 from streamlearn.telemetry.histogram import DELAY_BUCKETS, STAGE_BUCKETS, WAIT_BUCKETS, Histogram
 
@@ -307,10 +307,12 @@ class Intake:
         matches = self.joiner.delays   # one entry per pair matched (drained by `stats`, never during a chunk)
         every = kind == EXAMPLES_TOPIC   # a prejoined example is complete in its one message
         track = completing is not None
+        part = partition_number(chunk.partition)   # carried by what the join holds: rescaling divides by it
         for i, (raw, offset) in enumerate(zip(chunk.values, chunk.offsets)):
             try:
                 record = decode(raw)
                 if type(record) is not DeadLetter:
+                    record.partition = part
                     if stamps is not None and record.ts - stamps[i] > ahead:
                         record = self.decoder.ahead_of_broker(record.ts, stamps[i])
                     else:

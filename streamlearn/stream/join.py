@@ -228,7 +228,7 @@ class FeedbackJoiner:
             return
         ts = max(log.ts, feedback.ts)
         example = Example(log.request_id, log.model, log.features, label, feedback.weight, ts, feedback.ts,
-                          self.consumed, log.model_version, log.served)
+                          self.consumed, log.model_version, log.served, log.partition)
         heapq.heappush(self._ready, (ts, log.request_id, self._pack(example)))
         self.delays.append(feedback.ts - log.ts)
         self._close(log.request_id, ts, "matched", matched=True)

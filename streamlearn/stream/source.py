@@ -111,6 +111,17 @@ def split_position(key: str) -> tuple[str, int]:
     return topic, int(partition)
 
 
+def partition_number(key: str) -> int:
+    """The Kafka partition number of a position key, -1 for a file's ("file:PATH").
+
+    >>> partition_number("feedback:3"), partition_number("file:/tmp/events.jsonl")
+    (3, -1)
+    """
+    if key.startswith("file:"):
+        return -1
+    return split_position(key)[1]
+
+
 def position_key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
