@@ -411,9 +411,6 @@ def _check_cluster(config: Config) -> None:
     if cluster.rank is not None and cluster.rank >= cluster.replicas:
         raise ConfigError(f"config error: cluster.rank: {cluster.rank} is not below cluster.replicas "
                           f"({cluster.replicas})")
-    if config.publish.enabled:
-        raise ConfigError("config error: publish.enabled: not yet in a cluster (cluster.replicas > 1 or "
-                          "cluster.snapshot_dir): one replica to publish for all is not built yet")
     if config.drift.policy.enabled:
         raise ConfigError("config error: drift.policy.enabled: set it false in a cluster (cluster.replicas > 1 or "
                           "cluster.snapshot_dir): a replica that resets or restores its model on its own cannot be "

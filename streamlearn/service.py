@@ -39,7 +39,7 @@ from streamlearn.learners.served import ServedScores
 from streamlearn.records import Batch, Example, IntakeStats, Rejected
 from streamlearn.stream.channel import Channel, start_intake
 from streamlearn.stream.intake import Resume
-from streamlearn.telemetry.exporter import ServiceCollector
+from streamlearn.telemetry.exporter import ClusterCollector, ReplicaLabelled, ServiceCollector
 from streamlearn.telemetry.histogram import STAGE_BUCKETS, Histogram, HistogramState
 from streamlearn.telemetry.history import HistoryRecorder, HistoryWriter
 from streamlearn.telemetry.server import MetricsServer
@@ -92,10 +92,15 @@ class Service:
         self.handoff = _handoff(config, self.learners, self._deploy_state)
         self.audit = AuditLog(config.snapshot.audit_log, audit_length) if config.snapshot.audit_log else None
         self.registry = registry or CollectorRegistry()
-        self.registry.register(ServiceCollector(lambda: self.stats, lambda: self.learners.values(),
-                                                lambda: self.snapshots, lambda: self.served, lambda: self.handoff,
-                                                config.kafka.examples_topic or config.kafka.inference_topic,
-                                                self.stage_states))
+        collector = ServiceCollector(lambda: self.stats, lambda: self.learners.values(), lambda: self.snapshots,
+                                     lambda: self.served, lambda: self.handoff,
+                                     config.kafka.examples_topic or config.kafka.inference_topic, self.stage_states)
+        if self._group is None:
+            self.registry.register(collector)
+        else:   # every replica's metrics carry its rank, so that dashboards add them up or tell them apart
+            self.registry.register(ReplicaLabelled(collector, self._group.rank))
+            self.registry.register(ReplicaLabelled(ClusterCollector(lambda: self._epochs.figures()),
+                                                   self._group.rank))
         self.metrics: Optional[MetricsServer] = None
         self._channel: Optional[Channel] = None
         self._epochs: Optional["EpochSync"] = self._epoch_sync(epoch) if self._group is not None else None
@@ -488,7 +493,7 @@ def _replica_group(config: Config):
 
 def _handoff(config: Config, learners: dict[str, Learner], state: Optional[bytes]):
     """Candidates, gate and publishing, when `publish.enabled` (imported only then)."""
-    if not config.publish.enabled:
+    if not config.publish.enabled or replica_rank(config) != 0:   # replicas: rank 0 publishes for them all
         return None
     from streamlearn.deploy.handoff import Handoff
 

@@ -529,10 +529,19 @@ def _exported(text: str) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     return families, sampled
 
 
-def _referenced() -> dict[str, list[str]]:
+CLUSTER = "streamlearn_cluster_"   # series only replicas export (`cluster.replicas > 1` or a `cluster.snapshot_dir`)
+
+
+def queries_on(cluster: bool) -> list[tuple[str, str]]:
+    """The queries that read replicas' own series (`cluster`), or the others."""
+    return [(where, expr) for where, expr in all_queries()
+            if any(n.startswith(CLUSTER) for n in metric_names(expr)) == cluster]
+
+
+def _referenced(cluster: bool = False) -> dict[str, list[str]]:
     """Series name -> where it is queried, over the dashboard and the alert rules."""
     referenced: dict[str, list[str]] = {}
-    for where, expr in all_queries():
+    for where, expr in queries_on(cluster):
         for name in metric_names(expr) - SYNTHETIC:
             referenced.setdefault(name, []).append(where)
     return referenced
@@ -550,10 +559,10 @@ def _scrape_when_sampled(port: int, names: set[str], timeout: float = 120) -> st
     pytest.fail(f"series still without samples after {timeout} s: {missing}")
 
 
-def _check_labels(sampled: dict[str, set[str]]) -> None:
+def _check_labels(sampled: dict[str, set[str]], queries: list[tuple[str, str]]) -> None:
     """Label names a query matches or groups on exist on the series it reads (job and instance come from
     Prometheus)."""
-    for where, expr in all_queries():
+    for where, expr in queries:
         matched, grouped = label_uses(expr)
         names = metric_names(expr) - SYNTHETIC
         known = set().union(*(sampled[n] for n in names)) | {"job", "instance"}
@@ -571,13 +580,36 @@ def test_every_query_reads_series_the_service_exports(stack):
     families, sampled = _exported(text)
     declared = set().union(*families.values())
     assert set(referenced) <= declared
-    _check_labels(sampled)
+    _check_labels(sampled, queries_on(cluster=False))
     board = json.loads(DASHBOARD.read_text())
     [variable] = [v for v in board["templating"]["list"] if v["name"] == "model"]
     metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]).groups()
     assert label in sampled[metric]
     unused = sorted(f for f, series in families.items() if not series & set(referenced))
     assert not unused, f"exported but on no panel and in no rule: {unused}"
+
+
+def test_the_replica_panels_read_series_a_replica_exports(tmp_path):
+    """A replica (here alone, keeping a cluster's snapshots) exports the `streamlearn_cluster_*` series the
+    Replicas panels read, and every one of its series carries its `replica` label."""
+    from prometheus_client import generate_latest
+
+    from streamlearn.service import Service
+
+    config = parse_config({"state_dir": str(tmp_path), "drift": {"policy": {"enabled": False}},
+                           "metrics": {"enabled": False}, "cluster": {"snapshot_dir": str(tmp_path / "shared")}},
+                          env={})
+    service = Service(config)
+    try:
+        families, sampled = _exported(generate_latest(service.registry).decode())
+    finally:
+        service.close()
+    referenced = _referenced(cluster=True)
+    assert referenced and set(referenced) <= set().union(*families.values())
+    _check_labels(sampled, queries_on(cluster=True))
+    assert all("replica" in labels for labels in sampled.values())
+    unused = sorted(f for f, series in families.items() if f.startswith(CLUSTER) and not series & set(referenced))
+    assert not unused, f"exported but on no panel: {unused}"
 
 
 def _query(port: int, expr: str) -> list[dict]:

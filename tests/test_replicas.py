@@ -25,6 +25,7 @@ from streamlearn.cluster.group import SoloGroup
 from streamlearn.config import ConfigError, parse_config, replica_rank
 from streamlearn.learners.contract import build_learner
 from streamlearn.records import Batch, Example
+from streamlearn.service import Service, _handoff
 from streamlearn.stream.broker import free_port
 from streamlearn.stream.source import Share, intake_share
 from tests.conftest import wait_for
@@ -196,7 +197,6 @@ def test_the_averaged_model_scores_as_well_as_one_learner(broker, running, model
 @pytest.mark.parametrize("table, env, problem", [
     ({"source": "file:x.jsonl"}, {}, "cluster.replicas: more than 1 needs source"),
     ({"cluster": {"rank": 2}}, {}, "cluster.rank: 2 is not below cluster.replicas (2)"),
-    ({"publish": {"enabled": True}}, {"RANK": "0"}, "publish.enabled: not yet in a cluster"),
     ({"cluster": {"replicas": 1, "snapshot_dir": "shared"}, "source": "file:x.jsonl"}, {},
      "cluster.snapshot_dir: a cluster needs source"),
     ({"drift": {"policy": {"enabled": True}}}, {"RANK": "0"}, "drift.policy.enabled: set it false"),
@@ -287,3 +287,19 @@ def test_a_snapshot_at_a_sync_holds_what_comes_until_the_barrier_and_a_restore_l
     restored = EpochSync(config.cluster, {"default": fresh}, SoloGroup(), controls, at_barrier)
     again = [e.id for piece in restored.batches(iter([Batch(examples(30, 35))]), lambda: False) for e in piece.examples]
     assert again == [f"e-{i}" for i in range(10, 35)] and restored.syncs == 3
+
+
+def test_replica_zero_publishes_for_all_and_every_metric_carries_the_replica_label(tmp_path):
+    table = {"state_dir": str(tmp_path), "drift": {"policy": {"enabled": False}}, "publish": {"enabled": True},
+             "metrics": {"enabled": False}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}}
+    alone = Service(parse_config({**table, "cluster": {"snapshot_dir": str(tmp_path / "shared")}}, env={}))
+    try:
+        assert alone.handoff is not None, "replica 0 makes candidates and publishes"
+        families = {f.name: f for f in alone.registry.collect()}
+        assert families["streamlearn_cluster_replicas"].samples[0].labels == {"replica": "0"}
+        assert all(s.labels.get("replica") == "0" for f in families.values() for s in f.samples)
+        assert (tmp_path / "shared" / "replica-0").is_dir(), "its snapshots go to its folder of the shared one"
+    finally:
+        alone.close()
+    second = parse_config({**table, "cluster": {"replicas": 2, "rank": 1}}, env={})
+    assert _handoff(second, {}, None) is None, "only replica 0 publishes"

@@ -115,9 +115,10 @@ def overview(layout: Layout) -> list:
         single(layout, "Forgetting (worst model)", "Best earlier probe accuracy minus accuracy now.",
                f"max(streamlearn_forgetting{{{MODEL}}})", "percentunit",
                [(None, "green"), (0.05, "orange"), (0.1, "red")]),
-        single(layout, "Newest snapshot age", "Seconds since the newest durable snapshot; /readyz fails "
-               "past snapshot.max_age_seconds (600 s by default).",
-               "time() - max(streamlearn_snapshot_last_success_timestamp_seconds)", "s",
+        single(layout, "Newest snapshot age", "Seconds since the newest durable snapshot (of the replica whose newest "
+               "is oldest: a restart goes back to the newest epoch every replica has); /readyz fails past "
+               "snapshot.max_age_seconds (600 s by default).",
+               "time() - min(streamlearn_snapshot_last_success_timestamp_seconds)", "s",
                [(None, "green"), (300, "orange"), (600, "red")]),
     ]
 
@@ -170,18 +171,19 @@ def latency(layout: Layout) -> list:
 
 def quality(layout: Layout) -> list:
     return [
-        graph(layout, "Prequential score", "Test-then-train score, cumulative (window=all) and rolling.",
-              [(f'streamlearn_prequential_score{{{MODEL}, model_version=""}}',
+        graph(layout, "Prequential score", "Test-then-train score, cumulative (window=all) and rolling (replicas: "
+              "their mean).",
+              [(f'avg by (model, metric, window) (streamlearn_prequential_score{{{MODEL}, model_version=""}})',
                 "{{model}} {{metric}} window={{window}}")],
               width=12, minimum=None),
         graph(layout, "Forgetting and backward transfer", "Forgetting: best earlier probe accuracy minus now "
               "(higher is worse). Backward transfer: probe accuracy now minus just after the segment.",
-              [(f"streamlearn_forgetting{{{MODEL}}}", "{{model}} forgetting"),
-               (f"streamlearn_backward_transfer{{{MODEL}}}", "{{model}} backward transfer")],
+              [(f"avg by (model) (streamlearn_forgetting{{{MODEL}}})", "{{model}} forgetting"),
+               (f"avg by (model) (streamlearn_backward_transfer{{{MODEL}}})", "{{model}} backward transfer")],
               unit="percentunit", width=12, minimum=None),
         graph(layout, "Probe accuracy by segment", "Accuracy now on the probes of recent segments "
               "(0 is the newest complete one).",
-              [(f"streamlearn_probe_accuracy{{{MODEL}}}", "{{model}} segment {{segment}}")],
+              [(f"avg by (model, segment) (streamlearn_probe_accuracy{{{MODEL}}})", "{{model}} segment {{segment}}")],
               unit="percentunit", width=12),
         graph(layout, "Drifts detected", "Detections on each model's prequential error, per interval.",
               [(f"sum by (model, detector) (increase(streamlearn_drift_detected_total{{{MODEL}}}[{RATE}]))",
@@ -197,7 +199,7 @@ def quality(layout: Layout) -> list:
 def neural(layout: Layout) -> list:
     return [
         graph(layout, "Replay buffer size", "Examples held in each torch model's replay buffer.",
-              [(f"streamlearn_replay_buffer_size{{{MODEL}}}", "{{model}}")]),
+              [(f"sum by (model) (streamlearn_replay_buffer_size{{{MODEL}}})", "{{model}}")]),
         graph(layout, "Update rollbacks", "Updates undone because the loss, a gradient or the weights were "
               "not finite, per interval.",
               [(f"sum by (model) (increase(streamlearn_update_rollbacks_total{{{MODEL}}}[{RATE}]))", "{{model}}")],
@@ -211,7 +213,7 @@ def neural(layout: Layout) -> list:
 def snapshots(layout: Layout) -> list:
     return [
         graph(layout, "Snapshot age", "Seconds since the newest durable snapshot.",
-              [("time() - max(streamlearn_snapshot_last_success_timestamp_seconds)", "age")], unit="s"),
+              [("time() - min(streamlearn_snapshot_last_success_timestamp_seconds)", "age")], unit="s"),
         graph(layout, "Snapshot write and stall", "Write duration (off the loop) and the loop stall it "
               "caused.", quantiles("snapshot_seconds", "") + [
                   (f"histogram_quantile(0.99, sum by (le) (rate(streamlearn_snapshot_stall_seconds_bucket"
@@ -224,7 +226,7 @@ def snapshots(layout: Layout) -> list:
 def handoff(layout: Layout) -> list:
     return [
         graph(layout, "Production version", "The version serving should load, per model (from the registry).",
-              [(f"streamlearn_model_version{{{MODEL}}}", "{{model}}")], minimum=None),
+              [(f"max by (model) (streamlearn_model_version{{{MODEL}}})", "{{model}}")], minimum=None),
         graph(layout, "Gate decisions", "Candidate versions promoted or rejected by the gate, and publishing "
               "failures (registry, artifact store, event sink), per interval.",
               [(f"sum by (model, outcome) (increase(streamlearn_gate_decisions_total{{{MODEL}}}[{RATE}]))",
@@ -237,9 +239,23 @@ def handoff(layout: Layout) -> list:
     ]
 
 
+def replicas(layout: Layout) -> list:
+    return [
+        graph(layout, "Syncs", "Parameter averages per second, by replica (equal on every replica), and how many "
+              "replicas learn together.",
+              [(f"sum by (replica) (rate(streamlearn_cluster_syncs_total[{RATE}]))", "replica {{replica}} syncs/s"),
+               ("max(streamlearn_cluster_replicas)", "replicas")]),
+        graph(layout, "Sync wait", "Time a replica waited at a sync for the others: a replica that lags (more "
+              "input, a slower machine) makes the others wait.", quantiles("cluster_sync_wait_seconds", "replica"),
+              unit="s"),
+        graph(layout, "Average duration", "One parameter average (the collectives over torch.distributed).",
+              quantiles("cluster_average_seconds", ""), unit="s"),
+    ]
+
+
 SECTIONS = [("Overview", overview), ("Throughput and dead letters", throughput), ("Join and lag", joins),
             ("Latency", latency), ("Learning quality", quality), ("Neural learners", neural),
-            ("Snapshots", snapshots), ("Handoff to serving", handoff)]
+            ("Snapshots", snapshots), ("Handoff to serving", handoff), ("Replicas", replicas)]
 
 
 def variables() -> list:

@@ -49,6 +49,8 @@ from streamlearn.config import ClusterConfig, ConfigError
 from streamlearn.learners.averaging import Averageable
 from streamlearn.learners.contract import Learner
 from streamlearn.records import Batch, Example
+from streamlearn.telemetry.exporter import ClusterFigures
+from streamlearn.telemetry.histogram import LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.005   # how often a replica waiting for the others looks at the store
@@ -99,6 +101,8 @@ class EpochSync:
         self._durable: dict[int, dict[str, int]] = {}   # epoch -> offsets of this replica's durable snapshot of it
         self._committable: dict[str, int] = {}
         self._handed = 0   # examples handed to the learners since the last sync (learned, or queued in a micro-batch)
+        self.wait_seconds = Histogram(LATENCY_BUCKETS)
+        self.average_seconds = Histogram(LATENCY_BUCKETS)
         self._learned_at_sync = self._learned()
 
     def batches(self, inner: Iterator[Batch], stopping: Callable[[], bool]) -> Iterator[Batch]:
@@ -169,7 +173,10 @@ class EpochSync:
         for learner in self.learners.values():   # a queued micro-batch is learned before the average, not after
             learner.flush(time.time())
         self.group.post_ready(self.syncs)
+        started = time.perf_counter()
         self._wait_for_all(stopping)
+        waited = time.perf_counter()
+        self.wait_seconds.observe(waited - started)
         want = self.controls.snapshots and self.controls.snapshot_due()
         boundary = self.boundary if self.boundary is not None else -math.inf
         agreed, snapshot, stop = self.group.agree([boundary, float(want), float(self._stop_heard)])
@@ -180,6 +187,7 @@ class EpochSync:
         for name, learner in self.learners.items():
             self._params[name].set(merged[name])
             self._params[name] = _averageable(name, learner)   # a model the learner replaced since is read anew
+        self.average_seconds.observe(time.perf_counter() - waited)
         self._learned_at_sync = learned
         self._handed = 0
         self.boundary = agreed + self.every if math.isfinite(agreed) else None
@@ -227,6 +235,9 @@ class EpochSync:
     def state(self) -> EpochState:
         """What a snapshot taken now keeps of the epochs (the held examples included)."""
         return EpochState(self.syncs, self.group.size, self.group.rank, self.boundary, list(self._held))
+
+    def figures(self) -> ClusterFigures:
+        return ClusterFigures(self.group.size, self.syncs, self.wait_seconds.state(), self.average_seconds.state())
 
     def summary(self) -> dict:
         """Rank, syncs so far, and a digest of each model's averageable parameters (equal on every replica after

@@ -158,7 +158,8 @@ def rescaled(olds: list[Content], offsets: list[dict[str, int]], replicas: int, 
     boundaries = [s.boundary for s in epochs if s.boundary is not None]
     state = EpochState(max(s.epoch for s in epochs) + 1, replicas, rank, max(boundaries, default=None), held)
     intake = _divided_intake(intakes, owned, counters=rank == 0)
-    content = Content(base.learners, msgspec.msgpack.encode(intake), figures, None, msgspec.msgpack.encode(state))
+    deploy = olds[0].deploy if rank == 0 else None   # rank 0 publishes: its candidates and gate go on
+    content = Content(base.learners, msgspec.msgpack.encode(intake), figures, deploy, msgspec.msgpack.encode(state))
     mine = {key: n for o in offsets for key, n in o.items() if owned(partition_number(key))}
     return RestorePoint(content, mine, None, state)
 

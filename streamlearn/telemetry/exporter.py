@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional
 
+import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -27,6 +28,46 @@ if TYPE_CHECKING:   # the deploy package is imported only when publishing is on
     from streamlearn.deploy.handoff import Handoff
 
 PREFIX = "streamlearn_"
+
+
+class ClusterFigures(msgspec.Struct):
+    """A replica's figures among the others (`cluster.epochs.EpochSync.figures`)."""
+
+    replicas: int
+    syncs: int                    # syncs so far (the epoch)
+    wait: HistogramState          # seconds from ready for a sync until every replica was
+    average: HistogramState       # seconds the average itself took (the collectives)
+
+
+class ClusterCollector(Collector):
+    """`streamlearn_cluster_*`: the syncs of a replica (its `replica` label comes from `ReplicaLabelled`)."""
+
+    def __init__(self, figures: Callable[[], ClusterFigures]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        f = self._figures()
+        yield GaugeMetricFamily(PREFIX + "cluster_replicas", "Replicas learning one model together.", value=f.replicas)
+        yield CounterMetricFamily(PREFIX + "cluster_syncs", "Parameter averages with the other replicas (epochs).",
+                                  value=f.syncs)
+        yield _histogram("cluster_sync_wait_seconds", "Time a replica waited at a sync for the others (a slow or "
+                         "lagging replica shows here on the others).", [((), f.wait)], [])
+        yield _histogram("cluster_average_seconds", "Time one parameter average took (the collectives).",
+                         [((), f.average)], [])
+
+
+class ReplicaLabelled(Collector):
+    """Another collector's metrics with a `replica` label added to every sample (bounded: the rank)."""
+
+    def __init__(self, inner: Collector, rank: int) -> None:
+        self._inner = inner
+        self._rank = str(rank)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**s.labels, "replica": self._rank}) for s in family.samples]
+            yield labelled
 
 
 class ServiceCollector(Collector):
