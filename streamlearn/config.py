@@ -478,11 +478,19 @@ def _setting_path(name: str) -> Optional[list[str]]:
             if key.endswith("_" + field.name):
                 return ["models", key[: -len(field.name) - 1], field.name]
         return None
-    section_type = fields.get(section)
-    if isinstance(section_type, type) and issubclass(section_type, _Section):
-        if key in {f.name for f in msgspec.structs.fields(section_type)}:
-            return [section, key]
-    return None
+    return _path_in(fields.get(section), section, key)
+
+
+def _path_in(section_type, section: str, key: str) -> Optional[list[str]]:
+    """The path of `key` in a section, or in a section within it (`drift_policy_enabled`: drift.policy.enabled)."""
+    if not (isinstance(section_type, type) and issubclass(section_type, _Section)):
+        return None
+    fields = {f.name: f.type for f in msgspec.structs.fields(section_type)}
+    if key in fields:
+        return [section, key]
+    inner, _, rest = key.partition("_")
+    found = _path_in(fields.get(inner), inner, rest) if rest else None
+    return [section, *found] if found else None
 
 
 def _phrase(message: str) -> str:

@@ -314,6 +314,39 @@ def test_kustomization_renders():
     assert kinds == ["ConfigMap", "Service", "StatefulSet"]
 
 
+def test_the_replicas_overlay_runs_the_same_config_as_a_cluster_under_torchrun():
+    kustomization = yaml.safe_load((OPS / "k8s-replicas" / "kustomization.yaml").read_text())
+    assert kustomization["resources"][0] == "../k8s"
+    patch = yaml.safe_load((OPS / "k8s-replicas" / "statefulset-patch.yaml").read_text())
+    [container] = patch["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    command = container["command"]
+    replicas = patch["spec"]["replicas"]
+    assert command[0] == "torchrun" and f"--nnodes={replicas}" in command and "--nproc-per-node=1" in command
+    assert command[command.index("-m") + 1:] == ["streamlearn", "run", "--config", "/etc/streamlearn/config.toml"]
+    assert patch["spec"]["podManagementPolicy"] == "Parallel", "the rendezvous needs every pod at once"
+    configmap = _manifest("configmap.yaml")
+    for rank in range(replicas):   # what torchrun's agent adds for each replica
+        config = parse_config(tomllib.loads(configmap["data"]["config.toml"]),
+                              env={**_pod_env(), **env, "RANK": str(rank), "WORLD_SIZE": str(replicas)})
+        assert config.cluster.replicas == replicas and config.cluster.init_method == "env://"
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert any(config.cluster.snapshot_dir.startswith(m) for m in mounts), "the shared store is not mounted"
+    claim = yaml.safe_load((OPS / "k8s-replicas" / "shared-snapshots.yaml").read_text())
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (optional here)")
+def test_the_replicas_overlay_renders():
+    result = subprocess.run(["kubectl", "kustomize", str(OPS / "k8s-replicas")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PersistentVolumeClaim", "Service", "StatefulSet"]
+    [sts] = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert sts["spec"]["replicas"] == 2 and len(sts["spec"]["template"]["spec"]["volumes"]) == 2
+
+
 def test_dockerfile():
     text = (OPS / "Dockerfile").read_text()
     config = _cluster_config()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -62,18 +62,37 @@ def rendezvous_address(init_method: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def check_world_size(replicas: int, env: Optional[Mapping[str, str]] = None) -> None:
+    """A ConfigError when torchrun's WORLD_SIZE says another number of replicas than `cluster.replicas`.
+
+    >>> check_world_size(2, {"WORLD_SIZE": "3"})
+    Traceback (most recent call last):
+    ...
+    streamlearn.config.ConfigError: config error: cluster.replicas: 2, but torchrun started WORLD_SIZE=3 replicas
+    """
+    found = (os.environ if env is None else env).get("WORLD_SIZE")
+    if found is not None and found != str(replicas):
+        raise ConfigError(f"config error: cluster.replicas: {replicas}, but torchrun started WORLD_SIZE={found} "
+                          "replicas")
+
+
 class ReplicaGroup:
     """Rank `rank` of `size` replicas in one process group (torch.distributed's `init_method`: env:// or tcp://)."""
 
     def __init__(self, rank: int, size: int, init_method: str = "env://", backend: str = "gloo",
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         host, port = rendezvous_address(init_method)
+        check_world_size(size)
         # The rendezvous store, made here rather than by init_process_group, so that replicas can also leave each
         # other word without a collective (`post_ready`, `all_ready`): a collective blocks until every one comes.
-        self.store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=timedelta(seconds=timeout))
-        dist.init_process_group(backend, store=dist.PrefixStore("collectives", self.store), rank=rank,
+        # Under torchrun's elastic agent the agent hosts it; keys are kept apart per restart of the group.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        self.store = dist.TCPStore(host, port, size, is_master=rank == 0 and not agent,
+                                   timeout=timedelta(seconds=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"collectives/{attempt}", self.store), rank=rank,
                                 world_size=size, timeout=timedelta(seconds=timeout))
-        self._flags = dist.PrefixStore("streamlearn", self.store)
+        self._flags = dist.PrefixStore(f"streamlearn/{attempt}", self.store)
         self.rank, self.size = rank, size
 
     def post_ready(self, sync: int, count: int = 1) -> None:
