@@ -104,10 +104,10 @@ def replica(rank: int, port: int, repeat: int) -> None:
         print(json.dumps(rows), flush=True)
 
 
-def end_to_end(requests: int) -> list[dict]:
-    """One replica, then two, each learning the same backlog (4 partitions a topic) to its end: examples/s from
-    the first to the last example learned, and CPU microseconds per example of every process (learners, intakes)
-    over the same span."""
+def end_to_end(requests: int, models: list[str]) -> list[dict]:
+    """For each model kind, one replica, then two, each learning the same backlog (4 partitions a topic, two models
+    of that kind) to its end: examples/s from the first to the last example learned, and CPU microseconds per
+    example of every process (learners, intakes) over the same span."""
     from backlog import BacklogSpec, backlog_on_broker, metrics_port, scrape, start_service, write_config
     from streamlearn.stream.broker import EmbeddedBroker
 
@@ -116,19 +116,20 @@ def end_to_end(requests: int) -> list[dict]:
     rows = []
     with EmbeddedBroker() as broker:
         topics, produced = backlog_on_broker(broker, spec, None)
-        for replicas in (1, 2):
+        for model, replicas in [(m, r) for m in models for r in (1, 2)]:
             port, group = free_port(), f"scale-{replicas}-{time.monotonic_ns()}"
             configs = []
             for rank in range(replicas):
                 cluster = (f"[cluster]\nreplicas = {replicas}\nrank = {rank}\n"
                            f"init_method = \"tcp://127.0.0.1:{port}\"\nsync_every = 60\n") if replicas > 1 else ""
-                state = folder / f"r{replicas}-{rank}"
-                config = write_config(folder / f"r{replicas}-{rank}.toml", state, "kafka", broker.bootstrap_servers,
+                name = f"{model}-r{replicas}-{rank}"
+                config = write_config(folder / f"{name}.toml", folder / name, "kafka", broker.bootstrap_servers,
                                       topics, group, extra="[eval]\nprobe_size = 0\n[drift.policy]\nenabled = false\n"
                                       + cluster)
-                config.write_text(config.read_text().replace("[snapshot]\n", "[snapshot]\nenabled = false\n"))
-                state.mkdir()
-                configs.append((config, folder / f"r{replicas}-{rank}.log"))
+                config.write_text(config.read_text().replace("[snapshot]\n", "[snapshot]\nenabled = false\n")
+                                  .replace('model = "logreg"', f'model = "{model}"'))
+                (folder / name).mkdir()
+                configs.append((config, folder / f"{name}.log"))
             processes = [start_service(config, log) for config, log in configs]
             ports = [metrics_port(log, p) for (_, log), p in zip(configs, processes)]
             marks = []   # (time, learned, CPU seconds of every replica's processes) while learning grows
@@ -144,7 +145,7 @@ def end_to_end(requests: int) -> list[dict]:
             for p in processes:
                 p.wait(timeout=120)
             (t0, n0, c0), (t1, n1, c1) = marks[0], marks[-1]
-            rows.append({"replicas": replicas, "learned": int(n1), "eps": (n1 - n0) / (t1 - t0),
+            rows.append({"model": model, "replicas": replicas, "learned": int(n1), "eps": (n1 - n0) / (t1 - t0),
                          "cpu_us_per_example": 1e6 * (c1 - c0) / (n1 - n0)})
     return rows
 
@@ -168,6 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="timed syncs per size (half of it from 1M parameters)")
     parser.add_argument("--requests", type=int, default=100_000, help="requests of the end-to-end backlog (0: skip)")
+    parser.add_argument("--models", default="logreg,mlp", help="model kinds of the end-to-end runs, comma-separated")
     parser.add_argument("--replica", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,7 +183,7 @@ def main() -> None:
     outputs = [p.communicate()[0] for p in processes]
     if any(p.returncode for p in processes):
         sys.exit(f"a replica failed: exit codes {[p.returncode for p in processes]}")
-    report(json.loads(outputs[0].strip().splitlines()[-1]), end_to_end(args.requests) if args.requests else [])
+    report(json.loads(outputs[0].strip().splitlines()[-1]), end_to_end(args.requests, args.models.split(",")) if args.requests else [])
 
 
 def report(rows: list[dict], runs: list[dict]) -> None:
@@ -200,12 +202,14 @@ def report(rows: list[dict], runs: list[dict]) -> None:
     print(f"{REPLICAS} replicas on one machine, gloo over TCP loopback; River sizes are features (weights + scaler "
           "statistics, keyed by name)")
     if runs:
-        print(f"\n{'replicas':<9} {'learned':>9} {'examples/s':>11} {'CPU us/example':>15}")
+        print(f"\n{'model':<8} {'replicas':<9} {'learned':>9} {'examples/s':>11} {'CPU us/example':>15}")
         for run in runs:
-            print(f"{run['replicas']:<9} {run['learned']:>9,} {run['eps']:>11,.0f} {run['cpu_us_per_example']:>15.1f}")
-            figures[f"replicas_{run['replicas']}_eps"] = round(run["eps"])
-            figures[f"replicas_{run['replicas']}_cpu_us_per_example"] = round(run["cpu_us_per_example"], 1)
-        print("end to end on this machine: the same backlog of two River logreg models, from the first to the last "
+            print(f"{run['model']:<8} {run['replicas']:<9} {run['learned']:>9,} {run['eps']:>11,.0f} "
+                  f"{run['cpu_us_per_example']:>15.1f}")
+            key = f"{run['model']}_replicas_{run['replicas']}"
+            figures[f"{key}_eps"] = round(run["eps"])
+            figures[f"{key}_cpu_us_per_example"] = round(run["cpu_us_per_example"], 1)
+        print("end to end on this machine: the same backlog of two models of each kind, from the first to the last "
               "example learned (every process shares the same 2 cores and the broker)")
     print(json.dumps(figures))
 
