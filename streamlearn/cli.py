@@ -40,6 +40,7 @@ def run(
                                                 help="Resume from this snapshot instead of the newest (a rollback)."),
 ) -> None:
     """Run the service until the source ends (file) or SIGTERM/SIGINT (Kafka)."""
+    from streamlearn.cluster.epochs import ReplicaFailure
     from streamlearn.service import LearnFailure, Service
     from streamlearn.stream.channel import IntakeDied
 
@@ -63,6 +64,9 @@ def run(
         typer.echo(str(err), err=True)
         raise typer.Exit(1)
     except IntakeDied as err:     # its own log lines say why; here one line, no traceback
+        typer.echo(f"streamlearn: {err}", err=True)
+        raise typer.Exit(1)
+    except ReplicaFailure as err:   # a replica's sync that cannot go on: one line as well
         typer.echo(f"streamlearn: {err}", err=True)
         raise typer.Exit(1)
     finally:

@@ -105,6 +105,7 @@ class Service:
         self._channel: Optional[Channel] = None
         self._epochs: Optional["EpochSync"] = self._epoch_sync(epoch) if self._group is not None else None
         self._stop = threading.Event()
+        self._intake_stopping = threading.Event()   # replicas: the stop sync is done, the intake is asked to stop
         self._last_turn = time.monotonic()
         self._started = 0.0
         self._cut = Cut(self.snapshots)   # barrier, snapshot and commit, in the order `checkpoints.cut` numbers
@@ -183,7 +184,9 @@ class Service:
         self._cut.begin()
         stopping = False
         try:
-            batches = self._channel.batches(self._stop.is_set)   # a stop is heard even while no batch comes
+            # A stop is heard even while no batch comes; a replica's intake stops when the replicas agreed to.
+            heard = self._stop.is_set if self._epochs is None else self._intake_stopping.is_set
+            batches = self._channel.batches(heard)
             if self._epochs is not None:   # cut at epoch boundaries, where the replicas average their models
                 batches = self._epochs.batches(batches, self._stop.is_set)
             for batch in batches:
@@ -284,6 +287,10 @@ class Service:
         """The replica's epochs: syncs at event-time boundaries, snapshots at syncs the replicas agree on."""
         from streamlearn.cluster.epochs import Controls, EpochState, EpochSync
 
+        def ask_stop() -> None:
+            self._intake_stopping.set()
+            self._channel.request_stop()
+
         def ask_barrier(mine: bool) -> None:
             if not mine:   # another replica's trigger fired: this one's starts its count again too
                 self.snapshots.trigger.fire("replicas", self.learned, time.monotonic(), self._drifts())
@@ -291,7 +298,7 @@ class Service:
 
         controls = Controls(self.snapshots is not None,
                             lambda: self._cut.due(lambda: self.learned, self._drifts, self._lowest_score),
-                            ask_barrier, lambda: self._channel.request_stop())
+                            ask_barrier, ask_stop)
         state = msgspec.msgpack.decode(epoch, type=EpochState) if epoch is not None else None
         return EpochSync(self.config.cluster, self.learners, self._group, controls, state)
 

@@ -32,12 +32,17 @@ from tests.conftest import wait_for
 from tests.test_backlog import make_backlog
 
 SPEC = BacklogSpec(requests=20_000, seed=47, rate=5.0)
-KILLS = 5
+LARGE = dataclasses.replace(SPEC, requests=80_000, seed=53)   # `pytest -m scale`
 
 
 @pytest.fixture(scope="module")
 def backlog(broker, tmp_path_factory):
     return make_backlog(broker, tmp_path_factory.mktemp("replicas"), SPEC, 2000)
+
+
+@pytest.fixture(scope="module")
+def large_backlog(broker, tmp_path_factory):
+    return make_backlog(broker, tmp_path_factory.mktemp("large"), LARGE, 2000)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +80,7 @@ class Life:
             self.processes.append(start_service(config, self.logs[-1]))
             running.append((self.processes[-1], self.logs[-1]))
         self.ports = [metrics_port(log, p) for log, p in zip(self.logs, self.processes)]   # after the restore
-        self.baseline = self.counts()
+        self.baseline = [restored_count(log) for log in self.logs]   # learning may have begun by a first scrape
 
     def counts(self) -> list[float]:
         """Each replica's examples learned, restored ones included."""
@@ -112,6 +117,12 @@ class Life:
             self.processes[rank].wait()
 
 
+def restored_count(log: Path) -> int:
+    """The examples a replica's restored models had learned (0 from scratch), as its log says."""
+    found = re.search(r"restored .*: (\d+) examples learned", log.read_text())
+    return int(found.group(1)) if found else 0
+
+
 def run_replicas(broker, backlog, name: str, running: list, snapshots: bool = False, model: str = "logreg") -> list[dict]:
     """Both replicas from scratch to the end of the backlog and past their last sync; their summaries."""
     life = Life(broker, backlog, name, 2, running, f"{name}-{uuid.uuid4().hex[:6]}", snapshots, model=model)
@@ -135,14 +146,16 @@ def test_two_replicas_learn_each_example_once_and_end_with_one_model(broker, bac
     assert second[0]["cluster"]["parameters"] == first[0]["cluster"]["parameters"], "a second run ended elsewhere"
 
 
-def test_sigkills_of_a_replica_with_restarts_end_as_the_uninterrupted_run(broker, backlog, running):
-    """Five times, one replica is SIGKILLed at a random point (then the other, as a supervisor does) and both
+@pytest.mark.parametrize("stream, kills", [("backlog", 5), pytest.param("large_backlog", 12, marks=pytest.mark.scale)])
+def test_sigkills_of_a_replica_with_restarts_end_as_the_uninterrupted_run(broker, running, stream, kills, request):
+    """`kills` times, one replica is SIGKILLed at a random point (then the other, as a supervisor does) and both
     restart from the newest epoch they both have a snapshot of; the end equals an uninterrupted run's."""
+    backlog = request.getfixturevalue(stream)
     steady = run_replicas(broker, backlog, "steady", running, snapshots=True)
     expected = ids_by_rank(backlog, "steady", 2)
     assert sorted(expected[0] + expected[1]) == sorted(backlog.reference.ids)
     rng, group, shared = random.Random(5), f"killed-{uuid.uuid4().hex[:6]}", str(backlog.folder / "killed-snapshots")
-    for kill in range(KILLS):
+    for kill in range(kills):
         life = Life(broker, backlog, "killed", 2, running, group, snapshots=True, shared=shared)
         restored = sum(map(len, ids_by_rank(backlog, "killed", 2)))
         assert restored < len(backlog.reference.ids), f"the backlog was learned before kill {kill + 1}"
@@ -158,24 +171,28 @@ def test_sigkills_of_a_replica_with_restarts_end_as_the_uninterrupted_run(broker
     assert [s["cluster"]["parameters"] for s in ended] == [s["cluster"]["parameters"] for s in steady]
 
 
-def test_rescaling_two_to_one_to_two_learns_every_example_once(broker, backlog, running):
-    """Two replicas stop, one goes on from their snapshots, stops, and two go on from its: each id once."""
+@pytest.mark.parametrize("stream, counts", [
+    ("backlog", [2, 1, 2]), pytest.param("large_backlog", [2, 1, 3, 2], marks=pytest.mark.scale)])
+def test_rescaling_learns_every_example_once(broker, running, stream, counts, request):
+    """Replicas stop, another number goes on from their snapshots, and so on (2 -> 1 -> 2): each id once."""
+    backlog = request.getfixturevalue(stream)
     group, shared = f"rescaled-{uuid.uuid4().hex[:6]}", str(backlog.folder / "rescaled-snapshots")
-    total = len(backlog.reference.ids)
-    for count, share in [(2, 0.3), (1, 0.6), (2, 1.0)]:
+    total, ranks = len(backlog.reference.ids), max(counts)
+    for step, count in enumerate(counts):
+        share = (step + 1) / len(counts)
         life = Life(broker, backlog, "rescaled", count, running, group, snapshots=True, shared=shared)
-        before = sum(map(len, ids_by_rank(backlog, "rescaled", 2)))
-        assert before < total * share
+        before = sum(map(len, ids_by_rank(backlog, "rescaled", ranks)))
+        assert before < total, f"the backlog was learned before the rescale to {count}: make it larger"
         if share < 1.0:
             wait_for(lambda: before + life.learned() >= total * share, timeout=120, what=f"{share:.0%} learned")
             life.stop()
         else:
             ended = life.finish(total - before)
-    ids = [i for rank in ids_by_rank(backlog, "rescaled", 2) for i in rank]
+    ids = [i for rank in ids_by_rank(backlog, "rescaled", ranks) for i in rank]
     assert len(ids) == len(set(ids)), "an example was learned twice"
     assert set(ids) == set(backlog.reference.ids), "an example was lost"
     joins = [s["join"] for s in ended]
-    assert {k: joins[0][k] + joins[1].get(k, 0) for k in joins[0]} == backlog.reference.summary["join"]
+    assert {k: sum(j.get(k, 0) for j in joins) for k in joins[0]} == backlog.reference.summary["join"]
 
 
 @pytest.mark.parametrize("model, stream", [("logreg", "backlog"), ("scaled_logreg", "numeric_backlog"),

@@ -57,7 +57,11 @@ POLL_SECONDS = 0.005   # how often a replica waiting for the others looks at the
 LOOK_SECONDS = 0.1     # how often a learning replica looks whether another asked every replica to stop
 
 
-class PeerLost(RuntimeError):
+class ReplicaFailure(RuntimeError):
+    """A sync that cannot go on: this replica stops (every replica restarts from the newest common epoch)."""
+
+
+class PeerLost(ReplicaFailure):
     """The other replicas did not reach a sync within `cluster.timeout`: this replica stops, to be restarted."""
 
 
@@ -172,6 +176,7 @@ class EpochSync:
         the snapshot or the stop the replicas agreed on."""
         for learner in self.learners.values():   # a queued micro-batch is learned before the average, not after
             learner.flush(time.time())
+        self._stop_asked(stopping)   # any sync after a stop is asked is the stop sync
         self.group.post_ready(self.syncs)
         started = time.perf_counter()
         self._wait_for_all(stopping)
@@ -185,7 +190,11 @@ class EpochSync:
                 for name in self.learners}
         merged = self.group.average(sets)
         for name, learner in self.learners.items():
-            self._params[name].set(merged[name])
+            try:
+                self._params[name].set(merged[name])
+            except ValueError as err:   # e.g. more string columns across the replicas than encoder.string_slots
+                raise ReplicaFailure(f"models.{name}: the average of sync {self.syncs + 1} cannot be taken: "
+                                     f"{err}") from None
             self._params[name] = _averageable(name, learner)   # a model the learner replaced since is read anew
         self.average_seconds.observe(time.perf_counter() - waited)
         self._learned_at_sync = learned
