@@ -234,29 +234,10 @@ def test_the_rank_comes_from_the_config_or_from_torchrun():
     assert intake_share(3, 1, 2, 1) == Share(4, 6)   # replica 1's second intake: partitions 4, 10, ... (p mod 3 = 1)
 
 
-class SilentPeer:
-    """A group whose other replica never gets ready: only readiness is asked of it (no collective runs)."""
+class SilentPeer(SoloGroup):
+    """A group whose other replica never gets ready: only this replica's word reaches the store."""
 
-    rank, size = 0, 2
-
-    def __init__(self) -> None:
-        self.posted: dict[int, int] = {}
-        self.stop = False
-
-    def post_ready(self, sync: int, count: int = 1) -> None:
-        self.posted[sync] = self.posted.get(sync, 0) + count
-
-    def ready(self, sync: int) -> int:
-        return self.posted.get(sync, 0)   # this replica's word only
-
-    def post_stop(self) -> None:
-        self.stop = True
-
-    def stop_posted(self) -> bool:
-        return self.stop
-
-    def close(self) -> None:
-        pass
+    size = 2
 
 
 def ten_second_epochs(**cluster):
@@ -279,7 +260,7 @@ def test_a_replica_whose_peers_never_come_fails_after_the_timeout_with_one_line_
             out += [e.id for e in piece.examples]
             stop.set()   # asked to stop while the first sync waits: the others are told, so they join it
     assert out == [f"e-{i}" for i in range(10)], "what was before the boundary was not handed over once"
-    assert peer.stop, "the other replicas were not told to stop"
+    assert peer.stop_posted(), "the other replicas were not told to stop"
 
 
 def test_a_snapshot_at_a_sync_holds_what_comes_until_the_barrier_and_a_restore_learns_it_first():

@@ -214,9 +214,7 @@ class EpochSync:
     def _wait_for_all(self, stopping: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.timeout
         while self.group.ready(self.syncs) < self.group.size:
-            if not self._stop_heard and stopping():   # the others join this sync, and all stop after it
-                self.group.post_stop()
-                self._stop_heard = True
+            self._stop_asked(stopping)   # a stop asked while waiting: the others join this sync, all stop after it
             if time.monotonic() > deadline:
                 raise PeerLost(f"replica {self.group.rank}: not every replica reached sync {self.syncs + 1} within "
                                f"cluster.timeout = {self.timeout:g} s; every replica must restart (from the newest "

@@ -84,7 +84,7 @@ class ReplicaGroup:
         host, port = rendezvous_address(init_method)
         check_world_size(size)
         # The rendezvous store, made here rather than by init_process_group, so that replicas can also leave each
-        # other word without a collective (`post_ready`, `all_ready`): a collective blocks until every one comes.
+        # other word without a collective (`post_ready`, `ready`, `post_stop`): a collective blocks until every one comes.
         # Under torchrun's elastic agent the agent hosts it; keys are kept apart per restart of the group.
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         self.store = dist.TCPStore(host, port, size, is_master=rank == 0 and not agent,
@@ -95,9 +95,9 @@ class ReplicaGroup:
         self._flags = dist.PrefixStore(f"streamlearn/{attempt}", self.store)
         self.rank, self.size = rank, size
 
-    def post_ready(self, sync: int, count: int = 1) -> None:
-        """Says this replica is ready for sync number `sync` (`count` -1 takes it back)."""
-        self._flags.add(f"ready/{sync}", count)
+    def post_ready(self, sync: int) -> None:
+        """Says this replica is ready for sync number `sync`."""
+        self._flags.add(f"ready/{sync}", 1)
 
     def ready(self, sync: int) -> int:
         """How many replicas have said they are ready for sync number `sync`."""
@@ -207,8 +207,8 @@ class SoloGroup:
         self._ready: dict[int, int] = {}
         self._stop = False
 
-    def post_ready(self, sync: int, count: int = 1) -> None:
-        self._ready[sync] = self._ready.get(sync, 0) + count
+    def post_ready(self, sync: int) -> None:
+        self._ready[sync] = self._ready.get(sync, 0) + 1
 
     def ready(self, sync: int) -> int:
         return self._ready.get(sync, 0)
