@@ -148,9 +148,48 @@ class EwcConfig(_Section):
     consolidate: TriggerConfig = msgspec.field(default_factory=_consolidation)   # when the anchor moves
 
 
+class CapabilityConfig(_Section):
+    """A named held-out set of conversations a language model must keep answering (README "Language models")."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]   # a metric label: short, bounded
+    path: str                              # JSONL, one {"messages": [...], "answer": "..."} per line
+    # exact_match: share of answers generated (greedy) that equal the expected one (case and outer space aside);
+    # token_loss: minus the mean per-token loss of the expected answer (higher is better, as for every score)
+    metric: Literal["exact_match", "token_loss"] = "exact_match"
+    min_score: Optional[float] = None      # the gate rejects a candidate below it (None: no minimum)
+    tolerance: NonNegative = 0.02          # ... or more than this below production's score
+
+
+class LmConfig(_Section):
+    """A language model learning from feedback (`kind = "lm"`): LoRA adapters on a base model, replay, EWC."""
+
+    # A model folder or a .gguf file, "package:resource" (a file inside an installed package, found without
+    # importing it) or "package.module:factory" (a callable returning (model, tokenizer)).
+    base: str = ""
+    lora_rank: PositiveInt = 8
+    lora_alpha: Positive = 16.0
+    lora_targets: list[str] = msgspec.field(default_factory=lambda: ["q_proj", "v_proj"])
+    lr: Positive = 5e-4
+    batch_size: PositiveInt = 8          # new examples per step (replayed ones join them)
+    micro_batch: PositiveInt = 4         # sequences per forward pass: a step accumulates gradients over them
+    max_tokens: PositiveInt = 512        # per sequence: a longer conversation loses its oldest turns
+    token_budget: PositiveInt = 4096     # tokens per step at most (new ones first); what is left waits (the lag)
+    max_wait: Positive = 60.0            # event-time seconds: a partial step is learned before an example this much
+                                         # newer than its oldest (and at the end of input)
+    replay_size: NonNegativeInt = 1000   # conversations kept for replay (0: none)
+    replay_ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.5   # share of a step's sequences that are replayed
+    topic_bits: Annotated[int, msgspec.Meta(ge=0, le=8)] = 4         # replay topics: 2**bits hashed-embedding buckets
+    ewc_lambda: NonNegative = 0.0        # EWC on the adapter weights (0: off)
+    ewc_gamma: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
+    consolidate_every: PositiveInt = 200   # examples learned between EWC consolidations
+    evaluate_every: NonNegativeInt = 0     # examples learned between capability evaluations (0: at candidates only)
+    max_new_tokens: PositiveInt = 48       # generated per answer when a capability is scored by exact match
+    capabilities: list[CapabilityConfig] = []
+
+
 class ModelConfig(_Section):
     model: str = "logreg"           # a built-in name or "package.module:factory"
-    kind: Literal["auto", "river", "torch"] = "auto"   # auto: torch for "mlp", River otherwise
+    kind: Literal["auto", "river", "torch", "lm"] = "auto"   # auto: torch for "mlp", River otherwise
     task: Literal["classification", "regression"] = "classification"
     learn_mode: Literal["one", "many"] = "one"  # River: per example, or learn_many micro-batches
     window: PositiveInt = 1000      # examples in the rolling prequential window
@@ -165,10 +204,15 @@ class ModelConfig(_Section):
     encoder: EncoderConfig = msgspec.field(default_factory=EncoderConfig)
     replay: ReplayConfig = msgspec.field(default_factory=ReplayConfig)
     ewc: EwcConfig = msgspec.field(default_factory=EwcConfig)
+    lm: LmConfig = msgspec.field(default_factory=LmConfig)
 
     @property
     def is_torch(self) -> bool:
         return self.kind == "torch" or (self.kind == "auto" and self.model == "mlp")
+
+    @property
+    def is_lm(self) -> bool:
+        return self.kind == "lm"
 
 
 class SnapshotConfig(TriggerConfig):
@@ -384,6 +428,27 @@ def _check(config: Config) -> None:
         if model.train.loss == "er_ace" and model.task != "classification":
             raise ConfigError(f"config error: models.{name}.train.loss: \"er_ace\" needs task = \"classification\"")
         _check_distill(name, model)
+        if model.is_lm:
+            _check_lm(name, model.lm, config)
+
+
+def _check_lm(name: str, lm: LmConfig, config: Config) -> None:
+    key = f"config error: models.{name}.lm"
+    if lm.max_tokens > lm.token_budget:
+        raise ConfigError(f"{key}.max_tokens: {lm.max_tokens} is more than lm.token_budget ({lm.token_budget}): "
+                          "a conversation could never be learned")
+    if not lm.base:
+        raise ConfigError(f"{key}.base: a language model needs its base model (a path, package:resource or "
+                          "module:factory)")
+    if config.cluster.enabled:
+        raise ConfigError(f"{key}: language models do not run in a cluster yet (cluster.replicas = 1, no "
+                          "cluster.snapshot_dir)")
+    names = [c.name for c in lm.capabilities]
+    for index, capability in enumerate(lm.capabilities):
+        if names.index(capability.name) != index:
+            raise ConfigError(f"{key}.capabilities[{index}].name: {capability.name!r} is used twice")
+        if not Path(capability.path).is_file():
+            raise ConfigError(f"{key}.capabilities[{index}].path: {capability.path} is not a file")
 
 
 def replica_rank(config: Config, env: Optional[Mapping[str, str]] = None) -> int:

@@ -22,6 +22,33 @@ Features = dict[str, Union[float, str, bool]]
 Label = Union[bool, float, str]
 
 
+class Turn(msgspec.Struct, array_like=True, frozen=True):
+    """One message of a conversation: who said it ("system", "user" or "assistant") and what."""
+
+    role: str
+    content: str
+
+
+class Exchange(msgspec.Struct, array_like=True, frozen=True):
+    """A conversation as it was served, the model's answer, and the feedback on it: what a language model learns.
+
+    >>> Exchange([Turn("user", "Hi?")], "Hello.", rating=1).target, Exchange([], "No.", -1, "Yes.").target
+    ('Hello.', 'Yes.')
+    """
+
+    messages: list[Turn]                 # the conversation up to the answer, its last message the user's
+    answer: str                          # what the model answered
+    rating: Union[int, None] = None      # -1 (bad), 0 (neutral), 1 (good); None: not rated
+    correction: Union[str, None] = None  # the answer it should have given
+
+    @property
+    def target(self) -> Union[str, None]:
+        """The answer to learn: the correction, else the served answer if rated good; None: nothing to learn."""
+        if self.correction is not None:
+            return self.correction
+        return self.answer if self.rating is not None and self.rating > 0 else None
+
+
 class Example(msgspec.Struct, array_like=True):
     """One labeled example, ready to learn from (missing feature values already dropped)."""
 
@@ -36,6 +63,7 @@ class Example(msgspec.Struct, array_like=True):
     model_version: str = ""            # the serving version that made the prediction ("": not logged)
     served: Union[Label, None] = None  # what that version predicted (the log's prediction, or its likeliest class)
     partition: int = -1                # the Kafka partition number it came from (-1: a file): rescaling divides by it
+    text: Union[Exchange, None] = None # a language model's example: the conversation and its feedback (features {})
 
 
 class Rejected(msgspec.Struct):
