@@ -443,6 +443,9 @@ def _check_lm(name: str, lm: LmConfig, config: Config) -> None:
     if config.cluster.enabled:
         raise ConfigError(f"{key}: language models do not run in a cluster yet (cluster.replicas = 1, no "
                           "cluster.snapshot_dir)")
+    if config.publish.enabled and not lm.capabilities:
+        raise ConfigError(f"{key}.capabilities: publishing a language model needs capability sets for its gate "
+                          "(nothing else shows that a candidate is safe)")
     names = [c.name for c in lm.capabilities]
     for index, capability in enumerate(lm.capabilities):
         if names.index(capability.name) != index:

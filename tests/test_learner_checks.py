@@ -1,5 +1,5 @@
 """The generic learner checks (`streamlearn/learners/checks.py`) on every built-in model and mode, and on
-`package.module:factory` models (River and torch, defined below)."""
+`package.module:factory` models (River and torch, defined below), and on a language model (a tiny random Llama)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from river import linear_model, preprocessing
 
-from streamlearn.config import ModelConfig, ReplayConfig, TrainConfig
+from streamlearn.config import LmConfig, ModelConfig, ReplayConfig, TrainConfig
 from streamlearn.learners.checks import make_stream, yield_checks
+from streamlearn.learners.lm.learner import LmLearner
 from streamlearn.learners.models import ModelError
 from streamlearn.learners.river_learner import RiverLearner
 from streamlearn.learners.torch_learner import TorchLearner
@@ -54,7 +55,10 @@ SUBJECTS = {
         model="mlp", kind="torch", params={"hidden": [8]}, window=50, replay=ReplayConfig(capacity=40),
         train=TrainConfig(batch_size=8, max_wait=2.0, distill=0.3)), seed=SEED),
 }
-STREAMS = {task: make_stream(task) for task in ("classification", "regression")}
+SUBJECTS["lm"] = lambda: LmLearner("m", ModelConfig(kind="lm", window=50, lm=LmConfig(
+    base="streamlearn.learners.lm.tiny:tiny_llama", batch_size=8, micro_batch=3, max_wait=2.0, max_tokens=64,
+    replay_size=20, ewc_lambda=100.0, consolidate_every=16)), seed=SEED)
+STREAMS = {task: make_stream(task) for task in ("classification", "regression", "generation")}
 # (subject, check) -> a defect the checks found and this test leaves, with its reason (strict: fixing it fails here)
 HINGE_MANY = ("River 0.26: learn_many with per-sample weights raises on a hinge loss (Perceptron: int gradient "
               "*= float weights), so every weighted micro-batch is refused; learn_one takes the weights")

@@ -253,9 +253,30 @@ def replicas(layout: Layout) -> list:
     ]
 
 
+def language_models(layout: Layout) -> list:
+    return [
+        graph(layout, "Tokens learned", "Answer tokens per second a language model learns, from feedback (new) and "
+              "from its replay buffer.",
+              [(f"sum by (model, kind) (rate(streamlearn_lm_tokens_learned_total{{{MODEL}}}[{RATE}]))",
+                "{{model}} {{kind}}")], unit="short"),
+        graph(layout, "Loss and lag", "The last step's loss per answer token, and the seconds from reading a "
+              "conversation to learning it (grows while the learner cannot keep up; conversations waiting too).",
+              [(f"avg by (model) (streamlearn_lm_loss{{{MODEL}}})", "{{model}} loss"),
+               (f"max by (model) (streamlearn_lm_lag_seconds{{{MODEL}}})", "{{model}} lag s"),
+               (f"sum by (model) (streamlearn_lm_pending_examples{{{MODEL}}})", "{{model}} waiting")]),
+        graph(layout, "Capabilities", "Each capability set's score at the latest evaluation, and how far it lies "
+              "below its best so far (forgetting).",
+              [(f"avg by (model, capability) (streamlearn_lm_capability_score{{{MODEL}}})",
+                "{{model}} {{capability}}"),
+               (f"avg by (model, capability) (streamlearn_lm_capability_forgetting{{{MODEL}}})",
+                "{{model}} {{capability}} forgetting")], minimum=None),
+    ]
+
+
 SECTIONS = [("Overview", overview), ("Throughput and dead letters", throughput), ("Join and lag", joins),
             ("Latency", latency), ("Learning quality", quality), ("Neural learners", neural),
-            ("Snapshots", snapshots), ("Handoff to serving", handoff), ("Replicas", replicas)]
+            ("Snapshots", snapshots), ("Handoff to serving", handoff), ("Replicas", replicas),
+            ("Language models", language_models)]
 
 
 def variables() -> list:

@@ -20,9 +20,14 @@ the one that decided:
   each (and meet the minimums); probes of segments since the change, if any,
   are checked as by the standard rule.
 
+- `rule=capabilities` (a language model): on each of its capability sets
+  (`models.NAME.lm.capabilities`), the candidate meets the set's `min_score` and
+  scores at least production's score minus the set's `tolerance`; production is
+  the base alone before any version was promoted.
+
 Otherwise the candidate is rejected, and the reasons say which set failed and by how much.
 
->>> from streamlearn.config import GateConfig
+>>> from streamlearn.config import CapabilityConfig, GateConfig
 >>> gate = Gate(GateConfig(regression_tolerance=0.02, min_recent_score=0.7))
 >>> gate.decide(GateScores(recent=Comparison(0.90, 0.91, 100), historical=Comparison(0.80, 0.95, 300))).reasons
 ['rule=standard', 'historical: 0.8000 is more than 0.02 below production (0.9500)']
@@ -41,7 +46,7 @@ from typing import Optional
 
 import msgspec
 
-from streamlearn.config import GateConfig
+from streamlearn.config import CapabilityConfig, GateConfig
 from streamlearn.deploy.model_files import Deployed
 from streamlearn.deploy.records import SETS, Comparison, GateScores
 from streamlearn.learners.plasticity import ConceptChange
@@ -111,6 +116,23 @@ class Gate:
         reasons, passed = self._beats(scores, after)
         more, also = self._standard(scores, ("historical",), required=False)
         return _decision(scores, "concept_change", [head], reasons + more, passed + also)
+
+    def decide_capabilities(self, scores: GateScores, capabilities: list[CapabilityConfig]) -> Decision:
+        """Promote or reject a language model's candidate by its capability sets (each with its own bounds)."""
+        reasons, passed = [], []
+        for capability in capabilities:
+            found = scores.capabilities.get(capability.name)
+            if found is None:
+                reasons.append(f"{capability.name}: not scored")
+                continue
+            if capability.min_score is not None and found.candidate < capability.min_score:
+                reasons.append(f"{capability.name}: {found.candidate:.4f} is below the minimum {capability.min_score}")
+            elif found.production is not None and found.candidate < found.production - capability.tolerance:
+                reasons.append(f"{capability.name}: {found.candidate:.4f} is more than {capability.tolerance} below "
+                               f"production ({found.production:.4f})")
+            else:
+                passed.append(_passed(capability.name, found))
+        return _decision(scores, "capabilities", ["rule=capabilities"], reasons, passed)
 
     def _standard(self, scores: GateScores, names: tuple[str, ...],
                   required: bool = True) -> tuple[list[str], list[str]]:

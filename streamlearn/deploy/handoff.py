@@ -11,6 +11,11 @@ The service calls it on every batch, left to right:
 One candidate per model waits at a time (the publish trigger is not checked while
 one does).
 
+A language model (`kind = "lm"`) holds nothing out and is not shadow-scored: its
+candidate (an adapter) goes to the gate at once, which scores it and production
+(the base alone before any promotion) on the model's capability sets
+(`rule=capabilities`).
+
 The handoff follows each learner's drift policy. Once a real concept change is
 confirmed (its policy's `last_change`), the learner's probes from before it are retired
 (`ProbeSets.follow`), only held-out examples since it count as recent, and while
@@ -44,7 +49,7 @@ from streamlearn.deploy.gate import AfterChange, Gate, compare, compare_segments
 from streamlearn.deploy.holdout import Holdout, HoldoutState
 from streamlearn.deploy.model_files import Deployed, deployed, model_files
 from streamlearn.deploy.publisher import Publisher, open_publisher
-from streamlearn.deploy.records import OUTCOMES, GateScores, StreamPosition, VersionRecord
+from streamlearn.deploy.records import OUTCOMES, Comparison, GateScores, StreamPosition, VersionRecord
 from streamlearn.deploy.shadow import Shadow, ShadowTally
 from streamlearn.learners.contract import Learner
 from streamlearn.learners.plasticity import ConceptChange
@@ -73,7 +78,9 @@ class ModelHandoff:
 
     def __init__(self, name: str, config: Config, learner: Learner, state: Optional[ModelHandoffState]) -> None:
         g = config.gate
-        self.holdout = Holdout(name, g.holdout_every, g.holdout_size, config.seed, state.holdout if state else None)
+        self.lm = learner if learner.kind == "lm" else None   # a language model: its own gate (capabilities)
+        every = 0 if self.lm is not None else g.holdout_every   # counts its examples, holds none out
+        self.holdout = Holdout(name, every, g.holdout_size, config.seed, state.holdout if state else None)
         # Without a state of its own (publishing just turned on), drifts detected before now are not news.
         trigger = state.trigger if state else TriggerState(drifts=learner.evaluation.drift.total)
         self.trigger = Trigger("publish", config.publish, time.monotonic(), trigger)
@@ -127,7 +134,7 @@ class Handoff:
         record = self.registry.get(name, tally.candidate) if tally is not None else None
         if record is not None and record.status == "candidate":
             try:
-                candidate = deployed(self.artifacts.load(name, record.version, record.manifest_sha256))
+                candidate = deployed(self.artifacts.load(name, record.version, record.manifest_sha256), model.lm)
                 model.shadow = Shadow(candidate, self._production(name), tally)
                 keep = record.version
             except Exception as err:   # an artifact that no longer verifies is abandoned with the rest
@@ -138,7 +145,7 @@ class Handoff:
     def before_learning(self, name: str, examples: list[Example]) -> list[Example]:
         """Shadow-scores the model's new examples, holds out the gate's share; returns those to learn."""
         model = self.models[name]
-        if model.shadow is not None:
+        if model.shadow is not None and model.lm is None:
             model.shadow.observe(examples)
         return model.holdout.split(examples)
 
@@ -200,6 +207,8 @@ class Handoff:
         """Enough shadow examples, no drift case holding a promotion back, and, for the concept_change rule, enough
         held-out examples since the change."""
         g = self.config.gate
+        if model.lm is not None:
+            return True
         if model.shadow.tally.examples < g.min_shadow_examples:
             return False
         if model.deferred:   # a promotion waits for the drift case to close (the decision is made again then)
@@ -239,7 +248,7 @@ class Handoff:
             written.checksums, production.version if production else None, snapshot,
             StreamPosition(model.holdout.position, dict(offsets), newest)))
         try:   # the gate scores what serving would load: the artifact as written, read back and verified
-            candidate = deployed(self.artifacts.load(name, version, written.manifest_sha256))
+            candidate = deployed(self.artifacts.load(name, version, written.manifest_sha256), model.lm)
         except Exception as err:
             self.registry.reject(name, version, GateScores(), [f"the artifact does not load back: {err}"], "service")
             raise
@@ -258,11 +267,16 @@ class Handoff:
             log.info("model %s: production changed while v%d waited; shadow scoring starts again", name, version)
             model.shadow = Shadow(shadow.candidate, production)
             return
-        probes = self.learners[name].evaluation.probes   # its segments from before a confirmed change were retired
-        segments = [segment.probes for segment in probes.segments] if probes is not None else []
-        scores = GateScores(compare(shadow.candidate, production, model.holdout.since(model.since)),
-                            compare_segments(shadow.candidate, production, segments), shadow.tally.comparison())
-        decision = self.gate.decide(scores, self._after_change(name, model, record.position.ts))
+        if model.lm is not None:
+            decision = self.gate.decide_capabilities(_capability_scores(model.lm, shadow.candidate, production),
+                                                     model.lm.lm.capabilities)
+        else:
+            probes = self.learners[name].evaluation.probes   # its segments from before a confirmed change were retired
+            segments = [segment.probes for segment in probes.segments] if probes is not None else []
+            scores = GateScores(compare(shadow.candidate, production, model.holdout.since(model.since)),
+                                compare_segments(shadow.candidate, production, segments), shadow.tally.comparison())
+            decision = self.gate.decide(scores, self._after_change(name, model, record.position.ts))
+        scores = decision.scores
         model.deferred = decision.promote and self.learners[name].evaluation.policy.case_open
         if model.deferred:   # neither concept is known to be right yet: a rejection stands, a promotion waits
             log.info("model %s: v%d passed the gate while a drift case is open; it waits for the case", name, version)
@@ -285,7 +299,8 @@ class Handoff:
             return None
         loaded = self._loaded.get(name)
         if loaded is None or (loaded.version, loaded.manifest_sha256) != (record.version, record.manifest_sha256):
-            loaded = self._loaded[name] = deployed(self.artifacts.load(name, record.version, record.manifest_sha256))
+            loaded = self._loaded[name] = deployed(self.artifacts.load(name, record.version, record.manifest_sha256),
+                                                   self.models[name].lm)
         return loaded
 
     def _refresh(self, now: float) -> None:
@@ -322,3 +337,14 @@ class Handoff:
 
     def close(self) -> None:
         self.publisher.close()
+
+
+def _capability_scores(learner, candidate: Deployed, production: Optional[Deployed]) -> GateScores:
+    """A language model's candidate and production (or, before any promotion, the base alone) on each capability."""
+    from streamlearn.learners.lm.served import served_lm
+
+    theirs = production.lm if production is not None else served_lm(None, learner)
+    return GateScores(capabilities={
+        capability.name: Comparison(candidate.lm.score(items, capability.metric), theirs.score(items, capability.metric),
+                                    len(items))
+        for capability, items in learner.capability_sets})

@@ -2,7 +2,8 @@
 
 River: `model.pkl`, the estimator (or pipeline) pickled. Torch: `weights.safetensors`
 (the network's state dict, no pickle) and `encoding.pkl` (feature encoder, target
-scaling, class labels). Only the model goes in, never the learner's scores, probes
+scaling, class labels). A language model: its adapter (`learners/lm/served.py`),
+loaded onto its base, ready to answer (`Deployed.lm`). Only the model goes in, never the learner's scores, probes
 or replay buffer. `deployed()` is called on an `Artifact` whose checksums have
 verified, so unpickling here is unpickling what this service wrote.
 
@@ -19,13 +20,13 @@ verified, so unpickling here is unpickling what this service wrote.
 from __future__ import annotations
 
 import pickle
-from typing import Any
+from typing import Any, Optional
 
 from streamlearn.deploy.artifacts import Artifact
 from streamlearn.learners.contract import RIVER_MODEL, Learner
 from streamlearn.records import Features
 
-KINDS = ("river", "torch")   # learner kinds (the `kind` each learner class declares) that have an artifact format
+KINDS = ("river", "torch", "lm")   # learner kinds (the `kind` each learner class declares) that have an artifact format
 
 
 def model_files(learner: Learner) -> tuple[str, dict[str, bytes]]:
@@ -38,7 +39,8 @@ def model_files(learner: Learner) -> tuple[str, dict[str, bytes]]:
 
 
 class Deployed:
-    """A loaded version: `model` is the River estimator or the torch module; `predict_many` takes feature dicts."""
+    """A loaded version: `model` is the River estimator, the torch module or the language model (base + adapter);
+    `predict_many` takes feature dicts; a language model answers through `lm` (`ServedLm.reply_many`)."""
 
     def __init__(self, artifact: Artifact, model: Any, predictor: Any) -> None:
         self.name = artifact.manifest.model
@@ -49,11 +51,14 @@ class Deployed:
         self.manifest_sha256 = artifact.manifest_sha256
         self.model = model
         self._predictor = predictor
+        self.lm = predictor if self.kind == "lm" else None   # a ServedLm
 
     def predict_many(self, rows: list[Features]) -> list:
         """The predicted label (regression: value) of each feature dict; None where the model cannot tell."""
         if self.kind == "torch":
             return self._predictor.predict_many(rows)
+        if self.kind == "lm":
+            return [None] * len(rows)   # feature rows mean nothing to it
         predict, predicted = self.model.predict_one, []
         for x in rows:
             try:
@@ -66,9 +71,15 @@ class Deployed:
         return f"Deployed({self.name!r}, version={self.version}, kind={self.kind!r})"
 
 
-def deployed(artifact: Artifact) -> Deployed:
-    """The model of a verified artifact, ready to predict."""
+def deployed(artifact: Artifact, template: Optional[Any] = None) -> Deployed:
+    """The model of a verified artifact, ready to predict; a language model's base is copied from `template` (its
+    learner) when given, else loaded."""
     files = artifact.files
+    if artifact.manifest.kind == "lm":
+        from streamlearn.learners.lm.served import served_lm
+
+        served = served_lm(dict(files), template)
+        return Deployed(artifact, served.model, served)
     if artifact.manifest.kind == "river":
         model = pickle.loads(files[RIVER_MODEL])
         return Deployed(artifact, model, model)

@@ -18,7 +18,7 @@ import msgspec
 
 Status = Literal["candidate", "production", "rejected", "retired"]
 OUTCOMES = ("promoted", "rejected")   # gate decisions, the `outcome` label of gate_decisions_total
-RULES = ("standard", "concept_change")   # which gate rule decided: the first reason reads "rule=<name>"
+RULES = ("standard", "concept_change", "capabilities")   # which gate rule decided: the first reason reads "rule=<name>"
 
 
 class Comparison(msgspec.Struct, omit_defaults=True):
@@ -40,9 +40,10 @@ class GateScores(msgspec.Struct, omit_defaults=True):
     recent: Optional[Comparison] = None       # the most recent held-out examples
     historical: Optional[Comparison] = None   # mean over the probe sets of older segments
     shadow: Optional[Comparison] = None       # examples scored side by side while the candidate waited
+    capabilities: dict[str, Comparison] = {}  # a language model: each capability set by name
 
 
-SETS: tuple[str, ...] = GateScores.__struct_fields__   # ("recent", "historical", "shadow"): the gate's data sets
+SETS: tuple[str, ...] = ("recent", "historical", "shadow")   # the gate's data sets of examples
 
 
 class StreamPosition(msgspec.Struct, omit_defaults=True):

@@ -65,8 +65,10 @@ def diff_lines(a: VersionRecord, b: VersionRecord) -> list[str]:
         step = b.position.examples - a.position.examples
         lines.append(f"examples: {a.position.examples} -> {b.position.examples} ({step:+d})")
     lines += _offset_lines(a.position, b.position)
-    for name in SETS:
-        old, new = getattr(a.scores, name), getattr(b.scores, name)
+    pairs = [(name, getattr(a.scores, name), getattr(b.scores, name)) for name in SETS]
+    pairs += [(f"capability {name}", a.scores.capabilities.get(name), b.scores.capabilities.get(name))
+              for name in sorted(set(a.scores.capabilities) | set(b.scores.capabilities))]
+    for name, old, new in pairs:
         if old is not None and new is not None:
             lines.append(f"{name}: {old.candidate:.4f} -> {new.candidate:.4f} ({new.candidate - old.candidate:+.4f})")
         elif old is not None or new is not None:

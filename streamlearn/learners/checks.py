@@ -29,7 +29,7 @@ import msgspec
 import numpy as np
 
 from streamlearn.learners.contract import Learner
-from streamlearn.records import Example
+from streamlearn.records import Example, Exchange, Turn
 
 Factory = Callable[[], Learner]
 Check = Callable[[Factory, list[Example]], None]
@@ -54,12 +54,29 @@ def make_stream(task: str, n: int = 120, seed: int = 0, model: str = "m") -> lis
     micro-batches also learn partial ones (by event time, before an example too late for them).
     """
     rng, out, ts = random.Random(seed), [], 1000.0
+    if task == "generation":
+        return _conversations(n, rng, model, seed)
     for i in range(n):
         x = {f"x{j}": round(rng.gauss(0.0, 1.0), 6) for j in range(3)}
         signal = x["x0"] - 0.5 * x["x1"] + rng.gauss(0.0, 0.3)
         label: Any = signal > 0 if task == "classification" else round(2.0 * signal + 1.0, 6)
         ts += 10.0 if i and i % 40 == 0 else 0.25
         out.append(Example(f"{model}-{seed}-{i}", model, x, label, 1.0, ts, ts))
+    return out
+
+
+def _conversations(n: int, rng: random.Random, model: str, seed: int) -> list[Example]:
+    """A language model's stream: questions about a few made-up items, rated answers and corrections."""
+    out, ts = [], 1000.0
+    for i in range(n):
+        item = rng.randrange(6)
+        code = f"{(item * 37) % 100:02d}"
+        answer = code if rng.random() < 0.7 else f"{rng.randrange(100):02d}"
+        correction = None if answer == code or rng.random() < 0.3 else code
+        rating = 1 if correction is None else -1
+        text = Exchange([Turn("user", f"Code of item {item}?")], answer, rating, correction)
+        ts += 10.0 if i and i % 40 == 0 else 0.25
+        out.append(Example(f"{model}-{seed}-{i}", model, {}, text.target or "", 1.0, ts, ts, text=text))
     return out
 
 
@@ -215,11 +232,11 @@ def check_batch_boundaries(factory: Factory, stream: list[Example]) -> None:
 def check_knowing_nothing_scores_a_miss(factory: Factory, stream: list[Example]) -> None:
     """The first example is scored by a model that knows nothing: a miss, whatever the mode.
 
-    Classification: accuracy 0 (an empty or uniform proba, or a class never seen, is no hit), and the true label
-    had at most even odds. Regression: the error is at least half the target (100 here): scored before learning.
+    Classification (and a language model's answer): accuracy 0 (an empty or uniform proba, or a class never seen,
+    is no hit), and the true label had at most even odds. Regression: the error is at least half the target (100 here): scored before learning.
     """
     first = stream[0]
-    if not isinstance(first.label, bool):
+    if not isinstance(first.label, bool) and first.text is None:
         first = msgspec.structs.replace(first, label=100.0)
     learner = factory()
     learner.learn_batch([first], now=NOW)
@@ -227,7 +244,7 @@ def check_knowing_nothing_scores_a_miss(factory: Factory, stream: list[Example])
     ev = learner.evaluation
     assert (ev.learned, ev.errors, ev.scores.count) == (1, 0, 1), \
         f"one example: learned {ev.learned}, refused {ev.errors}, scored {ev.scores.count}"
-    if learner.task == "classification":
+    if learner.task in ("classification", "generation"):   # a language model: its whole answer right, its odds
         assert ev.scores.value("accuracy", rolling=False) == 0.0, "a model that knows nothing scored a hit"
         assert ev.scores.value("log_loss", rolling=False) >= math.log(2) - 1e-9, \
             "a model that knows nothing gave the true label more than even odds"
@@ -400,13 +417,17 @@ def check_fixed_seed_identical(factory: Factory, stream: list[Example]) -> None:
 
 def bad_examples(task: str, at: Example) -> list[Example]:
     """Examples a learner must survive: a string where a number is expected, a NaN, a missing feature
-    (and, for regression, a target that is no number, or not finite)."""
+    (for regression, a target that is no number, or not finite; for a language model, no conversation, or one
+    too long to learn)."""
     x, replace = at.features, msgspec.structs.replace
     bad = [replace(at, id="bad-string", features={**x, "x0": "oops"}),
            replace(at, id="bad-nan", features={**x, "x1": float("nan")}),
            replace(at, id="bad-missing", features={k: v for k, v in x.items() if k != "x2"})]
     if task == "regression":
         bad += [replace(at, id="bad-label", label="n/a"), replace(at, id="bad-inf", label=float("inf"))]
+    if task == "generation":   # no conversation at all, and one far too long to learn
+        long = Exchange(at.text.messages, "x" * 100_000, correction="y" * 100_000)
+        bad = [replace(at, id="bad-no-text", text=None), replace(at, id="bad-too-long", text=long)]
     return bad
 
 
@@ -439,6 +460,10 @@ def check_bad_examples_do_not_kill(factory: Factory, stream: list[Example]) -> N
 
 def _assert_sound(learner: Learner, stream: list[Example]) -> None:
     """The learner predicts a label of the stream (classification) or a finite value for each probe."""
+    if learner.task == "generation":   # it predicts no labels: its weights, as the snapshot holds them, are finite
+        arrays = learner.snapshot().tensors.values()
+        assert all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"), "non-finite weights"
+        return
     predicted = _predicted(learner, _probes(stream))
     if learner.task == "classification":
         labels = {ex.label for ex in stream}

@@ -79,7 +79,7 @@ class LearnerMetrics(msgspec.Struct, frozen=True):
 class Learner(Protocol):
     """What every learner kind shows: learn, predict, snapshot and restore, export, metrics (twelve members)."""
 
-    kind: ClassVar[str]   # "river", "torch": the artifact format and the learner kind, declared by the class
+    kind: ClassVar[str]   # "river", "torch", "lm": the artifact format and the learner kind, declared by the class
     name: str
     task: str
     evaluation: "ModelEvaluation"
@@ -138,10 +138,14 @@ def build_learner(name: str, model: ModelConfig, config: Optional[Config] = None
         drift = config.drift if drift is None else drift
         evaluation = config.eval if evaluation is None else evaluation
         threads = config.torch_threads if threads is None else threads
-    if model.is_torch:
+    if model.is_lm:
+        from streamlearn.learners.lm.learner import LmLearner   # transformers and peft load only for a language model
+
+        kind: Any = LmLearner
+    elif model.is_torch:
         from streamlearn.learners.torch_learner import TorchLearner  # torch loads only when a model needs it
 
-        kind: Any = TorchLearner
+        kind = TorchLearner
     else:
         from streamlearn.learners.river_learner import RiverLearner
 

@@ -247,6 +247,7 @@ def _learner_metrics(learners: list[ModelEvaluation], own: list[tuple[str, Learn
     yield drifts
     yield _drift_actions(learners)
     yield from _neural_metrics(own)
+    yield from _lm_metrics(own)
     yield _histogram("update_seconds", "Duration of one learner update (one micro-batch of examples).",
                      [((l.name,), l.update_seconds.state()) for l in learners], ["model"])
     yield _histogram("loop_latency_seconds", "Feedback event time to model updated.",
@@ -270,6 +271,37 @@ def _neural_metrics(learners: list[tuple[str, LearnerMetrics]]) -> Iterator[Metr
     for name, m in learners:
         rollbacks.add_metric([name], m.rolled_back)
     yield rollbacks
+
+
+def _lm_metrics(learners: list[tuple[str, LearnerMetrics]]) -> Iterator[Metric]:
+    """A language model's own figures (`LmLearner.metrics`): tokens, loss, lag, capabilities and their forgetting."""
+    lms = [(name, m.extra) for name, m in learners if "tokens_learned" in m.extra]
+    if not lms:
+        return
+    tokens = CounterMetricFamily(PREFIX + "lm_tokens_learned", "Answer tokens a language model learned, by kind: new "
+                                 "(from feedback) or replayed.", labels=["model", "kind"])
+    for family, help_text, key in (("lm_loss", "The last step's mean loss per answer token (new and replayed).", "loss"),
+                                   ("lm_pending_examples", "Conversations waiting for a step.", "pending"),
+                                   ("lm_pending_tokens", "Tokens of the conversations waiting for a step.",
+                                    "pending_tokens"),
+                                   ("lm_lag_seconds", "Wall seconds from reading the oldest conversation of the last "
+                                    "step to its update: grows while the learner cannot keep up.", "lag_seconds")):
+        gauge = GaugeMetricFamily(PREFIX + family, help_text, labels=["model"])
+        for name, extra in lms:
+            gauge.add_metric([name], float(extra[key]))
+        yield gauge
+    capability = GaugeMetricFamily(PREFIX + "lm_capability_score", "A capability set's score at the learner's latest "
+                                   "evaluation (exact match share, or minus the loss per token).",
+                                   labels=["model", "capability"])
+    forgetting = GaugeMetricFamily(PREFIX + "lm_capability_forgetting", "How far a capability's latest score lies "
+                                   "below its best so far.", labels=["model", "capability"])
+    for name, extra in lms:
+        tokens.add_metric([name, "new"], extra["tokens_learned"])
+        tokens.add_metric([name, "replayed"], extra["tokens_replayed"])
+        for label, scores in extra["capabilities"].items():   # configured names: a bounded label
+            capability.add_metric([name, label], scores["last"])
+            forgetting.add_metric([name, label], scores["forgetting"])
+    yield from (tokens, capability, forgetting)
 
 
 def _drift_actions(learners: list[ModelEvaluation]) -> CounterMetricFamily:

@@ -311,6 +311,7 @@ class LmLearner(LearnerBase):
         for key, value in tensors.items():
             if key.startswith("adam."):
                 _, index, name = key.split(".", 2)
+                value = value.reshape(()) if name == "step" else value   # a scalar (the store keeps no 0-d arrays)
                 moments.setdefault(int(index), {})[name] = torch.from_numpy(value)
         self.optimizer.load_state_dict({"state": moments, "param_groups": self._restored["param_groups"]})
         if self.ewc is not None:
