@@ -10,7 +10,13 @@ decoding never raises. Reason codes (`REASONS`):
   control characters; a feature name with control characters; a `weight` <= 0; nesting
   deeper than the contract's shapes; a `ts` that cannot be a real event time (before 1970,
   from 2100 on, or, where the source gives a broker timestamp, more than
-  `intake.max_future_seconds` after it: `ahead_of_broker`);
+  `intake.max_future_seconds` after it: `ahead_of_broker`); feedback with none of `label`,
+  `rating` (-1, 0 or 1), `correction`. For a language model (`lm_models`): `messages` or
+  `answer` missing, `features` not empty, a role other than system / user / assistant, no
+  message or over `MAX_MESSAGES`, a content, answer or correction over `MAX_CONTENT_CHARS`
+  (or an empty correction), a control character other than tab, newline and carriage return
+  in them, a last message that is not the user's, over `MAX_CONVERSATION_CHARS` in all; for
+  any other model, `messages`, `answer`, `rating` or `correction` (they are a language model's);
 - `non_finite`: NaN, Infinity, or a number beyond the range of a float (1e400, 10**400);
 - `unknown_model`: a model that is not configured;
 - `out_of_range`: a numeric feature value beyond its model's `models.NAME.max_abs_feature`;
@@ -23,6 +29,15 @@ decoding never raises. Reason codes (`REASONS`):
 'not_object'
 >>> d.decode_log(b'{"request_id": "r-2", "ts": 5, "features": {"a": 1e300}}').reason
 'out_of_range'
+
+A language model's log carries the conversation it answered instead of features:
+
+>>> d = EventDecoder(models={"chat"}, lm_models={"chat"})
+>>> log = b'{"request_id": "r-3", "ts": 5, "model": "chat", "messages": [{"role": "user", "content": "Hi?"}]'
+>>> d.decode_log(log + b', "answer": "Hello."}').text
+Exchange(messages=[Turn(role='user', content='Hi?')], answer='Hello.', rating=None, correction=None)
+>>> print(d.decode_log(log + b'}').detail)
+Object missing required field `answer` (model 'chat' has kind = "lm")
 """
 
 from __future__ import annotations
@@ -34,14 +49,19 @@ from datetime import datetime
 from typing import Mapping, Union
 
 import msgspec
+from msgspec import UNSET
 
-from streamlearn.records import Example, Features
-from streamlearn.stream.events import MAX_EVENT_TIME, Feedback, InferenceLog, LabeledExample, with_feature_bound
+from streamlearn.records import Example, Exchange, Features, Turn
+from streamlearn.stream.events import (MAX_CONVERSATION_CHARS, MAX_EVENT_TIME, Feedback, InferenceLog,
+                                       LabeledExample, with_feature_bound)
 
 REASONS = ("too_large", "invalid_json", "not_object", "schema", "non_finite", "unknown_model", "out_of_range",
            "undecodable")
 DEFAULT_MAX_ABS_FEATURE = 1e9   # ModelConfig.max_abs_feature's default
 _CONTROL = re.compile(r"[\x00-\x1f]")   # C0 controls: never part of an id or a feature name
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")   # ... nor of a conversation, but tab, LF, CR
+_LOG_LM_FIELDS = ("messages", "answer")   # the fields only a language model's events may have
+_EXAMPLE_LM_FIELDS = ("messages", "answer", "rating", "correction")
 _BOUND_ERRORS = ("Expected `float` >=", "Expected `float` <")   # msgspec's words for a Meta(ge/le/lt) miss
 
 
@@ -62,16 +82,20 @@ class LogEntry(msgspec.Struct):
     model_version: str = ""                         # the serving version that predicted ("": not logged)
     served: Union[bool, float, str, None] = None    # its prediction, for scores by version
     partition: int = msgspec.field(default=-1, name="p")   # its Kafka partition number (-1: a file), set by the intake
+    # A language model's conversation and answer (features {}). Short names: every waiting log is kept packed.
+    text: Union[Exchange, None] = msgspec.field(default=None, name="t")
 
 
 class LabelEntry(msgspec.Struct):
-    """A validated feedback event."""
+    """A validated feedback event: a label, or a language model's rating and/or correction (one at least)."""
 
     request_id: str
     ts: float
-    label: Union[bool, float, str]
+    label: Union[bool, float, str, None]   # None: not given (a language model's feedback)
     weight: float
     partition: int = msgspec.field(default=-1, name="p")   # its Kafka partition number (-1: a file), set by the intake
+    rating: Union[int, None] = msgspec.field(default=None, name="r")        # -1, 0 or 1; None: not rated
+    correction: Union[str, None] = msgspec.field(default=None, name="c")    # the answer it should have given
 
 
 class _Invalid(Exception):
@@ -85,13 +109,15 @@ class EventDecoder:
 
     `max_abs_feature` is one bound for every model or a bound per model (models not in it get
     `DEFAULT_MAX_ABS_FEATURE`). msgspec checks the widest bound while it decodes; only a model
-    whose bound is tighter than that is checked again in Python.
+    whose bound is tighter than that is checked again in Python. `lm_models`: the language models
+    (`kind = "lm"`), logged with `messages` and `answer` instead of `features`.
     """
 
     def __init__(self, models: set[str] | frozenset[str], max_message_bytes: int = 1 << 20,
                  max_abs_feature: float | Mapping[str, float] = DEFAULT_MAX_ABS_FEATURE,
-                 max_future_seconds: float = 3600.0) -> None:
+                 max_future_seconds: float = 3600.0, lm_models: set[str] | frozenset[str] = frozenset()) -> None:
         self.models = frozenset(models)
+        self.lm_models = frozenset(lm_models)
         self.max_message_bytes = max_message_bytes
         self.max_future_seconds = max_future_seconds
         if isinstance(max_abs_feature, (int, float)):
@@ -112,12 +138,11 @@ class EventDecoder:
             e = self._parse(self._log, raw)
             _check_id(e.request_id, "request_id")
             self._check_model(e.model)
-            if raw.find(92) >= 0:   # a backslash: JSON carries a control character only as an escape
-                _check_text(e.request_id, e.features)
-            if e.model in self._tighter:
-                self._check_bound(e.model, e.features)
-            return LogEntry(e.request_id, _event_time(e.ts), e.model, _clean_features(e.features),
-                            _version(e.model_version), _served(e.prediction, e.proba))
+            escaped = raw.find(92) >= 0   # a backslash: JSON carries a control character only as an escape
+            text = self._exchange(e, _LOG_LM_FIELDS, escaped)
+            features = self._features(e.model, e.features, text, e.request_id, "request_id", escaped)
+            return LogEntry(e.request_id, _event_time(e.ts), e.model, features, _version(e.model_version),
+                            _served(e.prediction, e.proba), text=text)
         except _Invalid as bad:
             return bad.letter
 
@@ -125,9 +150,12 @@ class EventDecoder:
         try:
             e = self._parse(self._feedback, raw)
             _check_id(e.request_id, "request_id")
-            if raw.find(92) >= 0:
+            escaped = raw.find(92) >= 0
+            if escaped:
                 _check_text(e.request_id, {})
-            return LabelEntry(e.request_id, _event_time(e.ts), e.label, _check_weight(e.weight))
+            label, rating, correction = _feedback(e, escaped)
+            return LabelEntry(e.request_id, _event_time(e.ts), label, _check_weight(e.weight),
+                              rating=rating, correction=correction)
         except _Invalid as bad:
             return bad.letter
 
@@ -136,12 +164,18 @@ class EventDecoder:
             e = self._parse(self._example, raw)
             _check_id(e.id, "id")
             self._check_model(e.model)
-            if raw.find(92) >= 0:
-                _check_text(e.id, e.features, "id")
-            if e.model in self._tighter:
-                self._check_bound(e.model, e.features)
-            ts = _event_time(e.ts)
-            return Example(e.id, e.model, _clean_features(e.features), e.label, _check_weight(e.weight), ts, ts)
+            escaped = raw.find(92) >= 0
+            text = self._exchange(e, _EXAMPLE_LM_FIELDS, escaped)
+            features = self._features(e.model, e.features, text, e.id, "id", escaped)
+            ts, weight = _event_time(e.ts), _check_weight(e.weight)
+            if text is None:
+                if e.label is UNSET:
+                    raise _Invalid("schema", "Object missing required field `label`")
+                return Example(e.id, e.model, features, e.label, weight, ts, ts)
+            # As for a pair, one without rating and correction reaches the join and ends there as `invalid_label`.
+            _, rating, correction = _feedback(e, escaped)
+            text = msgspec.structs.replace(text, rating=rating, correction=correction)
+            return Example(e.id, e.model, features, text.target or "", weight, ts, ts, text=text)
         except _Invalid as bad:
             return bad.letter
 
@@ -182,10 +216,57 @@ class EventDecoder:
             return _classify_validation(raw, str(err))
         try:
             self._check_model(event.model)
+            if event.model in self.lm_models:
+                raise _features_of_lm(event.model)
             self._check_bound(event.model, event.features)
         except _Invalid as bad:
             return bad
         return _Invalid("out_of_range", "a feature value is beyond max_abs_feature")   # not reached
+
+    def _exchange(self, event, lm_fields: tuple[str, ...], escaped: bool) -> Exchange | None:
+        """A language model's conversation and answer, checked; None for any other model (which must not send them).
+
+        `lm_fields`: the event's fields that only a language model's events may have.
+        """
+        model = event.model
+        if model not in self.lm_models:
+            for name in lm_fields:
+                if getattr(event, name) is not UNSET:
+                    raise _Invalid("schema", f"`{name}` is only for models with kind = \"lm\"; model {model!r} "
+                                             "is not one")
+            return None
+        for name in ("messages", "answer"):
+            if getattr(event, name) is UNSET:
+                raise _Invalid("schema", f"Object missing required field `{name}` (model {model!r} has kind = \"lm\")")
+        messages, answer = event.messages, event.answer
+        if messages[-1].role != "user":
+            raise _Invalid("schema", f"the last of `messages` is the {messages[-1].role}'s; it must be the user's, "
+                                     "which the answer answers")
+        if escaped:
+            for i, message in enumerate(messages):
+                _check_content(message.content, f"messages[{i}].content")
+            _check_content(answer, "answer")
+        total = sum(len(message.content) for message in messages) + len(answer)
+        if total > MAX_CONVERSATION_CHARS:
+            raise _Invalid("schema", f"`messages` and `answer` hold {total} characters; at most "
+                                     f"{MAX_CONVERSATION_CHARS} (MAX_CONVERSATION_CHARS) are allowed in all")
+        return Exchange([Turn(message.role, message.content) for message in messages], answer)
+
+    def _features(self, model: str, features, text: Exchange | None, rid: str, field: str,
+                  escaped: bool) -> Features:
+        """The checked features (nulls dropped): required for a model that learns from them, absent or empty for
+        a language model (`text`)."""
+        if text is not None:
+            if features:   # UNSET is false too
+                raise _features_of_lm(model)
+            features = {}
+        elif features is UNSET:
+            raise _Invalid("schema", "Object missing required field `features`")
+        if escaped:
+            _check_text(rid, features, field)
+        if model in self._tighter:
+            self._check_bound(model, features)
+        return _clean_features(features)
 
     def _check_model(self, model: str) -> None:
         if model not in self.models:
@@ -198,6 +279,11 @@ class EventDecoder:
                 raise _Invalid("out_of_range", f"feature {name[:64]!r} = {value:g} is beyond ±{bound:g}, the bound "
                                                f"of model {model!r}; raise models.{model}.max_abs_feature if such "
                                                "values are real")
+
+
+def _features_of_lm(model: str) -> _Invalid:
+    return _Invalid("schema", f"`features` must be absent or empty for model {model!r} (kind = \"lm\"): it learns "
+                              "from `messages` and `answer`")
 
 
 def _classify_validation(raw: bytes, message: str) -> _Invalid:
@@ -257,6 +343,28 @@ def _check_text(rid: str, features: dict, field: str = "request_id") -> None:
     for name in features:
         if _CONTROL.search(name):
             raise _Invalid("schema", f"feature name {name[:64]!r} holds control characters")
+
+
+def _check_content(text: str, field: str) -> None:
+    """Refuses control characters other than tab, newline and carriage return in a conversation's text.
+
+    Only called when the raw message holds a backslash, as `_check_text` is. (A lone surrogate escape never gets
+    here: msgspec refuses it as malformed JSON, `invalid_json`.)
+    """
+    found = _CONTROL_IN_TEXT.search(text)
+    if found:
+        raise _Invalid("schema", f"{field} holds the control character {found.group()!r} at {found.start()} "
+                                 "(only tab, newline and carriage return are allowed)")
+
+
+def _feedback(event, escaped: bool) -> tuple[Union[bool, float, str, None], Union[int, None], Union[str, None]]:
+    """(label, rating, correction) of a feedback event, None where not given; one of them at least."""
+    if event.label is UNSET and event.rating is UNSET and event.correction is UNSET:
+        raise _Invalid("schema", "feedback needs at least one of `label`, `rating` and `correction` (the last two "
+                                 "for models with kind = \"lm\")")
+    if escaped and event.correction is not UNSET:
+        _check_content(event.correction, "correction")
+    return tuple(None if value is UNSET else value for value in (event.label, event.rating, event.correction))
 
 
 def _check_weight(weight: float) -> float:

@@ -1,10 +1,11 @@
 """A JSONL file source: one event per line, read to the end, for backfills and tests.
 
 A line's topic is told from its shape, as a producer would have chosen it: an
-object with `features` and `label` is a joined example, one with `label` only is
-feedback, anything else (including a line that is not JSON or cannot be read)
-goes to the inference-log decoder, which dead-letters it with the right reason if
-it is not a valid log. Positions are line numbers.
+object with feedback (`label`, or a language model's `rating` or `correction`) is
+a joined example if it has `features` or `messages` too, else feedback; anything
+else (including a line that is not JSON or cannot be read) goes to the
+inference-log decoder, which dead-letters it with the right reason if it is not
+a valid log. Positions are line numbers.
 
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "events.jsonl"
@@ -22,6 +23,9 @@ import orjson
 
 from streamlearn.stream.events import EXAMPLES_TOPIC, FEEDBACK_TOPIC, INFERENCE_TOPIC
 from streamlearn.stream.source import Chunk
+
+_FEEDBACK_FIELDS = frozenset({"label", "rating", "correction"})
+_INPUT_FIELDS = frozenset({"features", "messages"})   # what a model was given: a log's, or a joined example's
 
 
 class FileSource:
@@ -66,8 +70,8 @@ class FileSource:
             event = _parse_leniently(raw)
         except Exception:   # noqa: BLE001 - not JSON to us (bad bytes, nested too deep, ...): one line, not the file
             return INFERENCE_TOPIC
-        if isinstance(event, dict) and "label" in event:
-            return EXAMPLES_TOPIC if "features" in event else FEEDBACK_TOPIC
+        if isinstance(event, dict) and not _FEEDBACK_FIELDS.isdisjoint(event):
+            return EXAMPLES_TOPIC if not _INPUT_FIELDS.isdisjoint(event) else FEEDBACK_TOPIC
         return INFERENCE_TOPIC
 
     def partitions(self) -> list[str]:

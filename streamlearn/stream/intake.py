@@ -85,11 +85,12 @@ class Intake:
         self.max_wait = config.intake.max_wait
         self.poll_records = config.intake.poll_records
         bounds = {name: m.max_abs_feature for name, m in config.models.items()}
+        lm = frozenset(n for n, m in config.models.items() if m.is_lm)
         self.decoder = EventDecoder(set(config.models), config.intake.max_message_bytes, bounds,
-                                    config.intake.max_future_seconds)
+                                    config.intake.max_future_seconds, lm)
         regression = frozenset(n for n, m in config.models.items() if m.task == "regression")
         self.joiner = FeedbackJoiner(config.join.ttl, config.join.early_ttl, config.join.max_pending, regression,
-                                     {name: bounds[name] for name in regression}, spill_dir)
+                                     {name: bounds[name] for name in regression}, spill_dir, lm)
         self.watermarks = PartitionWatermarks(config.join.max_out_of_order)
         self.max_ahead = config.intake.max_ahead
         self._paused: set[str] = set()          # partitions paused for running ahead in event time
@@ -365,8 +366,7 @@ class Intake:
         """
         for r in rejected:
             ex = r.example
-            raw = orjson.dumps({"id": ex.id, "ts": ex.ts, "model": ex.model, "features": ex.features,
-                                "label": ex.label, "weight": ex.weight})
+            raw = orjson.dumps(_example_message(ex))
             self.dead_letters.send(self._rejected_topic, "", -1, raw, DeadLetter("learn_error", f"{r.error}: {r.detail}"),
                                    key=f"learn_error:{r.model}:{ex.id}")
 
@@ -379,6 +379,19 @@ class Intake:
         self.dead_letters.close()
         self.source.close()
         self.joiner.close()
+
+
+def _example_message(ex: Example) -> dict:
+    """An example as the `examples` message that gives it again: features and label, or a language model's
+    conversation and its feedback (from which the answer to learn, its label, is made again)."""
+    if ex.text is None:
+        return {"id": ex.id, "ts": ex.ts, "model": ex.model, "features": ex.features, "label": ex.label,
+                "weight": ex.weight}
+    text = ex.text
+    feedback = {"rating": text.rating, "correction": text.correction}
+    return {"id": ex.id, "ts": ex.ts, "model": ex.model, "weight": ex.weight,
+            "messages": [{"role": turn.role, "content": turn.content} for turn in text.messages],
+            "answer": text.answer, **{name: value for name, value in feedback.items() if value is not None}}
 
 
 def _undecodable(err: BaseException) -> DeadLetter:

@@ -4,6 +4,11 @@ The join is symmetric: whichever side arrives first waits for the other. A pair
 matches when the feedback is at most `ttl` seconds (event time) after the log, or
 at most `early_ttl` before it; this rule, not the arrival order, decides, so the
 same events give the same examples however Kafka interleaves the partitions.
+Feedback has no model field, so only the pair tells what it must carry: a label
+(for regression a number within the model's bound), or for a language model
+(`lm_models`) a rating or a correction, which with the logged conversation become
+the example's `text` (its label the answer to learn, "" for none). A pair without
+it closes as `invalid_label`.
 
 Matched examples are held until the watermark (the event time below which no
 more input can arrive) passes them and are then released in `(ts, id)` order:
@@ -12,9 +17,9 @@ the learner sees one deterministic sequence for a replayable source.
 Examples joined upstream (the `examples` topic) go through the same accounting:
 an id seen before as a pre-joined example or a matched request, or pending as a
 log or feedback, is a `duplicate` (ids are remembered as long as closed requests
-are); a regression label that is not a number or beyond the model's bound is an
-`invalid_label`; every other one is counted `prejoined` and held for the
-watermark like a matched pair. So each input ends in exactly one outcome.
+are); one without what a pair must carry is an `invalid_label`; every other one
+is counted `prejoined` and held for the watermark like a matched pair. So each
+input ends in exactly one outcome.
 
 State is bounded by `max_pending`, counting logs and feedback waiting for their
 other half and examples waiting for the watermark together. Past it the joiner
@@ -43,7 +48,7 @@ from typing import Callable, Iterator, Mapping, Optional
 
 import msgspec
 
-from streamlearn.records import Example
+from streamlearn.records import Example, Exchange
 from streamlearn.stream import pieces
 from streamlearn.stream.closed_ids import ClosedIds, ClosedIdsState
 from streamlearn.stream.decode import LabelEntry, LogEntry
@@ -70,11 +75,12 @@ class FeedbackJoiner:
     def __init__(self, ttl: float, early_ttl: float, max_pending: int,
                  regression_models: frozenset[str] = frozenset(),
                  max_abs_label: Optional[Mapping[str, float]] = None,
-                 spill_dir: Optional[str | Path] = None) -> None:
+                 spill_dir: Optional[str | Path] = None, lm_models: frozenset[str] = frozenset()) -> None:
         self.ttl = ttl
         self.early_ttl = early_ttl
         self.max_pending = max_pending
         self.regression_models = regression_models
+        self.lm_models = lm_models   # language models: they learn a conversation's rating or correction
         self.max_abs_label = dict(max_abs_label or {})   # per regression model (absent: unbounded)
         self.outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self.delays: list[float] = []  # feedback ts - log ts of new matches; the caller drains it
@@ -182,7 +188,7 @@ class FeedbackJoiner:
         if self._closed.get(rid) or rid in self._logs or rid in self._early:
             self.outcomes["duplicate"] += 1   # learned already, or could be as a pair: not twice
             return
-        if not self._label_ok(example.model, example.label):
+        if not self._label_ok(example.model, example.label, example.text):
             self._close(rid, example.ts, "invalid_label", matched=True)
             return
         example.consumed = self.consumed
@@ -222,19 +228,30 @@ class FeedbackJoiner:
         return released
 
     def _match(self, log: LogEntry, feedback: LabelEntry) -> None:
-        label = feedback.label
-        if not self._label_ok(log.model, label):
+        label, text = feedback.label, None
+        if log.model in self.lm_models:
+            text = msgspec.structs.replace(log.text, rating=feedback.rating, correction=feedback.correction)
+            label = text.target or ""   # "": nothing to learn (a rating <= 0 alone), still scored
+        if not self._label_ok(log.model, feedback.label, text):
             self._close(log.request_id, feedback.ts, "invalid_label", matched=True)
             return
         ts = max(log.ts, feedback.ts)
         example = Example(log.request_id, log.model, log.features, label, feedback.weight, ts, feedback.ts,
-                          self.consumed, log.model_version, log.served, log.partition)
+                          self.consumed, log.model_version, log.served, log.partition, text)
         heapq.heappush(self._ready, (ts, log.request_id, self._pack(example)))
         self.delays.append(feedback.ts - log.ts)
         self._close(log.request_id, ts, "matched", matched=True)
 
-    def _label_ok(self, model: str, label: object) -> bool:
-        """Regression labels must be numbers within the model's bound; any label is a class otherwise."""
+    def _label_ok(self, model: str, label: object, text: Optional[Exchange]) -> bool:
+        """Whether the feedback gives something to learn from.
+
+        A language model needs a rating or a correction of its answer (`text`); another model a label, which for
+        regression must be a number within the model's bound, and is a class otherwise.
+        """
+        if model in self.lm_models:
+            return text is not None and (text.rating is not None or text.correction is not None)
+        if label is None:
+            return False
         if model not in self.regression_models:
             return True
         return _is_number(label) and abs(label) <= self.max_abs_label.get(model, math.inf)
