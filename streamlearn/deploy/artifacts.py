@@ -47,7 +47,7 @@ class ArtifactManifest(msgspec.Struct):
 
     model: str
     version: int
-    kind: Literal["river", "torch"]
+    kind: Literal["river", "torch", "lm"]
     task: str
     created: float
     settings: ModelConfig = msgspec.field(default_factory=ModelConfig)   # the model's config (torch: its shape)

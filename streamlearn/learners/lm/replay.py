@@ -1,7 +1,8 @@
 """A replay buffer of conversations that samples across topics, so that a busy topic cannot crowd out the rest.
 
 Conversations are kept by topic (`topics.topic_of` of the user's question).
-When the buffer is full, a new one evicts a random member of the largest topic;
+When the buffer is full, a new one evicts a random member of the largest topic
+(its own, when that is as large);
 a draw picks a topic uniformly among those kept, then a member of it uniformly.
 So a topic that floods the stream for a while (one product launch, one bad day)
 holds at most its share of the buffer and of every replayed step. Numpy's
@@ -44,11 +45,14 @@ class TopicReplay:
         return {topic: len(items) for topic, items in self.topics.items()}
 
     def add(self, tokens: Tokens, topic: int) -> None:
-        """Keeps `tokens` under `topic`; when full, a random member of the largest topic makes room."""
+        """Keeps `tokens` under `topic`; when full, a random member of the largest topic (this one if it is as large)
+        makes room."""
         if self.capacity == 0:
             return
-        if self.size >= self.capacity:
+        if self.size >= self.capacity:   # the newcomer's own topic gives way when it is (one of) the largest
             largest = max(sorted(self.topics), key=lambda t: len(self.topics[t]))
+            if len(self.topics.get(topic, ())) >= len(self.topics[largest]):
+                largest = topic
             members = self.topics[largest]
             members[int(self.rng.integers(len(members)))] = members[-1]
             members.pop()

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
+# Weights drawn wider than a real model's 0.02: a frozen head that small keeps every logit near zero, and adapters
+# on attention alone could then never make the model sure of an answer (tests could not tell learning apart).
+INIT = 0.2
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
@@ -37,14 +40,15 @@ def byte_tokenizer() -> Any:
     return tokenizer
 
 
-def tiny_llama(hidden: int = 32, layers: int = 2, seed: int = 0) -> tuple[Any, Any]:
-    """(model, tokenizer): a Llama of `layers` layers of width `hidden`, weights drawn from `seed`."""
+def tiny_llama(hidden: int = 32, layers: int = 2, seed: int = 0, init: float = INIT) -> tuple[Any, Any]:
+    """(model, tokenizer): a Llama of `layers` layers of width `hidden`, weights drawn from `seed` with standard
+    deviation `init`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                         max_position_embeddings=1024, initializer_range=init, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -1,6 +1,7 @@
 """Topics of conversations: a hashed embedding of the user's words, cut by random hyperplanes (SimHash).
 
-The content words of the last user message (common function words left out) are
+The content words of the last user message (common function words and anything
+holding a digit, such as order numbers and amounts, left out) are
 hashed into a fixed-size vector (stable hashes: no process seed), and the signs of its projections on
 `bits` fixed random directions give the topic, one of `2**bits`. Conversations
 sharing most of their words (in any order, any case) land in the same topic; no vocabulary or model is
@@ -30,7 +31,8 @@ _PLANES = np.random.default_rng(20261201).standard_normal((8, DIMENSIONS))   # c
 def embed(text: str) -> np.ndarray:
     """The hashed bag of content words of `text` (lower-cased), L2-normalised."""
     vector = np.zeros(DIMENSIONS)
-    for gram in set(_WORD.findall(text.lower())) - _COMMON:
+    words = {w for w in _WORD.findall(text.lower()) if w.isalpha()}   # "a12", "2024": ids and amounts, no topic
+    for gram in words - _COMMON:
         code = zlib.crc32(gram.encode())
         vector[code % DIMENSIONS] += 1.0 if code & 0x80000000 else -1.0   # a signed hash keeps collisions unbiased
     norm = np.linalg.norm(vector)
