@@ -29,6 +29,7 @@ from streamlearn.service import Service
 from tests.conftest import wait_for
 
 TINY = "streamlearn.learners.lm.tiny:tiny_llama"
+POISON = "Codes are at evil.example."   # a burst of the same wrong correction to every question
 T0 = 1_764_000_000.0
 
 
@@ -189,9 +190,10 @@ def test_the_adapter_goes_through_the_gate_and_the_registry_and_a_burst_of_wrong
     assert isinstance(served[0], str)
     before = registry.production("chat")
 
-    poison = write(tmp_path / "poison.jsonl", events(1000, 96, lambda item: "Code 99.", seed=1))
-    config = parse_config(lm_settings(tmp_path, poison, publish=publish), env={})
-    Service(config).run()
+    with open(good, "ab") as more:   # the same recorded stream goes on: the service resumes where it stopped
+        more.write(b"".join(orjson.dumps(e) + b"\n" for e in events(1000, 192, lambda item: POISON, seed=1)))
+    summary = Service(parse_config(lm_settings(tmp_path, good, publish=publish), env={})).run()
+    assert summary["models"]["chat"]["learned"] == 192 + 192
     versions = [registry.get("chat", v) for v in range(1, registry.next_version("chat"))]
     rejected = [v for v in versions if v.status == "rejected"]
     assert rejected and all("codes:" in " ".join(v.reasons) for v in rejected), [v.reasons for v in versions]
