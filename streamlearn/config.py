@@ -154,8 +154,9 @@ class CapabilityConfig(_Section):
     name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]   # a metric label: short, bounded
     path: str                              # JSONL, one {"messages": [...], "answer": "..."} per line
     # exact_match: share of answers generated (greedy) that equal the expected one (case and outer space aside);
+    # contains: share of answers that mention the expected one as whole words (a key fact, however worded);
     # token_loss: minus the mean per-token loss of the expected answer (higher is better, as for every score)
-    metric: Literal["exact_match", "token_loss"] = "exact_match"
+    metric: Literal["exact_match", "contains", "token_loss"] = "exact_match"
     min_score: Optional[float] = None      # the gate rejects a candidate below it (None: no minimum)
     tolerance: NonNegative = 0.02          # ... or more than this below production's score
 

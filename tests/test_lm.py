@@ -20,9 +20,12 @@ from streamlearn.checkpoints.store import SnapshotStore
 from streamlearn.config import LmConfig, ModelConfig, parse_config
 from streamlearn.deploy import load_production
 from streamlearn.deploy.registry import open_registry
+from streamlearn.learners.lm.base import BaseModelError
+from streamlearn.learners.lm.capabilities import generate
 from streamlearn.learners.lm.chat import IGNORE, TooLong, collate, encode
 from streamlearn.learners.lm.learner import LmLearner
 from streamlearn.learners.lm.replay import TopicReplay
+from streamlearn.learners.lm.served import ADAPTER_CONFIG, ADAPTER_WEIGHTS, served_lm
 from streamlearn.learners.lm.tiny import byte_tokenizer
 from streamlearn.learners.lm.topics import topic_of
 from streamlearn.records import Example, Exchange, Turn
@@ -145,6 +148,21 @@ def test_replay_joins_each_step_in_its_share():
     lm.learn_batch([example(i, talk(subjects[i % 3], "A.", rating=1)) for i in range(12)])
     assert lm.steps == 3 and lm.tokens_replayed > 0
     assert len(lm.replay) == 12 and lm.metrics().extra["replay_topics"] >= 2
+
+
+def test_an_exported_adapter_loads_back_on_its_base_and_answers_as_the_learner():
+    lm = learner(lr=0.01)
+    lm.learn_batch([example(i, talk(question(ITEMS[i % 8]), "x", correction=code(ITEMS[i % 8]))) for i in range(64)])
+    files = dict(lm.export().files)
+    asked = [[Turn("user", question(item))] for item in ITEMS]
+    own = generate(lm.model, lm.tokenizer, asked, 8)
+    for served in (served_lm(files), served_lm(files, template=lm)):   # the base loaded anew, or copied
+        assert served.reply_many(asked, max_new_tokens=8) == own
+    assert len(files[ADAPTER_WEIGHTS]) < 50_000   # the adapter alone, not the base
+    described = orjson.loads(files[ADAPTER_CONFIG])
+    wrong = {**files, ADAPTER_CONFIG: orjson.dumps({**described, "base_digest": "0" * 16})}
+    with pytest.raises(BaseModelError, match="digest"):
+        served_lm(wrong)
 
 
 # --- through the service -------------------------------------------------------------------------------------
@@ -272,3 +290,17 @@ def _toml(settings: dict) -> bytes:
 
     table("", settings)
     return "\n".join(lines).encode() + b"\n"
+
+
+def test_the_language_model_demo_learns_on_the_embedded_broker_and_its_gate_decides():
+    """`streamlearn demo --lm`, with the tiny Llama for a base: the conversations go through Kafka, the adapter
+    becomes a candidate, and the gate decides on its capability sets (and says so)."""
+    result = subprocess.run([sys.executable, "-m", "streamlearn", "demo", "--lm", "--base", TINY, "--json",
+                             "--metrics-port", "0"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = orjson.loads(result.stdout)
+    assert summary["learned"] > 100 and summary["dead_letters"] == {}
+    [version] = summary["versions"]
+    assert version["status"] in ("production", "rejected") and version["reasons"][0] == "rule=capabilities"
+    assert any(reason.startswith(("products", "general", "passed")) for reason in version["reasons"][1:])
+    assert len(summary["answers"]) == 4

@@ -341,9 +341,9 @@ class Handoff:
 
 def _capability_scores(learner, candidate: Deployed, production: Optional[Deployed]) -> GateScores:
     """A language model's candidate and production (or, before any promotion, the base alone) on each capability."""
-    from streamlearn.learners.lm.served import served_lm
+    from streamlearn.learners.lm.served import base_alone
 
-    theirs = production.lm if production is not None else served_lm(None, learner)
+    theirs = production.lm if production is not None else base_alone(learner)
     return GateScores(capabilities={
         capability.name: Comparison(candidate.lm.score(items, capability.metric), theirs.score(items, capability.metric),
                                     len(items))

@@ -1,6 +1,6 @@
 """The learner contract: what the service, the snapshots, the handoff and the metrics may ask of any learner.
 
-Every learner kind (River, torch, the kinds to come) is built the same way,
+Every learner kind (River, torch, language models) is built the same way,
 `Kind(name, ModelConfig, seed, *, drift=None, evaluation=None, threads=0)` (or
 `build_learner`), and shows these twelve members and nothing else to the rest of
 the code: `name`, `kind`, `task`, `evaluation` (a `ModelEvaluation`: scores,

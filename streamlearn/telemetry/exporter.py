@@ -288,7 +288,8 @@ def _lm_metrics(learners: list[tuple[str, LearnerMetrics]]) -> Iterator[Metric]:
                                     "step to its update: grows while the learner cannot keep up.", "lag_seconds")):
         gauge = GaugeMetricFamily(PREFIX + family, help_text, labels=["model"])
         for name, extra in lms:
-            gauge.add_metric([name], float(extra[key]))
+            if extra[key] is not None:   # no loss before the first step
+                gauge.add_metric([name], float(extra[key]))
         yield gauge
     capability = GaugeMetricFamily(PREFIX + "lm_capability_score", "A capability set's score at the learner's latest "
                                    "evaluation (exact match share, or minus the loss per token).",

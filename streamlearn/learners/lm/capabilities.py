@@ -3,7 +3,9 @@
 A set is a JSONL file, one `{"messages": [{"role": "user", "content": ...}], "answer": ...}`
 per line. `exact_match` generates each answer greedily (at most `max_new_tokens`)
 and counts those equal to the expected one, case, runs of white space and a
-final full stop aside: the share in [0, 1]. `token_loss` is minus the mean loss
+final full stop aside: the share in [0, 1]; `contains` counts those that mention
+the expected answer (a key fact: "Paris", "24") as whole words, however worded.
+`token_loss` is minus the mean loss
 per token of the expected answers (teacher forcing): cheaper, and higher is
 better as for every score the gate reads. The learner scores its model on
 every set now and then (forgetting: the best score so far minus the current),
@@ -15,6 +17,8 @@ and the gate scores a candidate and production on each.
 >>> items = [Conversation((Turn("user", "Say hi"),), "hi")]
 >>> score(model, tokenizer, items, "exact_match", max_new_tokens=4)
 0.0
+>>> mentions("There are 24 hours in a day.", "24"), mentions("It is 24.", "4")
+(True, False)
 >>> score(model, tokenizer, items, "token_loss") < -3   # a random model: about ln(258) nats a token
 True
 """
@@ -83,12 +87,21 @@ def normalise(text: str) -> str:
 
 def score(model: Any, tokenizer: Any, items: Sequence[Conversation], metric: str, max_new_tokens: int = 48,
           max_tokens: int = 1024) -> float:
-    """The score of `model` on `items` by `metric` ("exact_match" or "token_loss"), higher is better."""
-    if metric == "exact_match":
+    """The score of `model` on `items` by `metric` ("exact_match", "contains" or "token_loss"), higher is better."""
+    if metric in ("exact_match", "contains"):
         answers = generate(model, tokenizer, [item.messages for item in items], max_new_tokens)
-        hits = sum(normalise(got) == normalise(item.answer) for got, item in zip(answers, items))
-        return round(hits / len(items), 6)
+        hit = _equal if metric == "exact_match" else mentions
+        return round(sum(hit(got, item.answer) for got, item in zip(answers, items)) / len(items), 6)
     return round(-answer_loss(model, tokenizer, items, max_tokens), 6)
+
+
+def _equal(got: str, expected: str) -> bool:
+    return normalise(got) == normalise(expected)
+
+
+def mentions(got: str, expected: str) -> bool:
+    """`expected` appears in `got` as whole words (case and white space aside): "4" is not in "24"."""
+    return re.search(rf"(?<!\w){re.escape(normalise(expected))}(?!\w)", normalise(got)) is not None
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ from streamlearn.config import DriftConfig, EvalConfig, ModelConfig
 from streamlearn.learners.averaging import Averaging
 from streamlearn.learners.base import LearnerBase
 from streamlearn.learners.contract import ExportedModel, LearnerMetrics
+from streamlearn.learners.drift import finite_or_none
 from streamlearn.learners.ewc import OnlineEWC
 from streamlearn.learners.lm.base import load_base, with_adapters
 from streamlearn.learners.lm.capabilities import load_conversations, score
@@ -88,7 +89,6 @@ class LmLearner(LearnerBase):
         evaluation = msgspec.structs.replace(evaluation or EvalConfig(), probe_size=0)   # capabilities instead
         super().__init__(name, config, seed, drift=drift, evaluation=evaluation)
         self.task = "generation"
-        self.config = config
         self.lm = lm = config.lm
         if threads:
             torch.set_num_threads(threads)   # process-wide, as for torch learners
@@ -341,7 +341,8 @@ class LmLearner(LearnerBase):
         return LearnerMetrics(self.lm.base, self.rolled_back, len(self.replay), (), {
             "steps": self.steps, "tokens_learned": self.tokens_learned, "tokens_replayed": self.tokens_replayed,
             "nothing_to_learn": self.nothing_to_learn, "pending": len(self.queue),
-            "pending_tokens": self._queued_tokens(), "loss": self.loss, "lag_seconds": round(self.lag_seconds, 3),
+            "pending_tokens": self._queued_tokens(), "loss": finite_or_none(self.loss),
+            "lag_seconds": round(self.lag_seconds, 3),
             "replay_topics": len(self.replay.topics),
             "capabilities": {name: msgspec.structs.asdict(c) | {"forgetting": c.forgetting}
                              for name, c in self.capabilities.items()}})

@@ -2,9 +2,8 @@
 
 A candidate is its adapter alone: `adapter.safetensors` (the LoRA weights, no
 pickle) and `adapter.json` (the base it belongs to, by reference and weights
-digest, and the LoRA shape). Production is the base plus that adapter; with no
-adapter (`files` None) a `ServedLm` is the base alone, what the gate compares the
-first candidate with.
+digest, and the LoRA shape). Production is the base plus that adapter;
+`base_alone` is what the gate compares a first candidate with.
 """
 
 from __future__ import annotations
@@ -54,33 +53,36 @@ class ServedLm:
         return score(self.model, self.tokenizer, items, metric, self.max_new_tokens, self.max_tokens)
 
 
-def served_lm(files: Optional[dict[str, bytes]], template: Any = None, base_ref: str = "") -> ServedLm:
-    """The model of verified adapter files, or the base alone when `files` is None.
-
-    `template`: a learner whose model (base and adapters of the same shape) is copied instead of loading the base
-    again; else the base is loaded from the reference in `adapter.json` (or `base_ref`).
-    """
-    described = json.loads(files[ADAPTER_CONFIG]) if files is not None else {}
-    if template is not None:
-        model, tokenizer = copy.deepcopy(template.model), template.tokenizer
-        lm, digest = template.lm, template.base.digest
-    else:
-        base = load_base(described.get("base", base_ref))
-        lm, digest, tokenizer = None, base.digest, base.tokenizer
-        model = base.model if files is None else with_adapters(base.model, described["rank"], described["alpha"],
-                                                               described["targets"], seed=0)
-    if files is None:
-        if template is not None:
-            _zero_adapters(model)
-        return ServedLm(model, tokenizer, lm.max_new_tokens if lm else 48, lm.max_tokens if lm else 1024)
-    if described["base_digest"] != digest:
-        raise BaseModelError(f"the adapter was trained on base {described['base']} with weights digest "
-                             f"{described['base_digest']}; this base's digest is {digest}")
+def served_lm(files: dict[str, bytes], template: Any = None) -> ServedLm:
+    """The model of verified adapter files: their base, loaded and checked against the digest they name, with the
+    adapter on it. `template`: a learner whose model (that base, adapters of that shape) is copied instead of loading
+    the base again."""
     import safetensors.torch
     from peft import set_peft_model_state_dict
 
+    described = json.loads(files[ADAPTER_CONFIG])
+    shape = (described["rank"], described["alpha"], described["targets"])
+    if template is not None and template.base.digest == described["base_digest"] and _shape(template.lm) == shape:
+        model, tokenizer = copy.deepcopy(template.model), template.tokenizer
+    else:
+        base = load_base(described["base"])
+        if base.digest != described["base_digest"]:
+            raise BaseModelError(f"the adapter was trained on base {described['base']} with weights digest "
+                                 f"{described['base_digest']}; that base's digest is now {base.digest}")
+        model, tokenizer = with_adapters(base.model, *shape, seed=0), base.tokenizer
     set_peft_model_state_dict(model, safetensors.torch.load(files[ADAPTER_WEIGHTS]))
     return ServedLm(model, tokenizer, described["max_new_tokens"], described["max_tokens"])
+
+
+def base_alone(learner: Any) -> ServedLm:
+    """The learner's base as it answers without adapters (what the gate compares a first candidate with)."""
+    model = copy.deepcopy(learner.model)
+    _zero_adapters(model)
+    return ServedLm(model, learner.tokenizer, learner.lm.max_new_tokens, learner.lm.max_tokens)
+
+
+def _shape(lm: Any) -> tuple:
+    return (lm.lora_rank, lm.lora_alpha, list(lm.lora_targets))
 
 
 @torch.no_grad()
