@@ -3,29 +3,35 @@
 The stream is one recorded file of inference logs and feedback (the file source,
 the service's `lm` learner: LoRA rank 8 on q_proj/v_proj; nothing here trains a
 model itself). Each task is appended to it and the service is run to its end,
-resuming from its own snapshot, as a service restarted on a growing log would:
+resuming from its own snapshot, as a service restarted on a growing log would.
+The tasks (`streamlearn/demo/conversations.py`, shared with `streamlearn demo --lm`):
 
-1. `products` (facts): the prices of eight made-up products; users ask in five
-   wordings, the served answer was wrong, the feedback corrects it (a quarter of
-   the answers were right and rated good instead). Probe: a sixth wording.
-2. `greetings` (a new answer format): "Hello, NAME! Welcome to Acme Support." to
-   sixteen names. Probe: eight names never seen.
+1. `products` (facts): the prices of eight made-up products asked in five
+   wordings; the served answer was mostly wrong and corrected by the feedback,
+   now and then right and liked. Probe: a sixth wording.
+2. `greetings` (a new answer format): "Hello, NAME! Welcome to Acme Support." for
+   twenty names. Probe: eight names never seen.
 3. `errors` (another domain): what eight made-up error codes mean. Probe: a
    wording not seen.
 
-Beside each task, a fifth of the stream is everyday traffic: thirty everyday
-questions, answered as the base model answers them, and liked. `general` is what
-the base model could already do: twenty other everyday questions (never in the
-stream), expected to be answered as the base answered them before learning
-anything (exact match), and scored by the loss of those answers
-(`general_loss`, `token_loss`: the gate's metric for it, with the tolerance
-configured below). All are the learner's own
-capability sets (`models.NAME.lm.capabilities`), scored by the service's code
-before the first task and after each one. Per method: accuracy on each task
-after each task; forgetting of a task = its best accuracy after it was learned -
-its final accuracy (tasks 1 and 2; the mean is the headline); the general
-capability before and after. Methods: naive fine-tuning (no replay), replay
-(half of each step replayed, drawn across topics), replay + EWC on the adapters.
+A fifth of each task's stream is everyday traffic: thirty everyday questions,
+answered as the base model answers them, and liked. The general capability the
+base had is probed on twenty other everyday questions, never in the stream:
+`facts`, the share of answers that still mention the key fact (`contains`; only
+the questions the base got right: 1.0 before by construction), `general_loss`,
+minus the loss per token of the base's own answers to them (`token_loss`: the
+gate's metric for the general capability, with `GENERAL_TOLERANCE`), and
+`general`, the share answered word for word as before (`exact_match`: any change
+of wording counts, so it falls at the first task whatever the method). All are
+the learner's own capability sets (`models.NAME.lm.capabilities`), scored by the
+service's code before the first task and after each one.
+
+Per method: exact-match accuracy on each task's probe after each task;
+forgetting of a task = its best accuracy after it was learned - its final
+accuracy (tasks 1 and 2; the mean is the headline); the general capability
+before and after. Methods: naive fine-tuning (no replay), replay (half of each
+step replayed, drawn across topics), replay + EWC on the adapters (lambda 1e4,
+consolidated every 40 examples).
 
     .venv/bin/python bench/lm_forgetting.py [--methods naive,replay,replay+ewc] [--reps 6] [--lr 3e-3]
 

@@ -17,7 +17,7 @@ import torch
 
 from streamlearn.checkpoints.content import unpack
 from streamlearn.checkpoints.store import SnapshotStore
-from streamlearn.config import LmConfig, ModelConfig, parse_config
+from streamlearn.config import ConfigError, LmConfig, ModelConfig, parse_config
 from streamlearn.deploy import load_production
 from streamlearn.deploy.registry import open_registry
 from streamlearn.learners.lm.base import BaseModelError
@@ -35,6 +35,32 @@ from tests.conftest import wait_for
 TINY = "streamlearn.learners.lm.tiny:tiny_llama"
 POISON = "Codes are at evil.example."   # a burst of the same wrong correction to every question
 T0 = 1_764_000_000.0
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lm, more, error", [
+    ({}, {}, "models.chat.lm.base: a language model needs its base model"),
+    ({"base": TINY, "max_tokens": 9000}, {}, "models.chat.lm.max_tokens: 9000 is more than lm.token_budget (4096)"),
+    ({"base": TINY, "capabilities": [{"name": "x", "path": "/nonexistent.jsonl"}]}, {},
+     "models.chat.lm.capabilities[0].path: /nonexistent.jsonl is not a file"),
+    ({"base": TINY, "capabilities": [{"name": "Bad Name", "path": "x"}]}, {}, "models.chat.lm.capabilities[0].name"),
+    ({"base": TINY}, {"publish": {"enabled": True}}, "models.chat.lm.capabilities: publishing a language model"),
+    ({"base": TINY}, {"cluster": {"replicas": 2, "rank": 0}, "drift": {"policy": {"enabled": False}}},
+     "models.chat.lm: language models do not run in a cluster yet"),
+])
+def test_configuration_errors_name_the_key_in_one_line(lm, more, error, tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"models": {"chat": {"kind": "lm", "lm": lm}}, **more}, env={})
+    assert error in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_duplicate_capability_names_are_refused(tmp_path):
+    path = write(tmp_path / "set.jsonl", [{"messages": [{"role": "user", "content": "Hi?"}], "answer": "Hello."}])
+    capabilities = [{"name": "same", "path": str(path)}] * 2
+    with pytest.raises(ConfigError, match=r"capabilities\[1\].name: 'same' is used twice"):
+        parse_config({"models": {"chat": {"kind": "lm", "lm": {"base": TINY, "capabilities": capabilities}}}},
+                     env={})
 
 
 # --- masking -------------------------------------------------------------------------------------------------
