@@ -8,11 +8,13 @@ The tasks (`streamlearn/demo/conversations.py`, shared with `streamlearn demo --
 
 1. `products` (facts): the prices of eight made-up products asked in five
    wordings; the served answer was mostly wrong and corrected by the feedback,
-   now and then right and liked. Probe: a sixth wording.
+   now and then right and liked. Probe: a sixth wording; the answer must
+   mention the price (`contains`).
 2. `greetings` (a new answer format): "Hello, NAME! Welcome to Acme Support." for
-   twenty names. Probe: eight names never seen.
+   twenty names. Probe: eight names never seen; the answer word for word
+   (`exact_match`).
 3. `errors` (another domain): what eight made-up error codes mean. Probe: a
-   wording not seen.
+   wording not seen; the answer must say what the code means (`contains`).
 
 A fifth of each task's stream is everyday traffic: thirty everyday questions,
 answered as the base model answers them, and liked. The general capability the
@@ -26,7 +28,7 @@ of wording counts, so it falls at the first task whatever the method). All are
 the learner's own capability sets (`models.NAME.lm.capabilities`), scored by the
 service's code before the first task and after each one.
 
-Per method: exact-match accuracy on each task's probe after each task;
+Per method: accuracy on each task's probe after each task;
 forgetting of a task = its best accuracy after it was learned - its final
 accuracy (tasks 1 and 2; the mean is the headline); the general capability
 before and after. Methods: naive fine-tuning (no replay), replay (half of each
@@ -51,7 +53,7 @@ from pathlib import Path
 
 import orjson
 
-from streamlearn.demo.conversations import (EVERYDAY, FACTS, SEEN, TASKS, base_answers, capability_lines,
+from streamlearn.demo.conversations import (EVERYDAY, FACTS, PROBE_METRIC, SEEN, TASKS, base_answers, capability_lines,
                                             feedback_events, probe_pairs, task_pairs)
 from streamlearn.learners.lm.capabilities import mentions
 
@@ -90,8 +92,8 @@ def write_set(path: Path, pairs: list[tuple[str, str]]) -> Path:
 # --- one method through the service ------------------------------------------------------------------------------
 
 def settings(folder: Path, source: Path, sets: dict[str, Path], method: str, lr: float) -> dict:
-    capabilities = [{"name": name, "path": str(path), "metric": "contains" if name == "facts" else "exact_match"}
-                    for name, path in sets.items()]
+    metrics = {**PROBE_METRIC, "facts": "contains", "general": "exact_match"}
+    capabilities = [{"name": name, "path": str(path), "metric": metrics[name]} for name, path in sets.items()]
     capabilities.append({"name": "general_loss", "path": str(sets["general"]), "metric": "token_loss",
                          "tolerance": GENERAL_TOLERANCE})
     lm = {"base": "__main__:smollm2", "lr": lr, "batch_size": 8, "micro_batch": 8, "max_tokens": 256,

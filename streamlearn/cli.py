@@ -112,30 +112,18 @@ def demo(
                              "package:resource or module:factory)."),
 ) -> None:
     """Start an embedded Kafka-compatible broker, play drifting traffic through the service, summarize."""
-    from streamlearn.demo.run import DemoOptions, print_summary, run_demo
-
     _setup_logging("warning")
-    if lm:
-        _lm_demo(base, seed, metrics_port, as_json)
-        return
-    options = DemoOptions(requests=events, metrics_port=metrics_port, seed=seed, rate=rate, record=record,
-                          progress=not as_json, torch=torch, start_ts=start_ts)
-    try:
-        result = run_demo(options)
-    except ConfigError as err:
-        typer.echo(str(err).replace("metrics.port", "--metrics-port"), err=True)
-        raise typer.Exit(2)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
+    if lm:   # the same broker, a language model learning from conversations (streamlearn/demo/lm.py)
+        from streamlearn.demo.lm import LmDemoOptions, print_summary, run_lm_demo as run
+
+        options = LmDemoOptions(base=base, seed=seed, metrics_port=metrics_port, progress=not as_json)
     else:
-        print_summary(result)
+        from streamlearn.demo.run import DemoOptions, print_summary, run_demo as run
 
-
-def _lm_demo(base: str, seed: int, metrics_port: int, as_json: bool) -> None:
-    from streamlearn.demo.lm import LmDemoOptions, print_summary, run_lm_demo
-
+        options = DemoOptions(requests=events, metrics_port=metrics_port, seed=seed, rate=rate, record=record,
+                              progress=not as_json, torch=torch, start_ts=start_ts)
     try:
-        result = run_lm_demo(LmDemoOptions(base=base, seed=seed, metrics_port=metrics_port, progress=not as_json))
+        result = run(options)
     except ConfigError as err:
         typer.echo(str(err).replace("metrics.port", "--metrics-port"), err=True)
         raise typer.Exit(2)

@@ -16,7 +16,7 @@ liked. Everything is drawn from fixed seeds: the same arguments give the same ev
 
 >>> pairs = task_pairs("products", reps=1, everyday={q: "ok" for q in EVERYDAY})
 >>> len(pairs), probe_pairs("products")[0]
-(50, ('Tell me the price of the Zorblax 3000.', 'The Zorblax 3000 costs $149.'))
+(50, ('Tell me the price of the Zorblax 3000.', '$149'))
 >>> [e["rating"] for e in feedback_events([("What do bees make?", "Honey.")], start=0, t0=0.0, seed=0)[1::2]]
 [1]
 """
@@ -59,6 +59,7 @@ EVERYDAY = ["What is the capital of France?", "How many days are in a week?", "W
             "What season comes after winter?", "What do we use to see?", "What is the capital of Japan?",
             "How many legs does a dog have?", "What color do you get by mixing red and white?",
             "What do birds use to fly?", "What is frozen rain called?", "Who painted the Mona Lisa?"]
+PROBE_METRIC = {"products": "contains", "greetings": "exact_match", "errors": "contains"}   # facts, format, facts
 SEEN = 30                 # everyday questions that come up in the traffic; the rest are the general probe
 # The key fact of each everyday question the traffic never asks: what a `contains` capability looks for.
 FACTS = ["Rome", "60", "yellow", "webs", "down", "4", "Sun", "German", "puppy", "Pacific", "elephant", "7", "spring",
@@ -101,12 +102,13 @@ def greeting(name: str) -> str:
 
 
 def probe_pairs(task: str) -> list[tuple[str, str]]:
-    """A task's probe: questions its traffic never asks in these words (or about these names)."""
+    """A task's probe: questions its traffic never asks in these words (or about these names), with what the
+    answer must say: the fact (`contains`: "$149", however worded) or, for the format, the whole answer."""
     if task == "products":
-        return [(PRICE_ASKED[-1].format(p), f"The {p} costs ${c}.") for p, c in PRODUCTS]
+        return [(PRICE_ASKED[-1].format(p), f"${c}") for p, c in PRODUCTS]
     if task == "greetings":
         return [(GREET_ASKED[-1].format(n), greeting(n)) for n in NEW_NAMES]
-    return [(ERROR_ASKED[-1].format(e), f"Error {e} means {m}.") for e, m in ERRORS]
+    return [(ERROR_ASKED[-1].format(e), m) for e, m in ERRORS]
 
 
 def feedback_events(pairs: list[tuple[str, str]], start: int, t0: float, seed: int,
