@@ -91,20 +91,20 @@ def write_set(path: Path, pairs: list[tuple[str, str]]) -> Path:
 
 # --- one method through the service ------------------------------------------------------------------------------
 
-def settings(folder: Path, source: Path, sets: dict[str, Path], method: str, lr: float) -> dict:
+def settings(folder: Path, source: Path, sets: dict[str, Path], method: dict, lr: float) -> dict:
     metrics = {**PROBE_METRIC, "facts": "contains", "general": "exact_match"}
     capabilities = [{"name": name, "path": str(path), "metric": metrics[name]} for name, path in sets.items()]
     capabilities.append({"name": "general_loss", "path": str(sets["general"]), "metric": "token_loss",
                          "tolerance": GENERAL_TOLERANCE})
     lm = {"base": "__main__:smollm2", "lr": lr, "batch_size": 8, "micro_batch": 8, "max_tokens": 256,
-          "max_new_tokens": 40, "capabilities": capabilities, **METHODS[method]}
+          "max_new_tokens": 40, "capabilities": capabilities, **method}
     return {"source": f"file:{source}", "state_dir": str(folder / "state"), "seed": 7, "torch_threads": 0,
             "metrics": {"enabled": False}, "intake": {"mode": "inline", "batch_size": 64},
             "eval": {"history": False}, "snapshot": {"every_examples": 0, "every_seconds": 0},
             "models": {MODEL: {"kind": "lm", "lm": lm}}}
 
 
-def run_method(method: str, folder: Path, sets: dict[str, Path], everyday: dict[str, str], reps: int,
+def run_method(name: str, method: dict, folder: Path, sets: dict[str, Path], everyday: dict[str, str], reps: int,
                lr: float) -> dict:
     from streamlearn.config import parse_config
     from streamlearn.service import Service
@@ -129,7 +129,7 @@ def run_method(method: str, folder: Path, sets: dict[str, Path], everyday: dict[
         learned += len(pairs)
         tokens = learner.tokens_learned + learner.tokens_replayed
         rows.append((task, _scores(learner)))
-        print(f"  {method}: after {task}: " + ", ".join(f"{n} {v:.3f}" for n, v in rows[-1][1].items()), flush=True)
+        print(f"  {name}: after {task}: " + ", ".join(f"{n} {v:.3f}" for n, v in rows[-1][1].items()), flush=True)
     return {"rows": rows, "seconds": seconds, "tokens_per_second": tokens / seconds, "learned": learned}
 
 
@@ -172,7 +172,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--reps", type=int, default=6, help="times each training question is asked")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--ewc-lambda", type=float, default=METHODS["replay+ewc"]["ewc_lambda"],
+                        help="lambda of replay+ewc")
     args = parser.parse_args(argv)
+    methods = {name: METHODS[name] for name in args.methods.split(",")}
+    if "replay+ewc" in methods:
+        methods["replay+ewc"] = {**methods["replay+ewc"], "ewc_lambda": args.ewc_lambda}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lm-forgetting-") as root:
         folder = Path(root)
@@ -181,8 +186,8 @@ def main(argv: list[str]) -> None:
         sets["general"] = write_set(folder / "general.jsonl", [(q, everyday[q]) for q in EVERYDAY[SEEN:]])
         known = [(q, fact) for q, fact in zip(EVERYDAY[SEEN:], FACTS) if mentions(everyday[q], fact)]
         sets["facts"] = write_set(folder / "facts.jsonl", known)   # the facts the base got right
-        results = {m: run_method(m, folder / m.replace("+", "_"), sets, everyday, args.reps, args.lr)
-                   for m in args.methods.split(",")}
+        results = {name: run_method(name, method, folder / name.replace("+", "_"), sets, everyday, args.reps,
+                                    args.lr) for name, method in methods.items()}
     figures = {m: table(m, r) for m, r in results.items()}
     headline: dict = {"seconds": round(time.perf_counter() - started, 1), "tolerance": GENERAL_TOLERANCE}
     for method, f in figures.items():
